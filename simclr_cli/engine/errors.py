@@ -1,0 +1,17 @@
+"""Errors the CLI shows as one line naming the problem and the fix (no traceback)."""
+
+
+class SimCLRError(Exception):
+    """Base of every error caused by the user's input or environment, not by a bug."""
+
+
+class ConfigError(SimCLRError):
+    """An invalid option, preset or config value."""
+
+
+class DataError(SimCLRError):
+    """Data that is missing, empty or unreadable."""
+
+
+class CheckpointError(SimCLRError):
+    """A checkpoint that is missing, malformed or does not match what is asked of it."""
