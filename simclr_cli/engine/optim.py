@@ -1,0 +1,174 @@
+"""LARS (SimCLR §2.2), parameter groups, lr scaling and the warm-up + cosine schedule (§3 "Default setting", app. B.1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from simclr_cli.engine.errors import ConfigError
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALINGS = ("linear", "sqrt")
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017, arXiv 1708.03888), with the update rule of the
+    official SimCLR `lars_optimizer.py` (google-research/simclr), applied per parameter tensor w:
+
+        g <- g + weight_decay * w
+        trust = trust_coefficient * |w| / |g|     (1.0 when |w| or |g| is 0)
+        v <- momentum * v + lr * trust * g
+        w <- w - v
+
+    With `exclude_1d` (also a param-group option), 1-D parameters (BN weights and biases, and scalars)
+    get neither weight decay nor trust scaling, as in SimCLR: their norms say nothing about a layer's scale.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        exclude_1d: bool = True,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, exclude_1d=exclude_1d
+        )
+        _check_lars_hyper_parameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_lars_hyper_parameters(self.param_groups[-1])  # a group may override the defaults
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if not (group["exclude_1d"] and w.ndim <= 1):
+                    g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+                    # torch.where keeps the norms on the device: no host sync per parameter.
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm, 1.0
+                    )
+                    g = g * trust
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                v = state["momentum_buffer"]
+                v.mul_(momentum).add_(g, alpha=lr)
+                w.sub_(v)
+        return loss
+
+
+def _check_lars_hyper_parameters(group: dict) -> None:
+    if not group["lr"] >= 0:
+        raise ValueError(f"LARS lr must be >= 0, got {group['lr']}")
+    if not 0 <= group["momentum"] < 1:
+        raise ValueError(f"LARS momentum must be in [0, 1), got {group['momentum']}")
+    if not group["weight_decay"] >= 0:
+        raise ValueError(f"LARS weight_decay must be >= 0, got {group['weight_decay']}")
+    if not group["trust_coefficient"] > 0:
+        raise ValueError(f"LARS trust_coefficient must be > 0, got {group['trust_coefficient']}")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its schedule; defaults are the SimCLR v1 ImageNet recipe (§3 "Default setting")."""
+
+    name: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.3  # BASE lr, scaled by lr_scaling with the global batch (§3: 0.3 x BatchSize/256)
+    lr_scaling: str = "linear"  # linear: lr*B/256 ; sqrt: lr*sqrt(B) (app. B.1: 0.075 x sqrt(BatchSize))
+    momentum: float = 0.9
+    weight_decay: float = 1e-6  # v1 paper; v2 and the later official code use 1e-4
+    warmup_epochs: float = 10.0  # §3: 10 warm-up epochs, then cosine decay
+    trust_coefficient: float = 0.001  # LARS eta (official code)
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name '{self.name}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr {self.lr} must be a positive number; use e.g. 0.3 (linear) or 0.075 (sqrt)")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(
+                f"optim.lr_scaling '{self.lr_scaling}' is not supported; choose one of {', '.join(LR_SCALINGS)}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum {self.momentum} must be in [0, 1); use e.g. 0.9")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"optim.weight_decay {self.weight_decay} must be >= 0; use e.g. 1e-6 or 1e-4")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ConfigError(f"optim.warmup_epochs {self.warmup_epochs} must be >= 0; use e.g. 10, or 0 for none")
+        if not (math.isfinite(self.trust_coefficient) and self.trust_coefficient > 0):
+            raise ConfigError(f"optim.trust_coefficient {self.trust_coefficient} must be > 0; use e.g. 0.001")
+
+
+def scaled_lr(base_lr: float, global_batch_size: int, scaling: str) -> float:
+    """The peak lr for the GLOBAL batch: linear base*B/256 (§3), or sqrt base*sqrt(B) (app. B.1, better for small batches)."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if scaling == "linear":
+        return base_lr * global_batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(global_batch_size)
+    raise ValueError(f"lr scaling '{scaling}' is not supported; choose one of {', '.join(LR_SCALINGS)}")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg` at (already scaled) `lr`; 1-D parameters (BN, biases) get no weight decay.
+
+    Frozen parameters (requires_grad False) are left out.
+    """
+    cfg.validate()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, exclude_1d=True)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def warmup_steps_for(*, warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """round(warmup_epochs * steps_per_epoch) (§3: 10 epochs), capped at 10% of total_steps so short runs reach peak."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+    if not warmup_epochs >= 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    return min(round(warmup_epochs * steps_per_epoch), total_steps // 10)
+
+
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The lr of 0-based `step`: linear warm-up to peak_lr, then cosine decay reaching 0 at total_steps (§3)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside the schedule [0, {total_steps}]")
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    progress = (step - warmup_steps) / decay_steps if decay_steps else 1.0
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
