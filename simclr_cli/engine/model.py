@@ -1,0 +1,265 @@
+"""The SimCLR network: a width-scaled ResNet encoder f and a projection head g (SimCLR §2.1, §B.9).
+
+Pure modules: no devices, dtypes, files or environment; the caller places and casts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from simclr_cli.engine.errors import ConfigError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STEMS = ("small", "standard")
+HEAD_LAYERS = (2, 3)
+SMALL_STEM_MAX_IMAGE_SIZE = 64  # CIFAR-size inputs lose too much to a 7x7 s2 conv + max-pool (SimCLR §B.9)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    width: float = 1.0  # multiplies EVERY channel count (SimCLR "R50 2x", §B.1); 64*width must be whole
+    stem: str | None = None  # None = auto from the image size; "small" (3x3 s1, no max-pool) or "standard"
+    head_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLRv2 head (v2 §2)
+    proj_dim: int = 128  # z dimension (SimCLR §B.4)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field, its value and the fix."""
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+        if not _is_valid_width(self.width):
+            raise ConfigError(
+                f"model.width {self.width!r} is not valid; 64*width must be a positive whole number "
+                "(e.g. 0.25, 0.5, 1, 2, 4)"
+            )
+        if self.stem is not None and self.stem not in STEMS:
+            raise ConfigError(
+                f"model.stem {self.stem!r} is not supported; choose one of {', '.join(STEMS)} "
+                "(or leave it unset to pick from the image size)"
+            )
+        if isinstance(self.head_layers, bool) or self.head_layers not in HEAD_LAYERS:
+            raise ConfigError(
+                f"model.head_layers {self.head_layers!r} is not supported; use 2 (SimCLR v1 head) or 3 (SimCLRv2 head)"
+            )
+        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
+            raise ConfigError(
+                f"model.proj_dim {self.proj_dim!r} is not valid; use a whole number >= 1 (SimCLR uses 128)"
+            )
+
+    def resolved(self, *, image_size: int) -> ModelConfig:
+        """Copy with stem filled in: small when image_size <= 64 px, standard above."""
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(f"image_size {image_size!r} is not valid; use a whole number of pixels >= 1")
+        stem = self.stem
+        if stem is None:
+            stem = "small" if image_size <= SMALL_STEM_MAX_IMAGE_SIZE else "standard"
+        return dataclasses.replace(self, stem=stem)
+
+
+def _is_valid_width(width: object) -> bool:
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        return False
+    channels = 64 * width
+    return math.isfinite(channels) and channels >= 1 and float(channels).is_integer()
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as in torchvision (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carries the stride, torchvision "ResNet v1.5") -> 1x1 x4, for ResNet-50/101/152."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet encoder f without fc; module names match torchvision so width-1 weights load both ways."""
+
+    def __init__(self, *, arch: str, width: float = 1.0, stem: str = "standard"):
+        super().__init__()
+        if arch not in _SPECS:
+            raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
+        if not _is_valid_width(width):
+            raise ValueError(f"width {width!r}: 64*width must be a positive whole number")
+        if stem not in STEMS:
+            raise ValueError(f"stem {stem!r} is not one of {STEMS}")
+        block, depths = _SPECS[arch]
+        base = int(64 * width)  # the stem is scaled too: R50 2x has a 128-channel stem (SimCLR §B.1)
+
+        if stem == "small":
+            # CIFAR stem (SimCLR §B.9): keep full resolution; Identity keeps torchvision's module names.
+            self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+
+        self.inplanes = base
+        self.layer1 = self._make_layer(block, base, depths[0], stride=1)
+        self.layer2 = self._make_layer(block, base * 2, depths[1], stride=2)
+        self.layer3 = self._make_layer(block, base * 4, depths[2], stride=2)
+        self.layer4 = self._make_layer(block, base * 8, depths[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.out_dim = base * 8 * block.expansion  # 512*width (18/34) or 2048*width (50+)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Each residual block starts as the identity (Goyal et al. 2017; SimCLR official code).
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.last_bn.weight)
+
+    def _make_layer(
+        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, *, stride: int
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride=stride, downsample=downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64w, H/4, W/4); small stem: (B, 64w, H, W)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)  # (B, out_dim, H', W')
+        return torch.flatten(self.avgpool(x), 1)  # h: (B, out_dim)
+
+
+class ProjectionHead(nn.Module):
+    """g: (layers-1) x [Linear -> BN -> ReLU], then Linear -> BN without shift (SimCLR §B.9, v2 §2)."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, layers: int = 2):
+        super().__init__()
+        if layers not in HEAD_LAYERS:
+            raise ValueError(f"layers {layers!r} is not one of {HEAD_LAYERS}")
+        # Linear layers have no bias: the BN right after makes it redundant (official SimCLR code).
+        blocks = [
+            nn.Sequential(
+                OrderedDict(
+                    linear=nn.Linear(in_dim, in_dim, bias=False),  # hidden width = encoder width
+                    bn=nn.BatchNorm1d(in_dim),
+                    relu=nn.ReLU(inplace=True),
+                )
+            )
+            for _ in range(layers - 1)
+        ]
+        last_bn = nn.BatchNorm1d(out_dim)
+        # Official code: scale but no shift on the output BN; F.batch_norm accepts a None bias.
+        last_bn.register_parameter("bias", None)
+        blocks.append(nn.Sequential(OrderedDict(linear=nn.Linear(in_dim, out_dim, bias=False), bn=last_bn)))
+        self.layers = nn.Sequential(*blocks)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+
+    def forward(self, h: Tensor, *, depth: int | None = None) -> Tensor:
+        """Output after the first `depth` blocks (None = all); depth=1 feeds v2 fine-tuning (v2 §2)."""
+        if depth is None:
+            depth = len(self.layers)
+        if isinstance(depth, bool) or not 0 <= depth <= len(self.layers):
+            raise ValueError(f"depth {depth!r} must be between 0 and {len(self.layers)}")
+        for block in self.layers[:depth]:
+            h = block(h)  # (B, in_dim) for hidden blocks, (B, out_dim) after the last
+        return h
+
+
+class SimCLR(nn.Module):
+    """Encoder f and head g; both views go through in one batch so BN sees all 2N views (SimCLR §2.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.stem is None:
+            raise ValueError("ModelConfig.stem is None; pass cfg.resolved(image_size=...) to SimCLR")
+        self.cfg = cfg
+        self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem)
+        self.head = ProjectionHead(in_dim=self.encoder.out_dim, out_dim=cfg.proj_dim, layers=cfg.head_layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(x)  # (B, out_dim)
+        z = self.head(h)  # (B, proj_dim)
+        return h, z
+
+
+def build_model(cfg: ModelConfig) -> SimCLR:
+    """SimCLR model from a validated, resolved config."""
+    return SimCLR(cfg)
