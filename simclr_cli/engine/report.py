@@ -1,0 +1,39 @@
+"""How tasks report progress: a small interface the CLI implements (with rich) and tests can record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the progress display shows after a step; `loss` is only read back from the device when logged."""
+
+    step: int
+    epoch: int
+    total_steps: int
+    loss: float | None
+    lr: float
+    images_per_s: float
+
+
+class Progress(Protocol):
+    def start(self, *, total_steps: int, completed: int, description: str) -> None: ...
+
+    def update(self, stats: StepStats) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class NoProgress:
+    """For callers that want no display."""
+
+    def start(self, *, total_steps: int, completed: int, description: str) -> None:
+        pass
+
+    def update(self, stats: StepStats) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
