@@ -1,0 +1,595 @@
+"""Tests for image discovery, decoding, datasets, the two-view dataset and the epoch sampler (CPU, generated images)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from simclr_cli.engine.augment import AugmentConfig, TwoViews
+from simclr_cli.engine.data import (
+    CIFAR_BINARY,
+    IMAGE_EXTENSIONS,
+    NAMED_DATASETS,
+    EpochSampler,
+    ImageFiles,
+    LabelledImages,
+    TwoViewDataset,
+    decode_image,
+    digits,
+    digits_split_indices,
+    find_images,
+    labelled_folder,
+    named_dataset,
+    pretrain_dataset,
+)
+from simclr_cli.engine.errors import DataError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread spin-waits cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_image(path: Path, *, size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# --- find_images ---------------------------------------------------------------------------------
+
+
+def test_find_images_every_extension_any_case_recursive_sorted(tmp_path):
+    names = ["b.JPG", "a.jpeg", "sub/c.Png", "sub/deeper/d.bmp", "e.GIF", "sub/f.tif", "g.TIFF", "sub/deeper/h.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")  # discovery looks at names only
+    for other in ["notes.txt", "sub/labels.csv", "sub/deeper/model.safetensors", ".hidden.jpg", ".git/x.png", "jpg"]:
+        (tmp_path / other).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / other).write_bytes(b"")
+
+    found = find_images(tmp_path)
+    # Top-down walk, names sorted within each folder, the folder's files before its subfolders.
+    expected = ["a.jpeg", "b.JPG", "e.GIF", "g.TIFF", "sub/c.Png", "sub/f.tif", "sub/deeper/d.bmp", "sub/deeper/h.webp"]
+    assert found == [tmp_path / name for name in expected]
+    assert {p.suffix.lower() for p in found} == IMAGE_EXTENSIONS
+    assert find_images(tmp_path) == found
+
+
+def test_find_images_accepts_str(tmp_path):
+    write_image(tmp_path / "x.png")
+    assert find_images(str(tmp_path)) == [tmp_path / "x.png"]
+
+
+def test_find_images_does_not_follow_symlinked_folders(tmp_path):
+    write_image(tmp_path / "data" / "x.png")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    assert find_images(tmp_path / "data") == [tmp_path / "data" / "x.png"]
+
+
+def test_find_images_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist; point DATA at a folder of images"):
+        find_images(tmp_path / "nope")
+
+
+def test_find_images_file_instead_of_folder(tmp_path):
+    path = write_image(tmp_path / "x.png")
+    with pytest.raises(DataError, match="is not a folder"):
+        find_images(path)
+
+
+def test_find_images_no_images(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(DataError) as info:
+        find_images(tmp_path)
+    message = str(info.value)
+    assert "has no images" in message and ".jpg" in message and ".png" in message and "point DATA at" in message
+
+
+# --- decode_image --------------------------------------------------------------------------------
+
+
+def test_decode_image_applies_exif_orientation(tmp_path):
+    # Stored 20 wide x 10 high, red left half, blue right half; orientation 6 = "rotate 90 degrees clockwise to view".
+    stored = np.zeros((10, 20, 3), dtype=np.uint8)
+    stored[:, :10] = (255, 0, 0)
+    stored[:, 10:] = (0, 0, 255)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+
+    decoded = decode_image(path)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (10, 20)  # now 10 wide x 20 high
+    top, bottom = np.asarray(decoded)[2, 5], np.asarray(decoded)[17, 5]
+    assert top[0] > 200 and top[2] < 60  # the stored left (red) half is on top after a clockwise turn
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB", "LA", "I;16"])
+def test_decode_image_returns_rgb(tmp_path, mode):
+    img = Image.new("RGB", (9, 7), (10, 120, 250)).convert(mode)
+    path = tmp_path / "x.png"
+    img.save(path)
+    decoded = decode_image(path)
+    assert decoded.mode == "RGB" and decoded.size == (9, 7)
+
+
+def test_decode_image_palette_with_transparency(tmp_path):
+    img = Image.new("P", (6, 6), 0)
+    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    img.info["transparency"] = 1
+    path = tmp_path / "t.png"
+    img.save(path, transparency=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_image(path)
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_image_files_dataset(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    dataset = ImageFiles(paths)
+    assert len(dataset) == 3 and dataset.paths == paths
+    assert dataset[1].mode == "RGB" and dataset[1].size == (12, 10)
+
+
+# --- labelled data -------------------------------------------------------------------------------
+
+
+def test_labelled_folder_sorted_classes(tmp_path):
+    write_image(tmp_path / "zebra" / "a.png")
+    write_image(tmp_path / "ant" / "x" / "b.jpg")
+    write_image(tmp_path / "ant" / "c.png")
+    dataset = labelled_folder(tmp_path)
+    assert dataset.classes == ["ant", "zebra"]
+    assert dataset.targets == [0, 0, 1]
+    image, label = dataset[2]
+    assert image.mode == "RGB" and label == 1
+
+
+def test_labelled_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        labelled_folder(tmp_path / "nope")
+    write_image(tmp_path / "flat.png")
+    with pytest.raises(DataError, match="no class subfolders"):
+        labelled_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no images"):
+        labelled_folder(tmp_path)
+
+
+def test_labelled_images_in_memory():
+    dataset = LabelledImages([(Image.new("L", (4, 4), 7), 1), (Image.new("RGB", (4, 4)), 0)], ["a", "b"])
+    image, label = dataset[0]
+    assert image.mode == "RGB" and label == 1 and dataset.targets == [1, 0] and len(dataset) == 2
+
+
+def test_digits_splits():
+    train, val, everything = digits("train"), digits("val"), digits("all")
+    assert len(everything) == 1797
+    assert len(train) + len(val) == 1797
+    assert train.classes == val.classes == [str(d) for d in range(10)]
+    train_idx, val_idx = digits_split_indices("train"), digits_split_indices("val")
+    assert set(train_idx).isdisjoint(val_idx) and len(set(train_idx) | set(val_idx)) == 1797
+    # Stratified: each class contributes round(20%) of its images to val.
+    all_counts = np.bincount(everything.targets, minlength=10)
+    val_counts = np.bincount(val.targets, minlength=10)
+    assert val_counts.tolist() == [round(0.2 * n) for n in all_counts]
+    # Stable: the same split on every call.
+    assert np.array_equal(digits_split_indices("val"), val_idx)
+    assert digits("val").targets == val.targets
+
+
+def test_digits_images_are_rgb_uint8():
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    dataset = digits("all")
+    for i in (0, 1, 500, 1796):
+        image, label = dataset[i]
+        assert image.mode == "RGB" and image.size == (8, 8) and label == reference.target[i]
+        array = np.asarray(image)
+        assert array.dtype == np.uint8
+        for c in range(3):  # 0..16 scaled to 0..255, grey copied to the three channels
+            assert np.array_equal(array[..., c], np.rint(reference.images[i] * 255 / 16).astype(np.uint8))
+
+
+def test_digits_unknown_split():
+    with pytest.raises(DataError, match="train, val, all"):
+        digits("holdout")
+
+
+# --- named datasets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagenet"])
+def test_named_dataset_missing_files(tmp_path, name):
+    with pytest.raises(DataError) as info:
+        named_dataset(name, root=tmp_path, split="train", download=False)
+    message = str(info.value)
+    assert name in message and "--data-root" in message and "\n" not in message
+
+
+def test_named_dataset_missing_root(tmp_path):
+    with pytest.raises(DataError, match="--data-root.*--download"):
+        named_dataset("cifar10", root=tmp_path / "nope", split="train", download=False)
+
+
+def test_named_dataset_errors_for_unknown_name_and_split(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        named_dataset("mnist", root=tmp_path, split="train", download=False)
+    with pytest.raises(DataError, match="train, test"):
+        named_dataset("cifar10", root=tmp_path, split="unlabeled", download=False)
+
+
+def test_named_digits_accepts_test_as_val():
+    assert named_dataset("digits", root=None, split="test", download=False).targets == digits("val").targets
+
+
+def test_imagenet_folder_layout(tmp_path):
+    write_image(tmp_path / "val" / "n01440764" / "a.JPEG")
+    write_image(tmp_path / "val" / "n01443537" / "b.JPEG")
+    dataset = named_dataset("imagenet", root=tmp_path, split="val", download=False)
+    assert dataset.classes == ["n01440764", "n01443537"] and len(dataset) == 2
+    image, label = dataset[1]
+    assert image.mode == "RGB" and label == 1
+
+
+# --- CIFAR binary versions ----------------------------------------------------------------------
+
+CIFAR_RECORDS_PER_FILE = 3
+
+
+def cifar_image(label: int, index: int) -> np.ndarray:
+    """A distinct, known (32, 32, 3) image: R, G and B each vary differently with row and column."""
+    rows, cols = np.mgrid[0:32, 0:32]
+    red = (rows * 7 + cols + index) % 256
+    green = (rows + cols * 5 + 3 * label) % 256
+    blue = (rows * cols + index + label) % 256
+    return np.stack([red, green, blue], axis=-1).astype(np.uint8)  # (H, W, C)
+
+
+def write_cifar(root: Path, name: str) -> tuple[Path, dict[str, list[tuple[int, np.ndarray]]]]:
+    """Tiny fake binary CIFAR under root/<folder>/, written byte by byte from the documented record layout."""
+    layout = CIFAR_BINARY[name]
+    folder = root / layout.folder
+    folder.mkdir(parents=True)
+    names = [f"class_{i}" for i in range(layout.num_classes)]
+    (folder / layout.classes_file).write_text("\n".join(names) + "\n\n\n")  # the real files end in blank lines
+    written = {}
+    for split, files in (("train", layout.train_files), ("test", layout.test_files)):
+        written[split] = []
+        for f, filename in enumerate(files):
+            record_bytes = bytearray()
+            for r in range(CIFAR_RECORDS_PER_FILE):
+                index = len(written[split])
+                label = (7 * index + 3 * f + (split == "test")) % layout.num_classes
+                image = cifar_image(label, index)
+                if name == "cifar100":
+                    record_bytes.append((label + 1) % 20)  # coarse label first: must be ignored
+                record_bytes.append(label)
+                for c in range(3):  # 1024 R, then 1024 G, then 1024 B, each row by row
+                    for row in range(32):
+                        for col in range(32):
+                            record_bytes.append(int(image[row, col, c]))
+                written[split].append((label, image))
+            (folder / filename).write_bytes(bytes(record_bytes))
+    return folder, written
+
+
+@pytest.fixture(scope="module", params=["cifar10", "cifar100"])
+def fake_cifar(request, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    folder, written = write_cifar(root, name)
+    return name, root, folder, written
+
+
+def test_cifar_binary_reads_records(fake_cifar):
+    name, root, _, written = fake_cifar
+    layout = CIFAR_BINARY[name]
+    for split in ("train", "test"):
+        dataset = named_dataset(name, root=root, split=split, download=False)
+        files = layout.train_files if split == "train" else layout.test_files
+        assert len(dataset) == len(files) * CIFAR_RECORDS_PER_FILE  # every train batch, in order
+        assert dataset.classes == [f"class_{i}" for i in range(layout.num_classes)]
+        assert dataset.targets == [label for label, _ in written[split]]
+        assert isinstance(dataset.targets[0], int)
+        for i, (label, expected) in enumerate(written[split]):
+            image, target = dataset[i]
+            assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
+            assert type(target) is int and target == label
+            assert np.array_equal(np.asarray(image), expected)
+
+
+def test_cifar_binary_channel_and_row_major_order(tmp_path):
+    name = "cifar10"
+    folder, _ = write_cifar(tmp_path, name)
+    record = np.concatenate([[4], np.full(1024, 10), np.full(1024, 20), np.full(1024, 30)]).astype(np.uint8)
+    record[1 + 1] = 200  # R plane, row 0, col 1
+    record[1 + 1024 + 32] = 201  # G plane, row 1, col 0
+    record[1 + 2048 + 32 * 31 + 30] = 202  # B plane, row 31, col 30
+    (folder / "test_batch.bin").write_bytes(record.tobytes())
+    image, label = named_dataset(name, root=tmp_path, split="test", download=False)[0]
+    array = np.asarray(image)  # (H, W, C)
+    assert label == 4
+    assert tuple(array[5, 5]) == (10, 20, 30)
+    assert tuple(array[0, 1]) == (200, 20, 30) and tuple(array[1, 0]) == (10, 201, 30)
+    assert tuple(array[31, 30]) == (10, 20, 202)
+
+
+def test_cifar_binary_root_may_be_the_extracted_folder(fake_cifar):
+    name, root, folder, written = fake_cifar
+    from_parent = named_dataset(name, root=root, split="test", download=False)
+    from_folder = named_dataset(name, root=folder, split="test", download=False)
+    assert from_folder.targets == from_parent.targets == [label for label, _ in written["test"]]
+    assert np.array_equal(np.asarray(from_folder[1][0]), written["test"][1][1])
+    # Accepted through pretrain_dataset too, labels dropped.
+    images = pretrain_dataset(name, root=folder, download=False)
+    assert len(images) == len(written["train"]) and np.array_equal(np.asarray(images[2]), written["train"][2][1])
+
+
+def test_cifar_binary_never_unpickles(fake_cifar, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used to read CIFAR")
+
+    for attr in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, attr, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    name, root, _, written = fake_cifar
+    for split in ("train", "test"):
+        dataset = named_dataset(name, root=root, split=split, download=False)
+        assert len(dataset) == len(written[split]) and dataset[0][1] == written[split][0][0]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_binary_truncated_file(tmp_path, name):
+    folder, _ = write_cifar(tmp_path, name)
+    layout = CIFAR_BINARY[name]
+    truncated = folder / layout.train_files[-1]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(DataError) as info:
+        named_dataset(name, root=tmp_path, split="train", download=False)
+    message = str(info.value)
+    assert str(truncated) in message and str(layout.record_bytes) in message and "\n" not in message
+    named_dataset(name, root=tmp_path, split="test", download=False)  # the other split is untouched
+    truncated.write_bytes(b"")
+    with pytest.raises(DataError, match=layout.train_files[-1]):
+        named_dataset(name, root=tmp_path, split="train", download=False)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_binary_missing_folder(tmp_path, name):
+    folder = CIFAR_BINARY[name].folder
+    (tmp_path / "cifar-10-batches-py").mkdir()  # the pickle version is not a substitute
+    with pytest.raises(DataError) as info:
+        named_dataset(name, root=tmp_path, split="train", download=False)
+    message = str(info.value)
+    assert str(tmp_path / folder) in message and "python-pickle version" in message
+    assert f"--data-root DIR holding the extracted binary version ({folder}/)" in message
+    assert "--download" in message and "\n" not in message
+
+
+def test_cifar_binary_missing_batch_and_bad_class_file(tmp_path):
+    folder, _ = write_cifar(tmp_path, "cifar10")
+    (folder / "data_batch_3.bin").unlink()
+    with pytest.raises(DataError, match="data_batch_3.bin is missing"):
+        named_dataset("cifar10", root=tmp_path, split="train", download=False)
+    (folder / "batches.meta.txt").write_text("cat\ndog\n")
+    with pytest.raises(DataError, match="batches.meta.txt names 2 classes, not 10"):
+        named_dataset("cifar10", root=tmp_path, split="test", download=False)
+
+
+def test_cifar_binary_label_out_of_range(tmp_path):
+    folder, _ = write_cifar(tmp_path, "cifar10")
+    data = bytearray((folder / "test_batch.bin").read_bytes())
+    data[CIFAR_BINARY["cifar10"].record_bytes] = 10  # second record's label
+    (folder / "test_batch.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="test_batch.bin has label 10"):
+        named_dataset("cifar10", root=tmp_path, split="test", download=False)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_binary_download_only_when_missing(tmp_path, monkeypatch, name):
+    import torchvision.datasets.utils as tv_utils
+
+    calls = []
+
+    def fake_download(url, download_root, md5=None, **kwargs):
+        calls.append((url, Path(download_root), md5))
+        write_cifar(Path(download_root), name)
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    root = tmp_path / "new"
+    layout = CIFAR_BINARY[name]
+    dataset = named_dataset(name, root=root, split="test", download=True)
+    assert calls == [(layout.url, root, layout.md5)] and len(dataset) == CIFAR_RECORDS_PER_FILE
+    assert layout.url == {
+        "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    }[name]
+    named_dataset(name, root=root, split="train", download=True)
+    named_dataset(name, root=root / layout.folder, split="train", download=True)
+    assert len(calls) == 1  # already extracted: no second download
+
+
+def test_cifar_binary_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def failing_download(url, download_root, md5=None, **kwargs):
+        raise RuntimeError("File not found or corrupted.\nmd5 mismatch")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", failing_download)
+    with pytest.raises(DataError) as info:
+        named_dataset("cifar100", root=tmp_path, split="train", download=True)
+    message = str(info.value)
+    assert "md5 mismatch" in message and "cifar-100-binary/" in message and "\n" not in message
+
+
+# --- pretrain_dataset ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [None, "digits"])
+def test_pretrain_dataset_digits(data):
+    dataset = pretrain_dataset(data, root=None, download=False)
+    assert len(dataset) == 1797
+    image = dataset[5]
+    assert isinstance(image, Image.Image) and image.mode == "RGB"
+
+
+def test_pretrain_dataset_folder(tmp_path):
+    paths = [write_image(tmp_path / "imgs" / f"{i}.png", seed=i) for i in range(4)]
+    for data in (str(tmp_path / "imgs"), tmp_path / "imgs"):
+        dataset = pretrain_dataset(data, root=None, download=False)
+        assert isinstance(dataset, ImageFiles) and dataset.paths == paths
+        assert dataset[0].mode == "RGB"
+
+
+def test_pretrain_dataset_nonsense():
+    with pytest.raises(DataError) as info:
+        pretrain_dataset("no-such-dataset-or-folder", root=None, download=False)
+    message = str(info.value)
+    assert "no-such-dataset-or-folder" in message and "folder" in message
+    assert all(name in message for name in NAMED_DATASETS)
+
+
+def test_pretrain_dataset_named_missing_files(tmp_path):
+    with pytest.raises(DataError, match="--data-root"):
+        pretrain_dataset("stl10", root=tmp_path, download=False)
+
+
+# --- TwoViewDataset ------------------------------------------------------------------------------
+
+
+def two_view_dataset(tmp_path: Path, *, seed: int = 0) -> TwoViewDataset:
+    paths = [write_image(tmp_path / f"{i}.png", size=(20, 20), seed=i) for i in range(4)]
+    return TwoViewDataset(ImageFiles(paths), TwoViews(AugmentConfig(image_size=16)), seed=seed)
+
+
+def test_two_view_dataset_is_a_function_of_seed_epoch_index(tmp_path):
+    a, b = two_view_dataset(tmp_path), two_view_dataset(tmp_path)
+    torch.manual_seed(1)
+    first = a[(2, 3)]
+    a[(0, 0)]
+    torch.manual_seed(99)  # neither the global state nor earlier items matter
+    again = b[(2, 3)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[0].shape == (3, 16, 16)
+    assert not torch.equal(first[0], first[1])  # the two views are independent draws
+
+
+def test_two_view_dataset_differs_across_epochs_indices_and_seeds(tmp_path):
+    dataset = two_view_dataset(tmp_path)
+    base = dataset[(1, 0)][0]
+    assert not torch.equal(base, dataset[(1, 1)][0])
+    assert not torch.equal(base, two_view_dataset(tmp_path, seed=1)[(1, 0)][0])
+    # Same image content at another index still draws different views.
+    same = TwoViewDataset([dataset.images[1]] * 2, dataset.transform, seed=0)
+    assert not torch.equal(same[(0, 0)][0], same[(1, 0)][0])
+
+
+def test_two_view_dataset_leaves_global_rng_untouched(tmp_path):
+    dataset = two_view_dataset(tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    dataset[(0, 0)]
+    dataset[(3, 7)]
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_two_view_dataset_same_views_in_dataloader_workers(tmp_path):
+    dataset = two_view_dataset(tmp_path)
+    sampler = EpochSampler(len(dataset), global_batch_size=2, seed=0)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=2, multiprocessing_context="fork")
+    batches = list(loader)
+    for b, (v1, v2) in enumerate(batches):
+        for row in range(2):
+            e1, e2 = dataset[keys[2 * b + row]]
+            assert torch.equal(v1[row], e1) and torch.equal(v2[row], e2)
+
+
+# --- EpochSampler --------------------------------------------------------------------------------
+
+
+def epoch_order(sampler: EpochSampler, epoch: int, start_batch: int = 0) -> list[int]:
+    sampler.set_epoch(epoch, start_batch)
+    items = list(sampler)
+    assert all(e == epoch for _, e in items)
+    return [i for i, _ in items]
+
+
+def test_sampler_permutation_per_epoch():
+    sampler = EpochSampler(100, global_batch_size=10, seed=0)
+    e0, e1 = epoch_order(sampler, 0), epoch_order(sampler, 1)
+    assert sorted(e0) == sorted(e1) == list(range(100))
+    assert e0 != e1
+    assert epoch_order(EpochSampler(100, global_batch_size=10, seed=0), 1) == e1
+    assert epoch_order(EpochSampler(100, global_batch_size=10, seed=1), 1) != e1
+    assert len(sampler) == 100 and sampler.batches_per_epoch == 10
+
+
+def test_sampler_drops_last_partial_batch():
+    sampler = EpochSampler(23, global_batch_size=5, seed=0)
+    order = epoch_order(sampler, 0)
+    assert len(order) == len(sampler) == 20 and len(set(order)) == 20 and sampler.batches_per_epoch == 4
+
+
+def test_sampler_ranks_split_each_global_batch():
+    num_samples, global_batch, world = 50, 8, 2
+    single = epoch_order(EpochSampler(num_samples, global_batch_size=global_batch, seed=5), 2)
+    shards = [
+        epoch_order(EpochSampler(num_samples, global_batch_size=global_batch, seed=5, rank=r, world_size=world), 2)
+        for r in range(world)
+    ]
+    assert set(shards[0]).isdisjoint(shards[1])
+    local = global_batch // world
+    batches = num_samples // global_batch
+    for b in range(batches):
+        joined = shards[0][b * local : (b + 1) * local] + shards[1][b * local : (b + 1) * local]
+        assert joined == single[b * global_batch : (b + 1) * global_batch]
+    assert sorted(shards[0] + shards[1]) == sorted(single) and len(single) == batches * global_batch
+    ranked = EpochSampler(num_samples, global_batch_size=global_batch, seed=5, rank=1, world_size=world)
+    assert len(ranked) == batches * local
+
+
+def test_sampler_start_batch_skips_exactly():
+    sampler = EpochSampler(40, global_batch_size=8, seed=0)
+    full = epoch_order(sampler, 4)
+    assert epoch_order(sampler, 4, start_batch=3) == full[3 * 8 :]
+    assert len(sampler) == 2 * 8
+    assert epoch_order(sampler, 4, start_batch=5) == [] and len(sampler) == 0
+    sampler.set_epoch(5)
+    assert sampler.start_batch == 0 and len(sampler) == 40
+    ranked = EpochSampler(40, global_batch_size=8, seed=0, rank=1, world_size=4)
+    assert epoch_order(ranked, 4, start_batch=3) == [i for b in (3, 4) for i in full[b * 8 + 2 : b * 8 + 4]]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="multiple"):
+        EpochSampler(100, global_batch_size=10, seed=0, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        EpochSampler(5, global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        EpochSampler(100, global_batch_size=10, seed=0, rank=2, world_size=2)
+    sampler = EpochSampler(100, global_batch_size=10, seed=0)
+    with pytest.raises(ValueError, match="start_batch"):
+        sampler.set_epoch(0, start_batch=11)
