@@ -1,0 +1,212 @@
+"""Typed configs from dicts: presets, overrides, validation, and back to plain data.
+
+Precedence is stated once, here: built-in dataclass defaults < preset YAML < explicit flags.
+Unknown keys and wrongly typed values are errors naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from simclr_cli.engine.errors import ConfigError
+
+T = TypeVar("T")
+
+PRESET_SUFFIX = ".yaml"
+
+
+def preset_dirs() -> list[Path]:
+    """Where named presets live: inside the installed package, else the source checkout's `presets/`."""
+    packaged = Path(str(resources.files("simclr_cli"))) / "presets"
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    return [d for d in (packaged, checkout) if d.is_dir()]
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() for p in d.glob(f"*{PRESET_SUFFIX}")})
+
+
+def preset_path(name_or_file: str) -> Path:
+    """A preset given by name (`cifar10`) or as a path to a YAML file."""
+    candidate = Path(name_or_file).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"preset file {candidate} does not exist; pass a YAML file or one of: {', '.join(preset_names())}")
+        return candidate
+    for directory in preset_dirs():
+        path = directory / f"{name_or_file}{PRESET_SUFFIX}"
+        if path.is_file():
+            return path
+    raise ConfigError(f"unknown preset '{name_or_file}'; choose one of: {', '.join(preset_names())}, or pass a YAML file")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping, read with `safe_load` only (no object construction)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, augment:, ...), not a {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: values of `override` win; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def nest(dotted: dict[str, Any], *, drop_none: bool = True) -> dict[str, Any]:
+    """{'model.arch': 'resnet18'} -> {'model': {'arch': 'resnet18'}}; None values (flags not given) are dropped
+    unless `drop_none` is False (an explicit `--set key=null`)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        if value is None and drop_none:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                parent = ".".join(parents[: depth + 1])
+                raise ConfigError(f"'{key}' cannot be set: '{parent}' is already set to a value, not a section")
+        node[leaf] = value
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass `cls` from plain data, checking keys and types; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where or cls.__name__}' must be a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' in ' + where if where else ''}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML/JSON-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where=key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{key}' must be a list of {len(args)} numbers, got {_describe(value)}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {_describe(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be a whole number, got {_describe(value)}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {_describe(value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be text, got {_describe(value)}")
+    raise TypeError(f"config field '{key}' has an unsupported type {hint!r}")  # a bug, not user input
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
+NATIVE_IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
+DEFAULT_IMAGE_SIZE = 224
+DEMO_PRESET = "demo"
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set key.path=value` items (values read as YAML) as one nested mapping."""
+    dotted = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set augment.crop_scale=[0.2,1.0]")
+        try:
+            dotted[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+    return nest(dotted, drop_none=False)  # `--set model.stem=null` restores an auto default
+
+
+def resolve_pretrain(
+    *, data: str | None, preset: str | None, sets: list[str] | None, flags: dict[str, Any], saved: dict[str, Any] | None = None
+):
+    """The pretraining config: defaults (sized for the data) < preset < --set < flags.
+
+    `saved` (a resumed run's own config) replaces defaults and preset, so a resume changes only what is typed.
+    """
+    from simclr_cli.engine.pretrain import PretrainConfig  # lazy: keeps `simclr --help` free of torch
+
+    if saved is not None:
+        if preset is not None:
+            raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its own config")
+        base = saved
+    else:
+        base = to_dict(PretrainConfig())
+        base["augment"]["image_size"] = NATIVE_IMAGE_SIZES.get(data or "digits", DEFAULT_IMAGE_SIZE)
+        if preset is None and data is None:
+            preset = DEMO_PRESET
+        if preset is not None:
+            base = merge(base, load_yaml(preset_path(preset)))
+    merged = merge(merge(base, parse_sets(sets)), nest(flags))
+    if data is not None:
+        merged = merge(merged, {"data": {"source": data}})
+    return from_dict(PretrainConfig, merged)
