@@ -1,0 +1,375 @@
+"""SimCLR pretraining: the task behind `simclr pretrain` (SimCLR §2.1, Algorithm 1)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from simclr_cli.engine import checkpoint, rundir
+from simclr_cli.engine.augment import AugmentConfig, TwoViews
+from simclr_cli.engine.data import EpochSampler, TwoViewDataset, pretrain_dataset
+from simclr_cli.engine.device import Runtime, runtime
+from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, SimCLRError
+from simclr_cli.engine.loss import nt_xent
+from simclr_cli.engine.model import ModelConfig, build_model
+from simclr_cli.engine.optim import OptimConfig, build_optimizer, lr_at, scaled_lr, warmup_steps_for
+from simclr_cli.engine.report import NoProgress, Progress, StepStats
+
+log = logging.getLogger("simclr")
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # a folder of images, a dataset name, or None for the embedded digits
+    root: str | None = None  # where named datasets are stored
+    download: bool = False
+    workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
+
+    def validate(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int | None = None  # the GLOBAL batch N (2N views a step); None = 256 on a GPU, 64 on a CPU, at most the dataset
+    epochs: int = 100
+    max_steps: int | None = None  # stop (and end the schedule) after this many steps
+    temperature: float = 0.1  # tau (SimCLR Table 5: 0.1 at batch 4096 on ImageNet, 0.5 on CIFAR)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int | None = None  # steps between checkpoints; None = at the end of every epoch
+    keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
+    log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
+
+    def validate(self) -> None:
+        for name in ("epochs", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} {getattr(self, name)} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ConfigError("train.batch_size must be >= 2: NT-Xent needs other images in the batch as negatives")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; saved resolved with every output."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.augment, self.optim, self.train):
+            section.validate()
+
+    def resolved(self) -> PretrainConfig:
+        """Copy with every size-aware `auto` value filled in, so the saved config states what ran."""
+        self.validate()
+        augment = self.augment.resolved()
+        return replace(self, augment=augment, model=self.model.resolved(image_size=augment.image_size))
+
+
+# Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = {"data.root", "data.workers", "data.download", "train.device", "train.log_every", "train.keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_dir: Path
+    encoder: Path
+    steps: int
+    epochs_done: float
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    resumed_from: int | None
+
+
+class NonFiniteLoss(SimCLRError):
+    def __init__(self, step: int):
+        super().__init__(
+            f"the loss became NaN/inf at step {step}; stopped before saving anything from that step on. "
+            "Lower --lr, try --precision fp32, or check the data"
+        )
+
+
+def default_batch_size(device: torch.device) -> int:
+    """256 on an accelerator; 64 on a CPU, where 2x256 ResNet-50 views at 224 px would need ~40 GB of activations."""
+    return 64 if device.type == "cpu" else 256
+
+
+def default_workers(device: torch.device) -> int:
+    """Worker processes for decoding and augmentation; on a small CPU-only machine the model needs the cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return min(8, cpus)
+    return 0 if cpus <= 2 else min(4, cpus // 2)
+
+
+def run(
+    cfg: PretrainConfig,
+    *,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PretrainResult:
+    """Train SimCLR as `cfg` says, writing the run dir `out`; `resume` continues its newest valid checkpoint."""
+    progress = progress or NoProgress()
+    cfg = cfg.resolved()
+    rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
+    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download)
+    batch = cfg.train.batch_size
+    if batch is None:
+        batch = min(default_batch_size(rt.device), len(images))
+        if batch < 2:
+            raise DataError(f"the data holds {len(images)} image; SimCLR needs at least 2 (each is the others' negative)")
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
+    elif batch > len(images):
+        raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
+    run_dir = rundir.prepare(out, resume=resume, overwrite=overwrite)
+    config_dict = _to_dict(cfg)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(model, cfg.optim, lr=peak_lr)
+    scaler = rt.grad_scaler()
+
+    steps_per_epoch = len(images) // batch
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    warmup = warmup_steps_for(warmup_epochs=cfg.optim.warmup_epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+    step, elapsed_before, resumed_from = 0, 0.0, None
+    if resume:
+        meta = _resume(run_dir, cfg=config_dict, model=model, optimizer=optimizer, scaler=scaler)
+        step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
+        _truncate_metrics(run_dir.metrics, after_step=step)
+    else:
+        run_dir.config.write_text(yaml.safe_dump(config_dict, sort_keys=False), encoding="utf-8")
+    if run_dir.root.parent.name == rundir.RUNS.name:
+        rundir.point_latest(run_dir.root)
+
+    sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed)
+    workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device)
+    loader = DataLoader(
+        TwoViewDataset(images, TwoViews(cfg.augment), seed=cfg.train.seed),
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        drop_last=True,
+    )
+    log.info(
+        "pretraining %s (width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
+        "peak lr %.4g, %s on %s, %d data workers",
+        cfg.model.arch, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
+        total_steps, steps_per_epoch, peak_lr, rt.precision, rt.device, workers,
+    )
+
+    trainer = _Trainer(
+        cfg=cfg, config_dict=config_dict, rt=rt, model=model, optimizer=optimizer, scaler=scaler, run_dir=run_dir,
+        progress=progress, peak_lr=peak_lr, warmup=warmup, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, elapsed_before=elapsed_before,
+    )
+    progress.start(total_steps=total_steps, completed=step, description="pretrain")
+    try:
+        step = trainer.train(loader, sampler, start_step=step)
+    finally:
+        progress.stop()
+    return PretrainResult(
+        run_dir=run_dir.root,
+        encoder=run_dir.encoder,
+        steps=step,
+        epochs_done=step / steps_per_epoch,
+        first_loss=trainer.first_loss,
+        last_loss=trainer.last_loss,
+        seconds=trainer.elapsed(),
+        resumed_from=resumed_from,
+    )
+
+
+class _Trainer:
+    """The step loop and its bookkeeping (logging, non-finite guard, checkpoints)."""
+
+    def __init__(self, *, cfg: PretrainConfig, config_dict: dict[str, Any], rt: Runtime, model, optimizer, scaler,
+                 run_dir: rundir.RunDir, progress: Progress, peak_lr: float, warmup: int, total_steps: int,
+                 steps_per_epoch: int, elapsed_before: float):
+        self.cfg, self.config_dict, self.rt = cfg, config_dict, rt
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.run_dir, self.progress = run_dir, progress
+        self.peak_lr, self.warmup, self.total_steps, self.steps_per_epoch = peak_lr, warmup, total_steps, steps_per_epoch
+        self.started = time.perf_counter()
+        self.elapsed_before = elapsed_before
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        # First step whose loss was not finite, kept on the device so the step never waits on the host.
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int) -> int:
+        step = start_step
+        window_start, window_steps = time.perf_counter(), 0
+        while step < self.total_steps:
+            epoch = step // self.steps_per_epoch
+            sampler.set_epoch(epoch, start_batch=step - epoch * self.steps_per_epoch)
+            for view1, view2 in loader:
+                lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.total_steps)
+                loss = self.step(view1, view2, lr=lr, step=step)
+                step += 1
+                window_steps += 1
+                last = step == self.total_steps
+                if step % self.cfg.train.log_every == 0 or last or step % self.steps_per_epoch == 0:
+                    now = time.perf_counter()
+                    rate = window_steps * self.cfg.train.batch_size / max(now - window_start, 1e-9)
+                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=rate)
+                    window_start, window_steps = now, 0
+                if self.checkpoint_due(step) or last:
+                    self.save(step=step, epoch=epoch)
+                if last:
+                    break
+        return step
+
+    def step(self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, step: int) -> torch.Tensor:
+        """One optimisation step on a batch of N images; returns the loss without syncing the host."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        # Both views through the encoder as one batch so BN statistics cover all 2N views (§2.2).
+        x = torch.cat([view1, view2]).to(self.rt.device, non_blocking=True, memory_format=memory_format)  # (2N, 3, S, S)
+        self.model.train()
+        with self.rt.autocast():
+            _, z = self.model(x)  # (2N, proj_dim)
+        z1, z2 = z.float().chunk(2)  # (N, proj_dim) each; the loss is computed in fp32
+        loss = nt_xent(z1, z2, self.cfg.train.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        finite = torch.isfinite(loss.detach())
+        # numbered like metrics.jsonl: step k is the k-th update
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step + 1, device=self.rt.device), self.bad_step)
+        return loss.detach()
+
+    def check_finite(self) -> None:
+        bad = int(self.bad_step.item())
+        if bad >= 0:
+            raise NonFiniteLoss(bad)
+
+    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float) -> None:
+        self.check_finite()
+        value = float(loss.item())
+        if self.first_loss is None:
+            self.first_loss = value
+        self.last_loss = value
+        record = {"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
+                  "images_per_s": round(images_per_s, 2)}
+        with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.total_steps, loss=value, lr=lr,
+                                       images_per_s=images_per_s))
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return step % every == 0 if every else step % self.steps_per_epoch == 0
+
+    def save(self, *, step: int, epoch: int) -> None:
+        """Training state for --resume, then the encoder file the other commands read; never non-finite."""
+        self.check_finite()
+        path = self.run_dir.checkpoint(step)
+        checkpoint.save_train_state(
+            path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            config=self.config_dict, elapsed=self.elapsed(),
+        )
+        for old in self.run_dir.saved_checkpoints()[self.cfg.train.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        info = checkpoint.EncoderInfo(
+            model=self.cfg.model,
+            image_size=self.cfg.augment.image_size,
+            mean=self.cfg.augment.mean,
+            std=self.cfg.augment.std,
+            interpolation=self.cfg.augment.interpolation,
+            config=self.config_dict,
+            epoch=epoch,
+            step=step,
+        )
+        checkpoint.save_encoder(self.run_dir.encoder, self.model, info=info)
+        log.debug("saved %s and %s", path, self.run_dir.encoder)
+
+
+def _resume(run_dir: rundir.RunDir, *, cfg: dict[str, Any], model, optimizer, scaler) -> dict[str, Any]:
+    """Load the newest checkpoint that is complete and valid, saying why any newer one was skipped."""
+    for path in run_dir.saved_checkpoints():
+        try:
+            meta = checkpoint.load_train_state(path, model=model, optimizer=optimizer, scaler=scaler)
+        except CheckpointError as exc:
+            log.warning("skipping %s: %s", path.name, exc)
+            continue
+        _check_same_run(meta.get("config", {}), cfg, source=path)
+        log.info("resuming from %s (step %d)", path, meta["step"])
+        return meta
+    raise CheckpointError(f"no valid checkpoint to resume in {run_dir.checkpoints}; start a new run with --overwrite")
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], *, source: Path) -> None:
+    """Refuse to resume with settings that change what the run computes."""
+    saved, current = _flatten(saved), _flatten(current)
+    for key in sorted((saved.keys() | current.keys()) - RESUMABLE_CHANGES):
+        was, now = saved.get(key), current.get(key)
+        if was != now:
+            raise ConfigError(
+                f"--resume would change {key} from {was!r} to {now!r} ({source.name}); "
+                "resume with the run's own settings, or start a new run"
+            )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _truncate_metrics(path: Path, *, after_step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from; those steps run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= after_step]
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
+
+
+def _to_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    """Plain data with lists for tuples, so YAML, JSON and comparisons agree."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None

@@ -1,0 +1,153 @@
+"""The pretraining task end to end on generated images: outputs, resume, non-finite guard, input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from simclr_cli.engine import checkpoint
+from simclr_cli.engine import pretrain as task
+from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.report import NoProgress, StepStats
+
+
+def tiny_config(folder: Path, **train) -> task.PretrainConfig:
+    """resnet18 at width 0.25 on 16 px views: a few steps take seconds on a CPU."""
+    cfg = task.PretrainConfig()
+    cfg.data.source = str(folder)
+    cfg.data.workers = 0
+    cfg.model.arch, cfg.model.width = "resnet18", 0.25
+    cfg.augment.image_size = 16
+    cfg.train.batch_size = 8
+    cfg.train.epochs = 2
+    cfg.train.device, cfg.train.precision = "cpu", "fp32"
+    cfg.train.log_every = 1
+    cfg.optim.warmup_epochs = 0.5
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+class CrashAt(NoProgress):
+    """A progress display that kills the run when it is told about `step` (a crash after that step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def update(self, stats: StepStats) -> None:
+        if stats.step == self.step:
+            raise KeyboardInterrupt
+
+
+def encoder_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "encoder.safetensors"))
+
+
+def test_run_writes_config_metrics_checkpoints_and_encoder(image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = task.run(tiny_config(image_folder), out=out)
+    # 24 images, batch 8 -> 3 steps per epoch, 2 epochs
+    assert result.steps == 6 and result.epochs_done == 2.0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["stem"] == "small" and saved["augment"]["blur_p"] == 0.0  # auto values resolved
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "epoch", "loss", "lr", "time"} <= set(lines[0])
+    assert [r["epoch"] for r in lines] == [0, 0, 0, 1, 1, 1]
+    assert all(r["loss"] > 0 for r in lines)
+    assert lines[-1]["lr"] < lines[1]["lr"]  # cosine decay towards 0
+    # one training state per epoch (the default), the two newest kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000003.safetensors", "step-000000006.safetensors"]
+    model, info = checkpoint.load_encoder(out / "encoder.safetensors")
+    assert info.step == 6 and info.image_size == 16 and info.model.stem == "small"
+    assert info.config == saved
+    h, z = model.eval()(torch.zeros(2, 3, 16, 16))
+    assert h.shape == (2, 128) and z.shape == (2, 128)
+
+
+def test_resume_after_a_crash_mid_epoch_is_bit_identical(image_folder, tmp_path):
+    uninterrupted = tmp_path / "a"
+    task.run(tiny_config(image_folder, checkpoint_every=2), out=uninterrupted)
+
+    crashed = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        task.run(tiny_config(image_folder, checkpoint_every=2), out=crashed, progress=CrashAt(5))
+    # the newest checkpoint is step 4, in the middle of epoch 1 (3 steps per epoch)
+    assert (crashed / "checkpoints" / "step-000000004.safetensors").exists()
+    result = task.run(tiny_config(image_folder, checkpoint_every=2), out=crashed, resume=True)
+    assert result.resumed_from == 4 and result.steps == 6
+
+    a, b = encoder_weights(uninterrupted), encoder_weights(crashed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # metrics logged after the checkpoint were dropped and logged again, once
+    steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses_a = [json.loads(line)["loss"] for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    losses_b = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert losses_a == losses_b
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        task.run(tiny_config(image_folder, checkpoint_every=2), out=out, progress=CrashAt(5))
+    newest = out / "checkpoints" / "step-000000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn write
+    with caplog.at_level("WARNING", logger="simclr"):
+        result = task.run(tiny_config(image_folder, checkpoint_every=2), out=out, resume=True)
+    assert result.resumed_from == 2
+    assert "skipping step-000000004.safetensors" in caplog.text
+
+
+def test_resume_refuses_a_changed_recipe(image_folder, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        task.run(tiny_config(image_folder, checkpoint_every=2), out=out, progress=CrashAt(3))
+    changed = tiny_config(image_folder, checkpoint_every=2, temperature=0.2)
+    with pytest.raises(ConfigError, match=r"--resume would change train.temperature from 0.1 to 0.2"):
+        task.run(changed, out=out, resume=True)
+
+
+def test_non_finite_loss_stops_before_saving_the_bad_step(image_folder, tmp_path, monkeypatch):
+    real = task.nt_xent
+    calls = []
+
+    def nan_from_third_step(z1, z2, temperature):
+        calls.append(1)
+        loss = real(z1, z2, temperature)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(task, "nt_xent", nan_from_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(task.NonFiniteLoss, match="NaN/inf at step 3"):
+        task.run(tiny_config(image_folder, checkpoint_every=1), out=out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000001.safetensors", "step-000000002.safetensors"]
+    assert checkpoint.load_encoder(out / "encoder.safetensors")[1].step == 2
+    assert all(torch.isfinite(t).all() for t in encoder_weights(out).values())
+
+
+def test_batch_larger_than_the_dataset_is_refused_before_writing(image_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(image_folder, batch_size=32)
+    with pytest.raises(DataError, match=r"--batch-size 32 is larger than the dataset \(24 images\)"):
+        task.run(cfg, out=out)
+    assert not out.exists()
+
+
+def test_max_steps_ends_the_schedule_early(image_folder, tmp_path):
+    result = task.run(tiny_config(image_folder, max_steps=2), out=tmp_path / "run")
+    assert result.steps == 2
+    assert checkpoint.load_encoder(tmp_path / "run" / "encoder.safetensors")[1].step == 2
+
+
+def test_unset_batch_size_is_capped_at_the_dataset_and_saved_resolved(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, batch_size=None, epochs=1)
+    result = task.run(cfg, out=tmp_path / "run")
+    assert result.steps == 1  # 24 images, CPU default 64 capped to 24: one step per epoch
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["batch_size"] == 24
