@@ -1,0 +1,92 @@
+"""What the user sees: rich progress, logging to the terminal, and errors as one line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from simclr_cli.engine.errors import SimCLRError
+from simclr_cli.engine.report import StepStats
+
+console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def setup_logging(*, verbose: bool) -> None:
+    """Engine messages (logger "simclr") go to stderr through rich; --verbose adds debug detail."""
+    logger = logging.getLogger("simclr")
+    logger.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+@contextlib.contextmanager
+def errors_as_messages(*, verbose: bool) -> Iterator[None]:
+    """Turn the engine's user-facing errors into a one-line message and a non-zero exit (traceback with --verbose)."""
+    try:
+        yield
+    except SimCLRError as exc:
+        if verbose:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the details one flag away
+        if verbose:
+            console.print_exception()
+        else:
+            console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} — rerun with --verbose for the traceback "
+                "and report it",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(EXIT_INTERNAL_ERROR) from None
+
+
+class RichProgress:
+    """The engine's `Progress` interface as a rich progress bar (epoch, step, loss, lr, images/s, ETA)."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not sys.stderr.isatty() and not console.is_terminal,
+        )
+        self._task = None
+
+    def start(self, *, total_steps: int, completed: int, description: str) -> None:
+        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-")
+        self._bar.start()
+
+    def update(self, stats: StepStats) -> None:
+        loss = "-" if stats.loss is None else f"{stats.loss:.4f}"
+        self._bar.update(
+            self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}"
+        )
+
+    def stop(self) -> None:
+        self._bar.stop()

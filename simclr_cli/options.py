@@ -1,0 +1,48 @@
+"""Options shared by several commands, declared once as `Annotated` aliases.
+
+Every tuning option defaults to None, meaning "not given": only what the user types overrides the preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Preset = Annotated[
+    str | None,
+    typer.Option("--preset", "-p", help="A recipe from presets/ by name (demo, cifar10, stl10, imagenet) or a YAML file. Flags override it."),
+]
+Set = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config value: --set augment.crop_scale=[0.2,1.0]. Repeatable; values are YAML."),
+]
+DataRoot = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Folder holding named datasets (cifar10, stl10, imagenet). Default: ~/.cache/simclr/datasets."),
+]
+Download = Annotated[
+    bool | None,
+    typer.Option("--download/--no-download", help="Download a named dataset into --data-root if missing (needs internet; not ImageNet)."),
+]
+Device = Annotated[
+    str | None, typer.Option("--device", help="auto | cpu | cuda | mps. auto picks a GPU when there is one.")
+]
+Precision = Annotated[
+    str | None,
+    typer.Option("--precision", help="auto | fp32 | bf16 | fp16. auto = bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."),
+]
+BatchSize = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch of images (each gives 2 views). Larger batches mean more negatives.")
+]
+Workers = Annotated[
+    int | None, typer.Option("--workers", "-j", help="Data loading processes. Default: chosen from the machine (0 on 2-core CPUs).")
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for initialisation, data order and augmentations.")]
+Epochs = Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the data; the schedule spans them.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug messages and full tracebacks.")]
+Out = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Run folder. Default: runs/<timestamp>/, with runs/latest pointing at the newest run."),
+]

@@ -1,0 +1,130 @@
+"""The command line at its boundary: what the engine receives, what users see on bad input, and a real run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.engine import pretrain as task
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace the pretraining task with a recorder: the test sees exactly the config the CLI resolved."""
+    calls = []
+
+    def fake_run(cfg, *, out, resume=False, overwrite=False, progress=None):
+        calls.append({"cfg": cfg, "out": out, "resume": resume, "overwrite": overwrite})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(task, "run", fake_run)
+    return calls
+
+
+def test_help_lists_pretrain():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "pretrain" in result.output
+
+
+def test_no_data_means_the_demo_preset(captured):
+    runner.invoke(app, ["pretrain"])
+    cfg = captured[0]["cfg"]
+    assert cfg.data.source == "digits"
+    assert (cfg.model.arch, cfg.model.width, cfg.augment.image_size) == ("resnet18", 0.5, 16)
+
+
+def test_flags_override_the_preset_which_overrides_defaults(captured, tmp_path):
+    runner.invoke(app, ["pretrain", str(tmp_path), "--preset", "cifar10", "--batch-size", "64", "--temperature", "0.2",
+                        "--arch", "resnet34", "--lr-scaling", "sqrt", "--set", "augment.crop_scale=[0.2, 1.0]",
+                        "--set", "train.batch_size=32", "--out", str(tmp_path / "o")])
+    cfg = captured[0]["cfg"]
+    assert cfg.data.source == str(tmp_path)  # DATA beats the preset's dataset
+    assert cfg.train.batch_size == 64  # a named flag beats --set, which beats the preset
+    assert cfg.train.temperature == 0.2 and cfg.model.arch == "resnet34" and cfg.optim.lr_scaling == "sqrt"
+    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.augment.image_size == 32  # from the preset
+    assert cfg.optim.name == "lars" and cfg.train.epochs == 1000  # untouched preset values
+    assert captured[0]["out"] == tmp_path / "o"
+
+
+def test_folder_without_preset_gets_imagenet_size_defaults(captured, tmp_path):
+    runner.invoke(app, ["pretrain", str(tmp_path)])
+    cfg = captured[0]["cfg"]
+    assert cfg.augment.image_size == 224 and cfg.model.arch == "resnet50" and cfg.data.source == str(tmp_path)
+
+
+def one_line_error(result) -> str:
+    """The error a user sees: exit 2, a single line starting with 'error:', no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["pretrain", "/no/such/folder"], "neither a dataset name nor an existing folder"),
+        (["pretrain", "--preset", "nope"], "unknown preset 'nope'; choose one of"),
+        (["pretrain", "--arch", "resnet19"], "model.arch 'resnet19' is not supported"),
+        (["pretrain", "--temperature", "0"], "train.temperature 0.0 must be > 0"),
+        (["pretrain", "--set", "model.depth=3"], "unknown config key 'model.depth'"),
+        (["pretrain", "--set", "nonsense"], "is not KEY=VALUE"),
+        (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
+        (["pretrain", "--batch-size", "4096"], "--batch-size 4096 is larger than the dataset (1797 images)"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, expected, tmp_path):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert expected in one_line_error(result)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_empty_folder_and_bad_preset_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no images" in one_line_error(runner.invoke(app, ["pretrain", str(empty)]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 12\n")
+    message = one_line_error(runner.invoke(app, ["pretrain", "--preset", str(bad)]))
+    assert "unknown config key 'train.batch_sise'" in message
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = runner.invoke(app, ["pretrain", "--arch", "resnet19", "--verbose", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output
+
+
+def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+            "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+            "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "encoder.safetensors").is_file()
+    assert "loss" in result.output and str(out / "encoder.safetensors") in result.output.replace("\n", "")
+    # a second run into the same folder would clobber it
+    assert "already holds a run" in one_line_error(runner.invoke(app, args))
+    # resuming a finished run is a no-op that still reports
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    overwritten = runner.invoke(app, [*args, "--overwrite"])
+    assert overwritten.exit_code == 0, overwritten.output
+
+
+def test_python_dash_m_runs_the_same_app():
+    result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("simclr ") or result.stderr.strip().startswith("simclr ")
