@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -593,3 +594,55 @@ def test_sampler_errors():
     sampler = EpochSampler(100, global_batch_size=10, seed=0)
     with pytest.raises(ValueError, match="start_batch"):
         sampler.set_epoch(0, start_batch=11)
+
+
+def _class_tree(root, classes=("cat", "dog"), per_class=2):
+    from conftest import write_images
+
+    for name in classes:
+        write_images(root / name, per_class, size=8, seed=len(name))
+    return root
+
+
+def test_labelled_splits_from_a_folder_with_train_and_val_or_test(tmp_path):
+    from simclr_cli.engine.data import labelled_splits
+
+    _class_tree(tmp_path / "d" / "train")
+    _class_tree(tmp_path / "d" / "test", per_class=1)
+    splits = labelled_splits(str(tmp_path / "d"))
+    assert splits.classes == ["cat", "dog"]
+    assert (len(splits.train), len(splits.val)) == (4, 2)
+    assert [label for _, label in splits.val] == [0, 1]
+
+
+def test_labelled_splits_from_train_and_val_flags_and_named(tmp_path):
+    from simclr_cli.engine.data import labelled_splits
+
+    splits = labelled_splits(None, train=_class_tree(tmp_path / "a"), val=_class_tree(tmp_path / "b", per_class=1))
+    assert (len(splits.train), len(splits.val)) == (4, 2)
+    digits_splits = labelled_splits("digits")
+    assert (len(digits_splits.train), len(digits_splits.val), len(digits_splits.classes)) == (1438, 359, 10)
+
+
+@pytest.mark.parametrize(
+    ("layout", "kwargs", "message"),
+    [
+        ("none", {"data": None}, "no labelled data given"),
+        ("train-only", {"data": "FOLDER"}, "needs train/ and val/ (or test/)"),
+        ("mismatch", {"data": "FOLDER"}, "train and val have different classes (bird)"),
+        ("none", {"data": "/no/such"}, "neither a dataset name"),
+    ],
+)
+def test_labelled_splits_errors(tmp_path, layout, kwargs, message):
+    from simclr_cli.engine.data import labelled_splits
+
+    folder = tmp_path / "d"
+    if layout in ("train-only", "mismatch"):
+        _class_tree(folder / "train")
+    if layout == "mismatch":
+        _class_tree(folder / "val", classes=("cat", "dog", "bird"))
+    data = str(folder) if kwargs["data"] == "FOLDER" else kwargs["data"]
+    with pytest.raises(DataError, match=re.escape(message)):
+        labelled_splits(data)
+    with pytest.raises(DataError, match="pass both --train DIR and --val DIR"):
+        labelled_splits(None, train=folder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -494,3 +494,53 @@ class EpochSampler(Sampler):
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class LabelledSplits:
+    """A labelled train split and an evaluation split with the same classes."""
+
+    name: str  # a dataset name or the folder(s) it came from, for reports
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+
+def labelled_splits(
+    data: str | None, *, train: Path | None = None, val: Path | None = None, root: Path | None = None, download: bool = False
+) -> LabelledSplits:
+    """Labelled data for evaluation: a dataset name, a folder holding train/ and val/ (or test/), or --train/--val."""
+    if (train is None) != (val is None):
+        raise DataError("pass both --train DIR and --val DIR (class-per-subfolder folders), or --data instead")
+    if train is not None and val is not None:
+        if data is not None:
+            raise DataError("pass either --data or --train/--val, not both")
+        splits = LabelledSplits(f"{train} | {val}", labelled_folder(train), labelled_folder(val), [])
+    elif data is None:
+        raise DataError(f"no labelled data given; pass --data NAME ({', '.join(NAMED_DATASETS)}) or --data DIR with train/ and val/")
+    elif data in NAMED_DATASETS:
+        splits = LabelledSplits(
+            data,
+            named_dataset(data, root=root, split="train", download=download),
+            named_dataset(data, root=root, split="val", download=download),
+            [],
+        )
+    else:
+        folder = Path(data).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"--data {data!r} is neither a dataset name ({', '.join(NAMED_DATASETS)}) nor a folder")
+        held_out = next((folder / name for name in ("val", "test") if (folder / name).is_dir()), None)
+        if not (folder / "train").is_dir() or held_out is None:
+            raise DataError(
+                f"{folder} needs train/ and val/ (or test/) subfolders, each with one folder per class; "
+                "or pass --train DIR --val DIR"
+            )
+        splits = LabelledSplits(str(folder), labelled_folder(folder / "train"), labelled_folder(held_out), [])
+    train_classes, val_classes = list(splits.train.classes), list(splits.val.classes)
+    if train_classes != val_classes:
+        missing = sorted(set(train_classes) ^ set(val_classes))
+        raise DataError(
+            f"train and val have different classes ({', '.join(missing[:5]) or 'same names, other order'}); "
+            "give both the same class subfolders"
+        )
+    return replace(splits, classes=train_classes)
