@@ -1,0 +1,211 @@
+"""The one feature extractor behind knn, linear-eval and embed: a frozen encoder in eval mode, no gradients.
+
+Representations follow SimCLR §2.1 (h = f(x), z = g(h)) and SimCLRv2 §2 (the output of the head's
+first layer, a better starting point than h for fine-tuning with few labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from simclr_cli.engine.augment import eval_transform
+from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.model import SimCLR, build_model
+from simclr_cli.engine.report import NoProgress, Progress, StepStats
+
+log = logging.getLogger("simclr")
+
+# h; the output of head block 1 / 2 (SimCLRv2 §2: fine-tune from the head's middle); z
+LAYERS = ("encoder", "head1", "head2", "projection")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A SimCLR network in eval mode, with what its file says about its input transform."""
+
+    model: SimCLR
+    info: EncoderInfo
+    source: Path | None  # the checkpoint file; None for a random-init baseline
+
+
+def open_encoder(checkpoint: Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
+    """Load an encoder file (CheckpointError on problems); `random_init` keeps its architecture and transform
+    but draws fresh weights from `seed`: the honest baseline every evaluation should be compared with."""
+    # A forked CPU generator: building a model draws init weights (even one about to be overwritten by
+    # load_encoder), and opening a file should not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        model, info = load_encoder(Path(checkpoint))
+        if not random_init:
+            return Encoder(model=model.eval(), info=info, source=Path(checkpoint))
+        torch.default_generator.manual_seed(seed)
+        model = build_model(info.model)
+    model.eval()
+    # Nothing of the file's training survives except the architecture and the input transform.
+    info = dataclasses.replace(info, epoch=0, step=0, extra={}, extra_tensors={})
+    return Encoder(model=model, info=info, source=None)
+
+
+def check_layer(encoder: Encoder, layer: str) -> None:
+    """ConfigError unless `layer` exists in this encoder (head2 needs a 3-layer SimCLRv2 head)."""
+    if layer not in LAYERS:
+        raise ConfigError(f"--layer {layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
+    head_layers = len(encoder.model.head.layers)
+    if layer == "head2" and head_layers < 3:
+        raise ConfigError(
+            f"--layer head2 needs a 3-layer head; this checkpoint has {head_layers} (use head1, encoder or projection)"
+        )
+
+
+def layer_dim(encoder: Encoder, layer: str) -> int:
+    """Width of the features `extract` returns for `layer`."""
+    check_layer(encoder, layer)
+    if layer == "encoder":
+        return encoder.model.encoder.out_dim
+    if layer == "projection":
+        return encoder.model.head.out_dim
+    return encoder.model.head.in_dim  # hidden head blocks keep the encoder width (SimCLR §B.9)
+
+
+def transform_for(encoder: Encoder) -> Callable[[Image.Image], Tensor]:
+    """The checkpoint's own test-time transform (size, normalisation, interpolation from the file)."""
+    info = encoder.info
+    return eval_transform(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
+
+
+def prepare(encoder: Encoder, rt: Runtime) -> SimCLR:
+    """Put the model on the runtime's device (NHWC when that is the fast path) in eval mode; in place."""
+    model = encoder.model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()  # BN uses its running statistics and never updates them
+
+
+def encode(model: SimCLR, x: Tensor, *, layer: str, rt: Runtime, normalize: bool = False) -> Tensor:
+    """Features of one batch x (B, 3, S, S) as float32 on the CPU (B, D); `prepare` the model first."""
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    with torch.inference_mode(), rt.autocast():
+        x = x.to(rt.device, non_blocking=True, memory_format=memory_format)
+        h = model.encoder(x)  # (B, out_dim)
+        if layer == "encoder":
+            y = h
+        elif layer == "projection":
+            y = model.head(h)  # z: (B, proj_dim)
+        else:
+            y = model.head(h, depth=int(layer[-1]))  # (B, out_dim)
+    # Copied outside inference mode: callers get ordinary tensors they may modify in place.
+    y = y.to("cpu", torch.float32, copy=True)
+    return F.normalize(y, dim=1) if normalize else y
+
+
+class _Transformed(Dataset):
+    """Item i of a dataset of PIL images or (PIL, label) pairs, as a transformed tensor (labels dropped)."""
+
+    def __init__(self, images: Dataset, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        item = self.images[index]
+        image = item[0] if isinstance(item, tuple) else item
+        return self.transform(image)
+
+
+def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, collate_fn=None) -> DataLoader:
+    """Sequential batches (row order = dataset order) for feature extraction."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers} must be >= 0; use 0 to load in the main process")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        collate_fn=collate_fn,
+    )
+
+
+def iter_features(
+    encoder: Encoder,
+    images: Dataset,
+    *,
+    layer: str = "encoder",
+    batch_size: int = 256,
+    workers: int = 0,
+    rt: Runtime,
+    transform: Callable[[Image.Image], Tensor] | None = None,
+    progress: Progress | None = None,
+    normalize: bool = False,
+    description: str = "features",
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield (start, chunk): rows start..start+len(chunk) of the features, chunk (B, D) float32 on the CPU."""
+    check_layer(encoder, layer)
+    progress = progress or NoProgress()
+    batches = loader(_Transformed(images, transform or transform_for(encoder)), batch_size=batch_size, workers=workers, rt=rt)
+    model = prepare(encoder, rt)
+    started = time.perf_counter()
+    start = 0
+    progress.start(total_steps=len(batches), completed=0, description=description)
+    try:
+        for step, x in enumerate(batches, start=1):
+            chunk = encode(model, x, layer=layer, rt=rt, normalize=normalize)
+            yield start, chunk
+            start += len(chunk)
+            rate = start / max(time.perf_counter() - started, 1e-9)
+            progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
+    finally:
+        progress.stop()
+
+
+def extract(
+    encoder: Encoder,
+    images: Dataset,
+    *,
+    layer: str = "encoder",
+    batch_size: int = 256,
+    workers: int = 0,
+    rt: Runtime,
+    transform: Callable[[Image.Image], Tensor] | None = None,
+    progress: Progress | None = None,
+    normalize: bool = False,
+    description: str = "features",
+) -> Tensor:
+    """All features of `images` as one (N, D) float32 CPU tensor; row i is image i."""
+    out = torch.empty(len(images), layer_dim(encoder, layer), dtype=torch.float32)  # (N, D)
+    for start, chunk in iter_features(
+        encoder, images, layer=layer, batch_size=batch_size, workers=workers, rt=rt, transform=transform,
+        progress=progress, normalize=normalize, description=description,
+    ):
+        out[start : start + len(chunk)] = chunk
+    log.debug("extracted %s features (%s) from %d images", layer, tuple(out.shape), len(images))
+    return out
+
+
+def labels_of(dataset: Dataset) -> Tensor:
+    """Integer labels (N,) of a dataset of (PIL, label) pairs, read from `targets` when it has them.
+
+    Without `targets` every item is loaded once (decoding each image): slow on big folders.
+    """
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return torch.as_tensor(list(targets), dtype=torch.long)
