@@ -1,0 +1,298 @@
+"""Semi-supervised fine-tuning: the task behind `simclr finetune` (SimCLR §4.2 / Appendix B.6, SimCLRv2 §2).
+
+The whole encoder (plus the projection head's first block when fine-tuning from head layer 1, SimCLRv2)
+and a new zero-initialised linear layer are trained on a class-balanced fraction of the labels (or the
+images a label file lists), with BN in train mode, through the shared `supervised.train_classifier` loop.
+
+Defaults (SimCLR v1, Appendix B.6): Nesterov SGD, momentum 0.9, lr 0.05 x B/256, no weight decay, cosine
+decay without warm-up, 60 epochs at <= 1% labels, 30 epochs at <= 10%. With more labels we also use 30
+epochs (our choice: the paper gives no number there). `optimizer="lars"` is the SimCLRv2 recipe:
+LARS, lr 0.005 x sqrt(B).
+The result is saved as an encoder file (`finetuned.safetensors`) that `embed`, `knn` and `linear-eval`
+accept; the classifier rides along as the extra tensors `classifier.weight` / `classifier.bias` and
+`info.extra` records the classes, the head layer and the label subset.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from simclr_cli.engine import checkpoint, features
+from simclr_cli.engine.augment import eval_transform, train_eval_transform
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
+from simclr_cli.engine.optim import LARS, scaled_lr
+from simclr_cli.engine.report import NoProgress, Progress
+from simclr_cli.engine.supervised import (
+    Backbone,
+    Classifier,
+    LinearClassifier,
+    batch_size_for,
+    check_labels,
+    cosine_schedule,
+    eval_loader,
+    is_finite_number,
+    train_classifier,
+    train_loader,
+)
+
+log = logging.getLogger("simclr")
+
+OPTIMIZERS = ("sgd", "lars")
+FINETUNED_FILE = "finetuned.safetensors"
+CLASSIFIER_WEIGHT = "classifier.weight"
+CLASSIFIER_BIAS = "classifier.bias"
+BASE_LR = {"sgd": 0.05, "lars": 0.005}  # v1 Appendix B.6 (x B/256); v2 (x sqrt(B))
+LR_SCALING = {"sgd": "linear", "lars": "sqrt"}
+
+
+@dataclass
+class FinetuneConfig:
+    label_fraction: float = 1.0  # class-balanced fraction of the train labels used (0.01 and 0.1 in the papers)
+    label_file: Path | None = None  # instead: the train images to use, one path a line, relative to the train folder
+    from_head_layer: int = 0  # 0: from h (v1); 1: through the head's first block (SimCLRv2 §2)
+    epochs: int | None = None  # None: 60 at <= 1% labels, 30 otherwise (v1 Appendix B.6)
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd (v1: Nesterov) | lars (v2)
+    lr: float | None = None  # BASE lr; None: 0.05 x B/256 (sgd) or 0.005 x sqrt(B) (lars)
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # the papers fine-tune without weight decay
+    seed: int = 0  # the label subset, the data order and the augmentations
+    workers: int = 0
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if not (is_finite_number(self.label_fraction) and 0 < self.label_fraction <= 1):
+            raise ConfigError(
+                f"finetune.label_fraction {self.label_fraction!r} must be in (0, 1]; e.g. 0.01 for 1% of the labels"
+            )
+        for name in ("batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"finetune.{name} {value!r} must be a whole number >= 1")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"finetune.epochs {self.epochs!r} must be a whole number >= 1, or unset for 60 (1% labels) / 30")
+        if isinstance(self.from_head_layer, bool) or not isinstance(self.from_head_layer, int) or self.from_head_layer < 0:
+            raise ConfigError(f"finetune.from_head_layer {self.from_head_layer!r} must be 0 (from h) or 1 (SimCLRv2)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"finetune.optimizer '{self.optimizer}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr is not None and not (is_finite_number(self.lr) and self.lr > 0):
+            raise ConfigError(f"finetune.lr {self.lr!r} must be a positive number, or unset for 0.05 (sgd) / 0.005 (lars)")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"finetune.momentum {self.momentum!r} must be in [0, 1); the papers use 0.9")
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"finetune.weight_decay {self.weight_decay!r} must be >= 0; the papers use 0")
+        if self.workers < 0:
+            raise ConfigError(f"finetune.workers {self.workers} must be >= 0; use 0 to load in the main process")
+
+    def resolved(self, *, labelled_fraction: float) -> FinetuneConfig:
+        """Copy with epochs (from the fraction of labels actually used) and the base lr filled in."""
+        self.validate()
+        epochs = self.epochs
+        if epochs is None:
+            epochs = 60 if labelled_fraction <= 0.01 else 30
+        return replace(self, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    top1: float  # fractions in [0, 1]
+    top5: float | None  # None with fewer than 5 classes
+    settings: dict[str, Any]
+    history: list[dict[str, Any]]
+    checkpoint: Path | None  # the encoder fine-tuned from; None for a random-init baseline
+    finetuned: Path
+    train_images: int  # the whole train set
+    labelled_images: int  # the subset trained on
+    val_images: int
+    num_classes: int
+    label_fraction: float  # labelled_images / train_images
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
+        out["finetuned"] = str(self.finetuned)
+        return out
+
+
+def class_balanced_subset(labels: Sequence[int], fraction: float, *, seed: int) -> list[int]:
+    """Sorted indices of round(fraction * n_c) items of every class c (at least 1), drawn with `seed`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    chosen = []
+    for c in np.unique(labels):  # sorted class order, so each class's draw depends only on the seed
+        members = np.flatnonzero(labels == c)
+        count = max(1, round(fraction * len(members)))
+        chosen.append(rng.permutation(members)[:count])
+    return sorted(int(i) for i in np.concatenate(chosen)) if chosen else []
+
+
+def image_paths(dataset: Dataset) -> list[Path]:
+    """The file behind every item of a labelled image folder (DataError for in-memory or named datasets)."""
+    for candidate in (dataset, getattr(dataset, "dataset", None)):
+        samples = getattr(candidate, "samples", None)
+        if samples is not None and len(samples) == len(dataset) and all(isinstance(s[0], (str, os.PathLike)) for s in samples):
+            return [Path(s[0]) for s in samples]
+    raise DataError("--label-file needs the training images as files in a folder; this training set has no file paths")
+
+
+def label_file_subset(label_file: Path, paths: Sequence[Path], *, root: Path) -> list[int]:
+    """Sorted indices of the images a label file lists (one path a line, relative to `root`; blank lines and
+    '#' comments skipped); DataError naming the lines that are not images of the set."""
+    label_file = Path(label_file)
+    try:
+        lines = label_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read label file {label_file} ({exc}); pass a text file with one image path a line") from exc
+    index = {os.path.normpath(p): i for i, p in enumerate(paths)}
+    chosen, unknown = set(), []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        i = index.get(os.path.normpath(Path(root) / entry))  # an absolute entry replaces root
+        if i is None:
+            unknown.append(f"line {number} '{entry}'")
+        else:
+            chosen.add(i)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        raise DataError(
+            f"label file {label_file}: {shown} not found among the training images under {root}; "
+            "list image paths relative to the train folder, one per line"
+        )
+    if not chosen:
+        raise DataError(f"label file {label_file} lists no images; put one training image path on each line")
+    return sorted(chosen)
+
+
+def run(
+    cfg: FinetuneConfig,
+    encoder: features.Encoder,
+    train: Dataset,
+    val: Dataset,
+    *,
+    num_classes: int,
+    rt: Runtime,
+    out_dir: Path,
+    progress: Progress | None = None,
+    train_root: Path | None = None,
+) -> FinetuneResult:
+    """Fine-tune a copy of `encoder` (the caller's model is untouched) on a label subset of `train`.
+
+    `train_root` is the folder label-file lines are relative to; default: the common folder of the train images.
+    """
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    cfg.validate()
+    head_blocks = len(encoder.model.head.layers)
+    if cfg.from_head_layer > head_blocks - 1:
+        raise ConfigError(
+            f"finetune.from_head_layer {cfg.from_head_layer} is past this encoder's hidden head layers "
+            f"({head_blocks - 1}); use 0..{head_blocks - 1}"
+        )
+    labels = features.labels_of(train).tolist()
+    check_labels(labels, num_classes=num_classes, name="train")
+    check_labels(features.labels_of(val).tolist(), num_classes=num_classes, name="validation")
+    if cfg.label_file is not None:
+        paths = image_paths(train)
+        root = Path(train_root) if train_root is not None else Path(os.path.commonpath([str(p) for p in paths]))
+        subset = label_file_subset(cfg.label_file, paths, root=root)
+    else:
+        subset = class_balanced_subset(labels, cfg.label_fraction, seed=cfg.seed)
+    labelled_fraction = len(subset) / len(train)
+    cfg = cfg.resolved(labelled_fraction=labelled_fraction)
+    labelled = Subset(train, subset)
+
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(encoder.model).to(rt.device)  # the caller's encoder stays as it was
+    model.requires_grad_(True)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backbone = Backbone(model, depth=cfg.from_head_layer)
+    head = LinearClassifier(backbone.out_dim, num_classes).to(rt.device)
+    classifier = Classifier(backbone, head, frozen=False)
+
+    batch = batch_size_for(cfg.batch_size, len(labelled), name="labelled train")
+    peak_lr = scaled_lr(cfg.lr, batch, LR_SCALING[cfg.optimizer])
+    trained = [*model.encoder.parameters(), *model.head.layers[: cfg.from_head_layer].parameters(), *head.parameters()]
+    optimizer = _optimizer(cfg, trained, lr=peak_lr)
+    info = encoder.info
+    transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
+    loader = train_loader(labelled, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
+                          workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
+                             workers=cfg.workers, rt=rt)
+    log.info(
+        "fine-tuning on %d of %d labelled images (%.2f%%) from head layer %d: batch %d, %d epochs, %s, peak lr %.4g",
+        len(labelled), len(train), 100 * labelled_fraction, cfg.from_head_layer, batch, cfg.epochs, cfg.optimizer, peak_lr,
+    )
+    history = train_classifier(
+        classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
+        lr_schedule=cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs), rt=rt,
+        progress=progress, log_every=cfg.log_every, description="finetune",
+    )
+    settings = {
+        "label_fraction": None if cfg.label_file is not None else cfg.label_fraction,
+        "label_file": None if cfg.label_file is None else str(cfg.label_file),
+        "from_head_layer": cfg.from_head_layer, "epochs": cfg.epochs, "batch_size": batch, "optimizer": cfg.optimizer,
+        "nesterov": cfg.optimizer == "sgd", "base_lr": cfg.lr, "lr_scaling": LR_SCALING[cfg.optimizer], "peak_lr": peak_lr,
+        "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine", "augmentation": "crop+flip",
+        "seed": cfg.seed,
+    }
+    classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
+    path = Path(out_dir) / FINETUNED_FILE
+    extra = {
+        "task": "finetune", "num_classes": num_classes, "classes": classes, "from_head_layer": cfg.from_head_layer,
+        "label_fraction": labelled_fraction, "subset_size": len(labelled), "train_images": len(train),
+        "source": None if encoder.source is None else str(encoder.source), "settings": settings,
+    }
+    checkpoint.save_encoder(
+        path, model, info=dataclasses.replace(info, extra=extra, extra_tensors={}),
+        extra_tensors={CLASSIFIER_WEIGHT: head.fc.weight, CLASSIFIER_BIAS: head.fc.bias},
+    )
+    final = history[-1]
+    return FinetuneResult(
+        top1=final["top1"], top5=final["top5"], settings=settings, history=history, checkpoint=encoder.source,
+        finetuned=path, train_images=len(train), labelled_images=len(labelled), val_images=len(val),
+        num_classes=num_classes, label_fraction=labelled_fraction, seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
+    """Nesterov SGD (v1) or LARS (v2); 1-D parameters (BN, biases) never get weight decay."""
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, exclude_1d=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+
+
+def load_finetuned(path: Path) -> tuple[Classifier, checkpoint.EncoderInfo]:
+    """The fine-tuned network and its classifier from a `finetuned.safetensors`, in eval mode."""
+    model, info = checkpoint.load_encoder(Path(path))
+    try:
+        weight, bias = info.extra_tensors[CLASSIFIER_WEIGHT], info.extra_tensors[CLASSIFIER_BIAS]
+        backbone = Backbone(model, depth=int(info.extra["from_head_layer"]))
+        head = LinearClassifier(weight.shape[1], weight.shape[0])
+        head.fc.load_state_dict({"weight": weight, "bias": bias})
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no fine-tuned classifier ({exc!r}); pass a file written by simclr finetune") from exc
+    return Classifier(backbone, head, frozen=False).eval(), info

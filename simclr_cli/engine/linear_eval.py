@@ -1,0 +1,310 @@
+"""Linear evaluation of a frozen encoder: the task behind `simclr linear-eval` (SimCLR §4.2, Appendix B.5).
+
+Two protocols:
+- `cached` (default): h is extracted once for every train and val image (no augmentation), then a linear
+  layer with bias is fitted to convergence on those features by full-batch L-BFGS on cross-entropy plus a
+  small L2 penalty on the weights (the bias is not penalised). Features are standardised with the train
+  set's per-dimension mean and std, which makes one L2 strength and L-BFGS's fixed step scale sensible
+  for any encoder; mean and std are saved with the classifier so its predictions can be reproduced.
+  Cheap (one pass of the encoder) and deterministic — the standard alternative SIMCLR.md names.
+  Memory: all features and the (N, C) logits of one chunk at a time on the device.
+- `paper`: the SimCLR recipe: crop + flip augmentation through the frozen encoder (eval mode, BN statistics
+  frozen) every step, Nesterov SGD momentum 0.9, lr 0.1 x B/256, cosine decay, no weight decay, 90 epochs
+  (ImageNet-size images) or 100 (<= 64 px), via the shared `supervised.train_classifier` loop.
+Either way the classifier is saved as `classifier.safetensors` (kind `linear-classifier`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from simclr_cli.engine import checkpoint, features
+from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, eval_transform, train_eval_transform
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import CheckpointError, ConfigError
+from simclr_cli.engine.report import NoProgress, Progress, StepStats
+from simclr_cli.engine.supervised import (
+    Backbone,
+    Classifier,
+    LinearClassifier,
+    batch_size_for,
+    check_labels,
+    cosine_schedule,
+    eval_loader,
+    is_finite_number,
+    topk_correct,
+    train_classifier,
+    train_loader,
+)
+
+log = logging.getLogger("simclr")
+
+PROTOCOLS = ("cached", "paper")
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_KIND = "linear-classifier"
+LBFGS_CHUNK = 65536  # rows of the (N, C) logits held at once while evaluating the full-batch loss
+
+
+@dataclass
+class LinearEvalConfig:
+    protocol: str = "cached"  # cached (L-BFGS on extracted features) | paper (SimCLR Appendix B.5)
+    layer: str = "encoder"  # which representation: encoder (h), head1, head2, projection (z)
+    batch_size: int = 256  # paper: training batch B; cached: feature-extraction batch
+    workers: int = 0  # DataLoader worker processes
+    seed: int = 0
+    # paper protocol
+    epochs: int | None = None  # None: 90 above 64 px (ImageNet), 100 at <= 64 px (CIFAR) (Appendix B.5)
+    lr: float = 0.1  # BASE lr, x B/256 (Appendix B.5)
+    momentum: float = 0.9  # Nesterov
+    log_every: int = 10
+    # cached protocol
+    l2: float = 1e-4  # L2 penalty on the weights, 0.5 * l2 * |W|^2 added to the mean cross-entropy
+    max_iter: int = 1000  # L-BFGS iterations (it stops earlier when converged)
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"linear_eval.protocol '{self.protocol}' is not supported; choose one of {', '.join(PROTOCOLS)}")
+        if self.layer not in features.LAYERS:
+            raise ConfigError(f"linear_eval.layer '{self.layer}' is not supported; choose one of {', '.join(features.LAYERS)}")
+        for name in ("batch_size", "log_every", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"linear_eval.{name} {value!r} must be a whole number >= 1")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"linear_eval.epochs {self.epochs!r} must be a whole number >= 1, or unset for the paper's 90/100")
+        if self.workers < 0:
+            raise ConfigError(f"linear_eval.workers {self.workers} must be >= 0; use 0 to load in the main process")
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            raise ConfigError(f"linear_eval.lr {self.lr!r} must be a positive number; the paper uses 0.1 (x B/256)")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"linear_eval.momentum {self.momentum!r} must be in [0, 1); the paper uses 0.9")
+        if not (is_finite_number(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"linear_eval.l2 {self.l2!r} must be >= 0; use e.g. 1e-4, or 0 for none")
+
+    def resolved(self, *, image_size: int) -> LinearEvalConfig:
+        """Copy with the paper protocol's epochs filled in from the encoder's image size."""
+        self.validate()
+        if self.protocol == "paper" and self.epochs is None:
+            return replace(self, epochs=100 if image_size <= SMALL_IMAGE_MAX_SIZE else 90)
+        return replace(self)
+
+
+@dataclass(frozen=True)
+class LinearEvalResult:
+    top1: float  # fractions in [0, 1]
+    top5: float | None  # None with fewer than 5 classes
+    protocol: str
+    layer: str
+    settings: dict[str, Any]
+    history: list[dict[str, Any]]
+    checkpoint: Path | None  # the encoder file; None for a random-init baseline
+    classifier: Path
+    train_images: int
+    val_images: int
+    num_classes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
+        out["classifier"] = str(self.classifier)
+        return out
+
+
+def run(
+    cfg: LinearEvalConfig,
+    encoder: features.Encoder,
+    train: Dataset,
+    val: Dataset,
+    *,
+    num_classes: int,
+    rt: Runtime,
+    out_dir: Path,
+    progress: Progress | None = None,
+) -> LinearEvalResult:
+    """Fit a linear classifier on the frozen `encoder`'s features of `train`, report accuracy on `val`."""
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    cfg = cfg.resolved(image_size=encoder.info.image_size)
+    features.check_layer(encoder, cfg.layer)
+    train_labels, val_labels = features.labels_of(train).tolist(), features.labels_of(val).tolist()
+    check_labels(train_labels, num_classes=num_classes, name="train")
+    check_labels(val_labels, num_classes=num_classes, name="validation")
+    torch.manual_seed(cfg.seed)
+    if cfg.protocol == "cached":
+        head, top1, top5, history, settings = _cached(cfg, encoder, train, val, train_labels, val_labels,
+                                                      num_classes=num_classes, rt=rt, progress=progress)
+    else:
+        head, top1, top5, history, settings = _paper(cfg, encoder, train, val, num_classes=num_classes, rt=rt,
+                                                     progress=progress)
+    classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
+    path = Path(out_dir) / CLASSIFIER_FILE
+    save_classifier(path, head, layer=cfg.layer, classes=classes, protocol=cfg.protocol,
+                    standardized=cfg.protocol == "cached", encoder=encoder.source)
+    log.info("linear eval (%s, %s): top-1 %.4f%s", cfg.protocol, cfg.layer, top1,
+             "" if top5 is None else f", top-5 {top5:.4f}")
+    return LinearEvalResult(
+        top1=top1, top5=top5, protocol=cfg.protocol, layer=cfg.layer, settings=settings, history=history,
+        checkpoint=encoder.source, classifier=path, train_images=len(train), val_images=len(val),
+        num_classes=num_classes, seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _cached(cfg, encoder, train, val, train_labels, val_labels, *, num_classes, rt, progress):
+    extract = dict(layer=cfg.layer, batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, progress=progress)
+    train_h = features.extract(encoder, train, description="features (train)", **extract)  # (N, D)
+    val_h = features.extract(encoder, val, description="features (val)", **extract)  # (M, D)
+    y = torch.tensor(train_labels)
+    head, fit = fit_linear(train_h, y, num_classes=num_classes, l2=cfg.l2, max_iter=cfg.max_iter, device=rt.device,
+                           progress=progress)
+    top1, top5 = accuracy(head, val_h, torch.tensor(val_labels), device=rt.device)
+    train_top1, _ = accuracy(head, train_h, y, device=rt.device)
+    history = [{"epoch": 1, "loss": fit["loss"], "iterations": fit["iterations"], "train_top1": train_top1,
+                "top1": top1, "top5": top5}]
+    settings = {"protocol": "cached", "layer": cfg.layer, "optimizer": "lbfgs", "l2": cfg.l2, "max_iter": cfg.max_iter,
+                "iterations": fit["iterations"], "standardized": True, "augmentation": None,
+                "batch_size": cfg.batch_size, "seed": cfg.seed}
+    return head, top1, top5, history, settings
+
+
+def fit_linear(
+    h: Tensor, labels: Tensor, *, num_classes: int, l2: float = 1e-4, max_iter: int = 1000,
+    device: torch.device | str = "cpu", progress: Progress | None = None,
+) -> tuple[LinearClassifier, dict[str, Any]]:
+    """Multinomial logistic regression on standardised features: full-batch L-BFGS (strong Wolfe line search)
+    minimising mean cross-entropy + 0.5 * l2 * |W|^2 from a zero start. Returns the classifier (on the CPU)."""
+    progress = progress or NoProgress()
+    h = h.float()
+    mean = h.mean(dim=0)  # (D,)
+    std = h.std(dim=0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant (e.g. dead) dimensions stay 0, not inf
+    head = LinearClassifier(h.shape[1], num_classes, mean=mean, std=std).to(device)
+    x = ((h - mean) / std).to(device)  # (N, D), standardised once rather than in every closure call
+    y = labels.to(device)
+    n = len(y)
+    optimizer = torch.optim.LBFGS(head.fc.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    evaluations = 0
+
+    def objective(*, backward: bool) -> Tensor:
+        total = torch.zeros((), device=device)
+        for start in range(0, n, LBFGS_CHUNK):  # bounded memory for the (N, C) logits
+            logits = head.fc(x[start : start + LBFGS_CHUNK])  # (chunk, C)
+            chunk = F.cross_entropy(logits, y[start : start + LBFGS_CHUNK], reduction="sum") / n
+            if backward:
+                chunk.backward()
+            total += chunk.detach()
+        penalty = 0.5 * l2 * head.fc.weight.square().sum()  # the bias is not penalised
+        if backward:
+            penalty.backward()
+        return total + penalty.detach()
+
+    def closure() -> Tensor:
+        nonlocal evaluations
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective(backward=True)
+        evaluations += 1
+        progress.update(StepStats(step=min(evaluations, max_iter), epoch=0, total_steps=max_iter, loss=float(loss),
+                                  lr=1.0, images_per_s=0.0))
+        return loss
+
+    progress.start(total_steps=max_iter, completed=0, description="linear-eval (L-BFGS)")
+    try:
+        optimizer.step(closure)
+    finally:
+        progress.stop()
+    state = optimizer.state[head.fc.weight]
+    with torch.no_grad():
+        final = float(objective(backward=False))
+    return head.cpu().eval(), {"loss": final, "iterations": int(state.get("n_iter", 0)), "evaluations": evaluations}
+
+
+@torch.no_grad()
+def accuracy(
+    head: LinearClassifier, h: Tensor, labels: Tensor, *, device: torch.device | str = "cpu"
+) -> tuple[float, float | None]:
+    """(top-1, top-5) of `head` on cached features; top-5 None with fewer than 5 classes."""
+    head = head.to(device)
+    correct1 = correct5 = 0
+    for start in range(0, len(labels), LBFGS_CHUNK):
+        logits = head(h[start:start + LBFGS_CHUNK].to(device))  # (chunk, C)
+        y = labels[start:start + LBFGS_CHUNK].to(device)
+        correct1 += topk_correct(logits, y, 1)
+        correct5 += topk_correct(logits, y, 5)
+    head.cpu()
+    n = len(labels)
+    return correct1 / n, (correct5 / n if head.fc.out_features >= 5 else None)
+
+
+def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
+    info = encoder.info
+    model = encoder.model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backbone = Backbone(model, depth=layer_depth(encoder, cfg.layer))
+    head = LinearClassifier(backbone.out_dim, num_classes).to(rt.device)
+    classifier = Classifier(backbone, head, frozen=True)  # encoder in eval mode, no gradient (Appendix B.5)
+    batch = batch_size_for(cfg.batch_size, len(train), name="train")
+    peak_lr = cfg.lr * batch / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0)
+    transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
+    loader = train_loader(train, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
+                          workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
+                             workers=cfg.workers, rt=rt)
+    schedule = cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs)
+    history = train_classifier(classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
+                               lr_schedule=schedule, rt=rt, progress=progress, log_every=cfg.log_every,
+                               description="linear-eval")
+    settings = {"protocol": "paper", "layer": cfg.layer, "optimizer": "sgd-nesterov", "epochs": cfg.epochs,
+                "batch_size": batch, "base_lr": cfg.lr, "peak_lr": peak_lr, "momentum": cfg.momentum,
+                "weight_decay": 0.0, "schedule": "cosine", "augmentation": "crop+flip", "seed": cfg.seed}
+    return head.cpu().eval(), history[-1]["top1"], history[-1]["top5"], history, settings
+
+
+def layer_depth(encoder: features.Encoder, layer: str) -> int:
+    """How many projection-head blocks a layer sits after (encoder 0, head1 1, head2 2, projection all),
+    the same layers `features.extract` reads."""
+    features.check_layer(encoder, layer)
+    return {"encoder": 0, "head1": 1, "head2": 2}.get(layer, len(encoder.model.head.layers))
+
+
+def save_classifier(
+    path: Path, head: LinearClassifier, *, layer: str, classes: list[str], protocol: str, standardized: bool,
+    encoder: Path | None,
+) -> None:
+    """weight (C, D), bias (C,) + metadata; feature mean/std are null when the features were used raw."""
+    meta = {
+        "layer": layer,
+        "num_classes": head.fc.out_features,
+        "in_dim": head.fc.in_features,
+        "classes": classes,
+        "feature_mean": head.mean.tolist() if standardized else None,
+        "feature_std": head.std.tolist() if standardized else None,
+        "protocol": protocol,
+        "encoder": None if encoder is None else str(encoder),
+    }
+    checkpoint.save(path, {"weight": head.fc.weight, "bias": head.fc.bias}, kind=CLASSIFIER_KIND, meta=meta)
+
+
+def load_classifier(path: Path) -> tuple[LinearClassifier, dict[str, Any]]:
+    """The classifier `save_classifier` wrote, in eval mode, with its metadata."""
+    loaded = checkpoint.load(path, kind=CLASSIFIER_KIND)
+    try:
+        weight, bias, meta = loaded.tensors["weight"], loaded.tensors["bias"], loaded.meta
+        mean = None if meta["feature_mean"] is None else torch.tensor(meta["feature_mean"], dtype=torch.float32)
+        std = None if meta["feature_std"] is None else torch.tensor(meta["feature_std"], dtype=torch.float32)
+        head = LinearClassifier(weight.shape[1], weight.shape[0], mean=mean, std=std)
+        head.fc.load_state_dict({"weight": weight, "bias": bias})
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a complete linear classifier ({exc!r}); the file is damaged") from exc
+    return head.eval(), meta

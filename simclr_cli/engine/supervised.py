@@ -1,0 +1,276 @@
+"""The one supervised training loop, shared by linear evaluation (paper protocol) and fine-tuning.
+
+SimCLR §4.2 / Appendix B.5-B.6: a linear classifier on h, trained either on a frozen encoder (BN statistics
+frozen) or together with the whole encoder. Also the pieces both tasks need around the loop: the classifier
+module, labelled-image loaders and top-k accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import DataError, SimCLRError
+from simclr_cli.engine.model import SimCLR
+from simclr_cli.engine.optim import lr_at
+from simclr_cli.engine.report import NoProgress, Progress, StepStats
+
+log = logging.getLogger("simclr")
+
+
+class NonFiniteLoss(SimCLRError):
+    def __init__(self, step: int):
+        super().__init__(
+            f"the classifier's loss became NaN/inf at step {step}; lower --lr, try --precision fp32, or check the data"
+        )
+
+
+class Backbone(nn.Module):
+    """x -> h (depth 0), or h through the first `depth` projection-head blocks (SimCLRv2 §2: fine-tune from layer 1)."""
+
+    def __init__(self, model: SimCLR, *, depth: int = 0):
+        super().__init__()
+        if isinstance(depth, bool) or not 0 <= depth <= len(model.head.layers):
+            raise ValueError(f"depth {depth!r} must be between 0 and {len(model.head.layers)}")
+        self.model = model
+        self.depth = depth
+
+    @property
+    def out_dim(self) -> int:
+        if self.depth == 0:
+            return self.model.encoder.out_dim
+        return self.model.head.out_dim if self.depth == len(self.model.head.layers) else self.model.head.in_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.model.encoder(x)  # (B, out_dim)
+        return self.model.head(h, depth=self.depth) if self.depth else h  # (B, out_dim | in_dim | proj_dim)
+
+
+class LinearClassifier(nn.Module):
+    """logits = W ((h - mean) / std) + b, zero-initialised (SimCLR Appendix B.5); mean 0 / std 1 = raw features."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        self.register_buffer("mean", torch.zeros(in_dim) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(in_dim) if std is None else std.detach().float().clone())
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc((h.float() - self.mean) / self.std)  # (B, num_classes)
+
+
+class Classifier(nn.Module):
+    """features(x) -> linear head. With `frozen`, the features stay in eval mode and get no gradient, whatever
+    `.train()` is called: the linear-evaluation protocol freezes the encoder, BN statistics included (§4.2)."""
+
+    def __init__(self, features: nn.Module, head: LinearClassifier, *, frozen: bool):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.frozen = frozen
+        if frozen:
+            features.requires_grad_(False)
+            features.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.frozen:
+            self.features.eval()  # running statistics must not move while the head trains
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                h = self.features(x)  # (B, D)
+        else:
+            h = self.features(x)
+        return self.head(h)  # (B, C)
+
+
+class Transformed(Dataset):
+    """(PIL, label) items as (transform(PIL), label)."""
+
+    def __init__(self, images: Dataset, transform: Callable) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.images[index]
+        return self.transform(image), int(label)
+
+
+def check_labels(labels: Sequence[int], *, num_classes: int, name: str) -> None:
+    """DataError when the set is empty or a label falls outside [0, num_classes)."""
+    if not labels:
+        raise DataError(f"the {name} set has no images; point it at a folder with labelled images")
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise DataError(
+            f"the {name} set has label {bad[0]} outside 0..{num_classes - 1}; train and val must share the same classes"
+        )
+
+
+def train_loader(
+    images: Dataset, *, transform: Callable, batch_size: int, seed: int, workers: int, rt: Runtime
+) -> DataLoader:
+    """Shuffled (order seeded by `seed`), whole batches only, so BN in train mode never sees a batch of one."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        Transformed(images, transform), batch_size=batch_size, shuffle=True, generator=generator, drop_last=True,
+        num_workers=workers, pin_memory=rt.device.type == "cuda",
+    )
+
+
+def eval_loader(images: Dataset, *, transform: Callable, batch_size: int, workers: int, rt: Runtime) -> DataLoader:
+    return DataLoader(
+        Transformed(images, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+    )
+
+
+def cosine_schedule(*, peak_lr: float, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """Per-step lr: linear warm-up then cosine to 0 (SimCLR Appendix B.5/B.6 use no warm-up)."""
+    return lambda step: lr_at(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
+def topk_correct(logits: Tensor, labels: Tensor, k: int) -> int:
+    """How many rows have their label among the k highest scores."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, k)
+    return int((top == labels[:, None]).any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate(classifier: nn.Module, loader: DataLoader, *, rt: Runtime) -> tuple[float, float | None]:
+    """(top-1, top-5) accuracy as fractions; top-5 is None with fewer than 5 classes (it would be trivially 1)."""
+    was_training = classifier.training
+    classifier.eval()
+    correct1 = correct5 = seen = 0
+    num_classes = None
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    try:
+        for x, y in loader:
+            x = x.to(rt.device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
+            y = y.to(rt.device, non_blocking=True)
+            with rt.autocast():
+                logits = classifier(x)
+            logits = logits.float()  # (B, C)
+            num_classes = logits.shape[1]
+            correct1 += topk_correct(logits, y, 1)
+            correct5 += topk_correct(logits, y, 5)
+            seen += len(y)
+    finally:
+        classifier.train(was_training)
+    if seen == 0:
+        raise DataError("the validation set has no images; point it at a folder with labelled images")
+    return correct1 / seen, (correct5 / seen if num_classes >= 5 else None)
+
+
+def train_classifier(
+    classifier: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: Callable[[int], float],
+    rt: Runtime,
+    progress: Progress | None = None,
+    evaluate_every_epoch: bool = True,
+    log_every: int = 10,
+    description: str = "train",
+) -> list[dict[str, Any]]:
+    """Cross-entropy training for `epochs`, lr set every step from `lr_schedule(step)`; returns one history
+    entry per epoch {epoch, loss (mean over the epoch), lr (last step's), top1, top5, seconds}.
+
+    The model must already be on rt.device. Forward passes run under rt.autocast(); the loss is computed in fp32.
+    Validation runs after every epoch (or only after the last without `evaluate_every_epoch`).
+    """
+    progress = progress or NoProgress()
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise DataError("the training set is smaller than one batch; lower --batch-size or add labelled images")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    total_steps = steps_per_epoch * epochs
+    scaler = rt.grad_scaler()
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite step, kept on the device
+    history: list[dict[str, Any]] = []
+    step = 0
+    started = time.perf_counter()
+    progress.start(total_steps=total_steps, completed=0, description=description)
+    try:
+        for epoch in range(epochs):
+            classifier.train()
+            epoch_start = window_start = time.perf_counter()
+            window_images = 0
+            loss_sum = torch.zeros((), device=rt.device)
+            lr = 0.0
+            for x, y in train_loader:
+                lr = lr_schedule(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = x.to(rt.device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
+                y = y.to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    logits = classifier(x)  # (B, C)
+                loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss = loss.detach()
+                loss_sum += loss
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.tensor(step + 1, device=rt.device), bad_step)
+                step += 1
+                window_images += len(y)
+                if step % log_every == 0 or step % steps_per_epoch == 0:
+                    _check_finite(bad_step)
+                    now = time.perf_counter()
+                    progress.update(StepStats(step=step, epoch=epoch, total_steps=total_steps, loss=float(loss),
+                                              lr=lr, images_per_s=window_images / max(now - window_start, 1e-9)))
+                    window_start, window_images = now, 0
+            _check_finite(bad_step)
+            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "lr": lr,
+                                     "top1": None, "top5": None}
+            if val_loader is not None and (evaluate_every_epoch or epoch == epochs - 1):
+                entry["top1"], entry["top5"] = evaluate(classifier, val_loader, rt=rt)
+            entry["seconds"] = round(time.perf_counter() - epoch_start, 3)
+            history.append(entry)
+            log.info("%s epoch %d/%d: loss %.4f, val top-1 %s", description, epoch + 1, epochs, entry["loss"],
+                     "-" if entry["top1"] is None else f"{entry['top1']:.4f}")
+    finally:
+        progress.stop()
+    log.debug("%s: %d steps in %.1f s", description, step, time.perf_counter() - started)
+    return history
+
+
+def _check_finite(bad_step: Tensor) -> None:
+    bad = int(bad_step.item())
+    if bad >= 0:
+        raise NonFiniteLoss(bad)
+
+
+def batch_size_for(requested: int, available: int, *, name: str) -> int:
+    """The requested batch, capped at the number of images; at least 2 (BN in train mode needs two samples)."""
+    if available < 2:
+        raise DataError(f"the {name} set has {available} image(s); training a classifier needs at least 2")
+    return min(requested, available)
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
