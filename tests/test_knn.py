@@ -238,3 +238,9 @@ def test_run_reports_accuracy_settings_and_counts(tmp_path, caplog):
     assert d["checkpoint"] == str(path) and d["random_init"] is False
     assert (d["train_images"], d["val_images"], d["num_classes"], d["feature_dim"]) == (9, 9, 3, 128)
     assert 0.0 <= d["per_k"][1]["top1"] <= 1.0
+
+
+def test_default_k_is_200_or_20_for_small_training_sets():
+    from simclr_cli.engine.knn import default_k
+
+    assert (default_k(9_999), default_k(10_000), default_k(1_281_167)) == (20, 200, 200)

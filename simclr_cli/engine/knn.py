@@ -30,7 +30,14 @@ from simclr_cli.engine.report import Progress
 
 log = logging.getLogger("simclr")
 
-DEFAULT_K = 200  # Wu et al. 2018; 20 suits small training sets
+DEFAULT_K = 200  # Wu et al. 2018
+SMALL_SET_K = 20  # for small training sets, where 200 neighbours reach across classes
+SMALL_SET_SIZE = 10_000
+
+
+def default_k(num_train: int) -> int:
+    """200 neighbours, or 20 when the training set has fewer than 10,000 images (SIMCLR.md, kNN protocol)."""
+    return SMALL_SET_K if num_train < SMALL_SET_SIZE else DEFAULT_K
 DEFAULT_TEMPERATURE = 0.1  # Wu et al. 2018
 
 
