@@ -160,7 +160,7 @@ def test_unknown_nested_key_names_the_dotted_key():
 
 
 def test_unknown_section_names_it():
-    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train, monitor$"):
         from_dict(PretrainConfig, {"trian": {"epochs": 1}})
 
 

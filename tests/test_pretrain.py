@@ -151,3 +151,26 @@ def test_unset_batch_size_is_capped_at_the_dataset_and_saved_resolved(image_fold
     result = task.run(cfg, out=tmp_path / "run")
     assert result.steps == 1  # 24 images, CPU default 64 capped to 24: one step per epoch
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["batch_size"] == 24
+
+
+def test_monitor_knn_logs_accuracy_each_epoch(image_folder, tmp_path):
+    from conftest import write_images
+
+    labelled = tmp_path / "labelled"
+    for seed, (split, count, label) in enumerate([("train", 4, "a"), ("train", 4, "b"), ("val", 2, "a"), ("val", 2, "b")]):
+        write_images(labelled / split / label, count, size=16, seed=seed)
+    cfg = tiny_config(image_folder)
+    cfg.monitor.knn_data = str(labelled)
+    task.run(cfg, out=tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in records if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in checks] == [(3, 0), (6, 1)]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_k"] == 8 for r in checks)  # k=20 capped at 8 train images
+
+
+def test_monitor_with_bad_labelled_data_fails_before_writing(image_folder, tmp_path):
+    cfg = tiny_config(image_folder)
+    cfg.monitor.knn_data = str(tmp_path / "missing")
+    with pytest.raises(DataError, match="neither a dataset name"):
+        task.run(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -15,9 +15,16 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import checkpoint, rundir
+from simclr_cli.engine import checkpoint, features, knn, rundir
 from simclr_cli.engine.augment import AugmentConfig, TwoViews
-from simclr_cli.engine.data import EpochSampler, TwoViewDataset, pretrain_dataset
+from simclr_cli.engine.data import (
+    NAMED_DATASETS,
+    EpochSampler,
+    LabelledSplits,
+    TwoViewDataset,
+    labelled_splits,
+    pretrain_dataset,
+)
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, SimCLRError
 from simclr_cli.engine.loss import nt_xent
@@ -68,6 +75,21 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """A kNN check of the representation during pretraining, so quality is seen rising, not just the loss falling."""
+
+    knn_data: str | None = None  # labelled data (a dataset name or a folder with train/ and val/); None = off
+    every: int = 1  # epochs between checks (and one at the end)
+    k: int | None = None  # None: 200, or 20 when the labelled train split has fewer than 10,000 images
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"monitor.every {self.every} must be >= 1 (epochs between kNN checks)")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"monitor.k {self.k} must be >= 1, or unset")
+
+
+@dataclass
 class PretrainConfig:
     """Everything that defines a pretraining run; saved resolved with every output."""
 
@@ -76,9 +98,10 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.augment, self.optim, self.train):
+        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
             section.validate()
 
     def resolved(self) -> PretrainConfig:
@@ -89,7 +112,10 @@ class PretrainConfig:
 
 
 # Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = {"data.root", "data.workers", "data.download", "train.device", "train.log_every", "train.keep_checkpoints"}
+RESUMABLE_CHANGES = {
+    "data.root", "data.workers", "data.download", "train.device", "train.log_every", "train.keep_checkpoints",
+    "monitor.knn_data", "monitor.every", "monitor.k",
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,7 @@ class PretrainResult:
     last_loss: float | None
     seconds: float
     resumed_from: int | None
+    named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
 
 
 class NonFiniteLoss(SimCLRError):
@@ -146,6 +173,7 @@ def run(
         cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
     elif batch > len(images):
         raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
+    monitor = _Monitor.open(cfg) if cfg.monitor.knn_data else None  # bad labelled data fails before any file is written
     run_dir = rundir.prepare(out, resume=resume, overwrite=overwrite)
     config_dict = _to_dict(cfg)
 
@@ -193,7 +221,7 @@ def run(
     trainer = _Trainer(
         cfg=cfg, config_dict=config_dict, rt=rt, model=model, optimizer=optimizer, scaler=scaler, run_dir=run_dir,
         progress=progress, peak_lr=peak_lr, warmup=warmup, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, elapsed_before=elapsed_before,
+        steps_per_epoch=steps_per_epoch, elapsed_before=elapsed_before, monitor=monitor,
     )
     progress.start(total_steps=total_steps, completed=step, description="pretrain")
     try:
@@ -209,6 +237,7 @@ def run(
         last_loss=trainer.last_loss,
         seconds=trainer.elapsed(),
         resumed_from=resumed_from,
+        named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
     )
 
 
@@ -217,13 +246,14 @@ class _Trainer:
 
     def __init__(self, *, cfg: PretrainConfig, config_dict: dict[str, Any], rt: Runtime, model, optimizer, scaler,
                  run_dir: rundir.RunDir, progress: Progress, peak_lr: float, warmup: int, total_steps: int,
-                 steps_per_epoch: int, elapsed_before: float):
+                 steps_per_epoch: int, elapsed_before: float, monitor: _Monitor | None):
         self.cfg, self.config_dict, self.rt = cfg, config_dict, rt
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.run_dir, self.progress = run_dir, progress
         self.peak_lr, self.warmup, self.total_steps, self.steps_per_epoch = peak_lr, warmup, total_steps, steps_per_epoch
         self.started = time.perf_counter()
         self.elapsed_before = elapsed_before
+        self.monitor = monitor
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         # First step whose loss was not finite, kept on the device so the step never waits on the host.
@@ -251,6 +281,8 @@ class _Trainer:
                     window_start, window_steps = now, 0
                 if self.checkpoint_due(step) or last:
                     self.save(step=step, epoch=epoch)
+                if self.monitor and (last or step % (self.steps_per_epoch * self.cfg.monitor.every) == 0):
+                    self.write_metrics(self.monitor.check(self, step=step, epoch=epoch))
                 if last:
                     break
         return step
@@ -276,6 +308,19 @@ class _Trainer:
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step + 1, device=self.rt.device), self.bad_step)
         return loss.detach()
 
+    def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
+        """What the encoder file says about the model being trained: architecture, eval transform, config."""
+        return checkpoint.EncoderInfo(
+            model=self.cfg.model,
+            image_size=self.cfg.augment.image_size,
+            mean=self.cfg.augment.mean,
+            std=self.cfg.augment.std,
+            interpolation=self.cfg.augment.interpolation,
+            config=self.config_dict,
+            epoch=epoch,
+            step=step,
+        )
+
     def check_finite(self) -> None:
         bad = int(self.bad_step.item())
         if bad >= 0:
@@ -289,10 +334,13 @@ class _Trainer:
         self.last_loss = value
         record = {"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
                   "images_per_s": round(images_per_s, 2)}
-        with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.write_metrics(record)
         self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.total_steps, loss=value, lr=lr,
                                        images_per_s=images_per_s))
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.cfg.train.checkpoint_every
@@ -308,18 +356,31 @@ class _Trainer:
         )
         for old in self.run_dir.saved_checkpoints()[self.cfg.train.keep_checkpoints:]:
             old.unlink(missing_ok=True)
-        info = checkpoint.EncoderInfo(
-            model=self.cfg.model,
-            image_size=self.cfg.augment.image_size,
-            mean=self.cfg.augment.mean,
-            std=self.cfg.augment.std,
-            interpolation=self.cfg.augment.interpolation,
-            config=self.config_dict,
-            epoch=epoch,
-            step=step,
-        )
-        checkpoint.save_encoder(self.run_dir.encoder, self.model, info=info)
+        checkpoint.save_encoder(self.run_dir.encoder, self.model, info=self.encoder_info(step=step, epoch=epoch))
         log.debug("saved %s and %s", path, self.run_dir.encoder)
+
+
+class _Monitor:
+    """kNN accuracy of the encoder being trained, on labelled data loaded once at the start."""
+
+    def __init__(self, cfg: PretrainConfig, splits: LabelledSplits):
+        self.splits = splits
+        self.knn = knn.KnnConfig(k=(cfg.monitor.k or knn.default_k(len(splits.train)),), batch_size=256, workers=0)
+
+    @classmethod
+    def open(cls, cfg: PretrainConfig) -> _Monitor:
+        return cls(cfg, labelled_splits(cfg.monitor.knn_data, root=_path(cfg.data.root), download=cfg.data.download))
+
+    def check(self, trainer: _Trainer, *, step: int, epoch: int) -> dict[str, Any]:
+        info = trainer.encoder_info(step=step, epoch=epoch)
+        encoder = features.Encoder(model=trainer.model, info=info, source=None)
+        try:
+            result = knn.run(self.knn, encoder, self.splits.train, self.splits.val, rt=trainer.rt)
+        finally:
+            trainer.model.train()
+        log.info("epoch %d: kNN top-1 %.2f%% on %s", epoch, 100 * result.top1, self.splits.name)
+        return {"step": step, "epoch": epoch, "knn_top1": result.top1, "knn_top5": result.top5,
+                "knn_k": result.scores[0].k_used, "time": round(trainer.elapsed(), 3)}
 
 
 def _resume(run_dir: rundir.RunDir, *, cfg: dict[str, Any], model, optimizer, scaler) -> dict[str, Any]:
