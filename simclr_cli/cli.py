@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__, options
-from simclr_cli.console import RichProgress, console, errors_as_messages, setup_logging
+from simclr_cli.console import RichProgress, console, errors_as_messages, setup_logging, show_table
 
 app = typer.Typer(
     name="simclr",
@@ -58,6 +58,9 @@ def pretrain(
     head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2).")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
+    monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
+                                                    "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
+    monitor_every: Annotated[int | None, typer.Option(help="Epochs between --monitor-knn checks (default 1; one also runs at the end).")] = None,
     device: options.Device = None,
     precision: options.Precision = None,
     workers: options.Workers = None,
@@ -85,6 +88,7 @@ def pretrain(
             "train.device": device, "train.precision": precision,
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,
             "optim.warmup_epochs": warmup_epochs,
+            "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.root": str(data_root) if data_root else None, "data.download": download,
         }
         saved = None
@@ -105,4 +109,258 @@ def _report_pretrain(result) -> None:
     if result.first_loss is not None and result.last_loss is not None:
         console.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
     console.print(f"encoder: [bold]{result.encoder}[/]")
-    console.print(f"if it stops early, continue it with: simclr pretrain --resume --out {result.run_dir}")
+    data = "" if result.named_data else " --data LABELLED_DATA"
+    console.print("next:")
+    console.print(f"  simclr knn {result.encoder}{data}            # kNN accuracy of the representation")
+    console.print(f"  simclr knn {result.encoder}{data} --random-init   # the same for an untrained encoder")
+    console.print(f"  simclr linear-eval {result.encoder}{data}    # linear evaluation")
+    console.print(f"  simclr embed IMAGES -o vecs.npy -c {result.encoder}")
+
+
+def _open_for_eval(
+    checkpoint: Path | None, *, random_init: bool, seed: int, data: str | None, train: Path | None, val: Path | None,
+    data_root: Path | None, download: bool, device: str | None, precision: str | None,
+):
+    """The pieces every evaluation needs: the encoder (or its random-init twin), labelled splits, the runtime."""
+    from simclr_cli.engine import data as datasets, device as devices, features, rundir
+
+    path = rundir.resolve_checkpoint(checkpoint)
+    console.print(f"checkpoint: {path}{' (architecture only: --random-init)' if random_init else ''}")
+    encoder = features.open_encoder(path, random_init=random_init, seed=seed)
+    if data is None and train is None:
+        data = _pretraining_dataset(encoder)
+    splits = datasets.labelled_splits(data, train=train, val=val, root=data_root, download=download)
+    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
+    return path, encoder, splits, rt
+
+
+def _pretraining_dataset(encoder) -> str | None:
+    """The named dataset the encoder was pretrained on: the natural default for evaluating it."""
+    from simclr_cli.engine.data import NAMED_DATASETS
+
+    source = (encoder.info.config.get("data") or {}).get("source")
+    if source in NAMED_DATASETS:
+        console.print(f"data: {source} (the encoder's pretraining data; pass --data to choose)")
+        return source
+    return None
+
+
+def _workers(workers: int | None, rt) -> int:
+    from simclr_cli.engine.pretrain import default_workers
+
+    return workers if workers is not None else default_workers(rt.device)
+
+
+def _finish_eval(result, *, data: str, out_dir: Path, title: str, rows: list[tuple[str, str]]) -> None:
+    from simclr_cli.engine.results import write_results
+
+    path = write_results(out_dir, {**result.to_dict(), "data": data})
+    show_table(title, rows)
+    console.print(f"results: {path}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@app.command("linear-eval")
+def linear_eval(
+    checkpoint: options.Checkpoint = None,
+    data: options.Data = None,
+    train: options.TrainDir = None,
+    val: options.ValDir = None,
+    protocol: Annotated[str, typer.Option(help="cached: a linear layer trained to convergence (L-BFGS) on features computed once (fast, standard). "
+                                          "paper: SimCLR's protocol, SGD with crop + flip for 90/100 epochs.")] = "cached",
+    layer: options.Layer = None,
+    epochs: options.Epochs = None,
+    lr: options.Lr = None,
+    batch_size: options.BatchSize = None,
+    random_init: options.RandomInit = False,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    out: options.EvalOut = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Linear evaluation: a linear classifier on the frozen encoder's features; reports top-1/top-5 on val."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine import linear_eval as task, rundir
+
+        path, encoder, splits, rt = _open_for_eval(
+            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
+            data_root=data_root, download=bool(download), device=device, precision=precision,
+        )
+        cfg = task.LinearEvalConfig(protocol=protocol, layer=layer or "encoder", epochs=epochs, seed=seed or 0,
+                                    batch_size=batch_size or 256, workers=_workers(workers, rt))
+        if lr is not None:
+            cfg.lr = lr
+        out_dir = out or rundir.default_eval_dir(path, "linear-eval")
+        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
+                          out_dir=out_dir, progress=RichProgress())
+        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"linear eval ({result.protocol}) on {splits.name}", rows=[
+            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
+            ("train / val images", f"{result.train_images} / {result.val_images}"), ("classifier", str(result.classifier)),
+        ])
+
+
+@app.command()
+def knn(
+    checkpoint: options.Checkpoint = None,
+    data: options.Data = None,
+    train: options.TrainDir = None,
+    val: options.ValDir = None,
+    k: Annotated[str | None, typer.Option("-k", "--k", help="Neighbours, one or several in one pass: -k 10,20,200. "
+                                          "Default 200 (20 below 10,000 training images), or 5 for retrieval.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = 0.1,
+    index: Annotated[Path | None, typer.Option("--index", help="Retrieval mode: a .npy written by `simclr embed`.")] = None,
+    query: Annotated[Path | None, typer.Option("--query", help="Retrieval mode: an image or a folder of images to look up in --index.")] = None,
+    layer: options.Layer = None,
+    batch_size: options.BatchSize = None,
+    random_init: options.RandomInit = False,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Evaluation: results folder (default <checkpoint folder>/eval/knn-<timestamp>/). "
+                                             "Retrieval: a .csv or .json file for the matches (default: a table).")] = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Weighted kNN accuracy of the encoder's features (Wu et al. 2018), or nearest-image retrieval with --index/--query."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine import knn as task, rundir
+        from simclr_cli.engine.errors import ConfigError
+
+        ks = _parse_ks(k)
+        if (index is None) != (query is None):
+            raise ConfigError("retrieval needs both --index VECS.npy and --query IMAGE_OR_DIR")
+        if index is not None:
+            _retrieve(checkpoint, index=index, query=query, k=ks[0] if ks else 5, layer=layer, batch_size=batch_size,
+                      device=device, precision=precision, workers=workers, out=out)
+            return
+        path, encoder, splits, rt = _open_for_eval(
+            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
+            data_root=data_root, download=bool(download), device=device, precision=precision,
+        )
+        cfg = task.KnnConfig(k=ks or (task.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
+                             batch_size=batch_size or 256, workers=_workers(workers, rt))
+        out_dir = out or rundir.default_eval_dir(path, "knn")
+        result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress())
+        rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in result.scores]
+        rows.append(("train / val images", f"{result.train_images} / {result.val_images}"))
+        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"kNN (T={temperature}) on {splits.name}", rows=rows)
+
+
+def _parse_ks(text: str | None) -> tuple[int, ...]:
+    from simclr_cli.engine.errors import ConfigError
+
+    if text is None:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"-k {text!r} is not a list of whole numbers; write e.g. -k 20 or -k 10,20,200") from None
+
+
+def _retrieve(checkpoint, *, index: Path, query: Path, k: int, layer, batch_size, device, precision, workers, out) -> None:
+    """Embed the query images with the index's encoder and layer, then list each one's nearest indexed images."""
+    from simclr_cli.engine import device as devices, features, retrieval, rundir
+
+    meta = retrieval.index_metadata(index)
+    path = checkpoint or (Path(meta["checkpoint"]) if meta.get("checkpoint") else rundir.resolve_checkpoint(None))
+    encoder = features.open_encoder(path)
+    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
+    matches = retrieval.search(
+        encoder, index=index, query=query, k=k, layer=layer or meta.get("layer", "encoder"), batch_size=batch_size or 256,
+        workers=_workers(workers, rt), rt=rt,
+    )
+    if out is not None:
+        retrieval.write_matches(matches, out)
+        console.print(f"matches: {out}")
+        return
+    for match in matches:
+        show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
+
+
+@app.command()
+def finetune(
+    checkpoint: options.Checkpoint = None,
+    data: options.Data = None,
+    train: options.TrainDir = None,
+    val: options.ValDir = None,
+    label_fraction: Annotated[float, typer.Option(help="Class-balanced fraction of the training labels: 0.01 and 0.1 are the paper's settings.")] = 1.0,
+    label_file: Annotated[Path | None, typer.Option(help="Train only on the images this file lists (one path a line, relative to the train "
+                                                   "folder), e.g. the published ImageNet 1%/10% subsets.")] = None,
+    from_head_layer: Annotated[int, typer.Option(help="0: fine-tune from h (v1); 1: through the first projection-head layer (SimCLRv2).")] = 0,
+    optimizer: Annotated[str, typer.Option(help="sgd (v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = "sgd",
+    epochs: options.Epochs = None,
+    lr: options.Lr = None,
+    batch_size: options.BatchSize = None,
+    random_init: options.RandomInit = False,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    out: options.EvalOut = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine import finetune as task, rundir
+
+        path, encoder, splits, rt = _open_for_eval(
+            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
+            data_root=data_root, download=bool(download), device=device, precision=precision,
+        )
+        cfg = task.FinetuneConfig(label_fraction=label_fraction, label_file=label_file, from_head_layer=from_head_layer,
+                                  epochs=epochs, batch_size=batch_size or 256, optimizer=optimizer, lr=lr, seed=seed or 0,
+                                  workers=_workers(workers, rt))
+        out_dir = out or rundir.default_eval_dir(path, "finetune")
+        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
+                          out_dir=out_dir, progress=RichProgress(), train_root=train)
+        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"fine-tuning on {splits.name}", rows=[
+            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
+            ("labelled / train images", f"{result.labelled_images} / {result.train_images}"),
+            ("val images", str(result.val_images)), ("model", str(result.finetuned)),
+        ])
+
+
+@app.command()
+def embed(
+    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
+    layer: options.Layer = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = False,
+    batch_size: options.BatchSize = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and listed)."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine import device as devices, embed as task, features, retrieval, rundir
+
+        path = rundir.resolve_checkpoint(checkpoint)
+        console.print(f"checkpoint: {path}")
+        encoder = features.open_encoder(path)
+        rt = devices.runtime(device=device or "auto", precision=precision or "auto")
+        result = task.run(encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
+                          workers=_workers(workers, rt), rt=rt, progress=RichProgress(), overwrite=overwrite)
+        retrieval.write_index_metadata(result)
+        show_table(f"embedded {folder}", [
+            ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),
+            ("skipped files", str(len(result.skipped))),
+        ])

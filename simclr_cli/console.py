@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from simclr_cli.engine.errors import SimCLRError
@@ -90,3 +91,13 @@ class RichProgress:
 
     def stop(self) -> None:
         self._bar.stop()
+
+
+def show_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """A short two-column summary table on the terminal."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -46,3 +46,27 @@ Out = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Run folder. Default: runs/<timestamp>/, with runs/latest pointing at the newest run."),
 ]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Argument(help="An encoder.safetensors (or a finetuned.safetensors). Default: runs/latest/encoder.safetensors."),
+]
+Data = Annotated[
+    str | None,
+    typer.Option("--data", "-d", help="Labelled data: cifar10 | cifar100 | stl10 | imagenet | digits, or a folder with "
+                 "train/ and val/ (or test/) class subfolders. Default: the dataset the encoder was pretrained on, if named."),
+]
+TrainDir = Annotated[Path | None, typer.Option("--train", help="A class-per-subfolder training folder (with --val).")]
+ValDir = Annotated[Path | None, typer.Option("--val", help="A class-per-subfolder evaluation folder (with --train).")]
+RandomInit = Annotated[
+    bool,
+    typer.Option("--random-init", help="Evaluate an untrained encoder of the same architecture: the baseline that shows what pretraining bought."),
+]
+Layer = Annotated[
+    str | None,
+    typer.Option("--layer", help="encoder (h, the default) | head1 | head2 | projection (z). SimCLR evaluates h."),
+]
+EvalOut = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Folder for results.json and saved models. Default: <checkpoint folder>/eval/<command>-<timestamp>/."),
+]
+Lr = Annotated[float | None, typer.Option("--lr", help="BASE learning rate, scaled with the batch size as the protocol says.")]

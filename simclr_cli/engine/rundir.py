@@ -48,9 +48,9 @@ class RunDir:
         return [self.config, self.metrics, self.encoder, self.checkpoints]
 
 
-def default_run_dir(base: Path = RUNS) -> Path:
-    """`runs/<UTC timestamp>`, suffixed when two runs start in the same second."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+def default_run_dir(base: Path = RUNS, *, prefix: str = "") -> Path:
+    """`runs/<prefix><UTC timestamp>`, suffixed when two runs start in the same second."""
+    stamp = prefix + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     candidate = base / stamp
     n = 1
     while candidate.exists():
@@ -91,3 +91,27 @@ def point_latest(root: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(root.name, tmp)
     os.replace(tmp, link)
+
+
+def default_checkpoint(base: Path = RUNS) -> Path:
+    """The newest run's encoder: what evaluation commands use when no CHECKPOINT is given."""
+    return base / LATEST / "encoder.safetensors"
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    """CHECKPOINT as given, or `runs/latest/encoder.safetensors`, with the fix when it is not there."""
+    if path is not None:
+        return Path(path).expanduser()
+    latest = default_checkpoint()
+    if not latest.is_file():
+        raise ConfigError(
+            f"no CHECKPOINT given and {latest} does not exist; pass the encoder.safetensors of a run, "
+            "or run `simclr pretrain` first"
+        )
+    return latest
+
+
+def default_eval_dir(checkpoint: Path | None, command: str) -> Path:
+    """`<checkpoint's folder>/eval/<command>-<UTC timestamp>`: results stay beside the encoder they judge."""
+    base = Path(checkpoint).parent if checkpoint is not None else RUNS
+    return default_run_dir(base / "eval", prefix=f"{command}-")

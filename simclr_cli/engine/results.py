@@ -1,0 +1,19 @@
+"""`results.json`: what an evaluation measured, with the settings, checkpoint and data that produced it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from simclr_cli.engine.checkpoint import atomic_write
+
+RESULTS_FILE = "results.json"
+
+
+def write_results(out_dir: Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as `out_dir/results.json` atomically; paths become strings."""
+    path = Path(out_dir) / RESULTS_FILE
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path

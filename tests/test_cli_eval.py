@@ -1,0 +1,146 @@
+"""The evaluation and inference commands end to end through the CLI, on tiny generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.engine import checkpoint
+from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
+from simclr_cli.engine.model import ModelConfig, build_model
+
+runner = CliRunner()
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 40, 210)}
+COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture
+def encoder_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
+    info = checkpoint.EncoderInfo(
+        model=cfg, image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+        config={"data": {"source": "somewhere"}}, epoch=1, step=10,
+    )
+    path = tmp_path / "run" / "encoder.safetensors"
+    checkpoint.save_encoder(path, build_model(cfg), info=info)
+    return path
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    """Three solid-colour classes with a little noise: linearly separable for any encoder."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "labelled"
+    for split, count in (("train", 6), ("val", 3)):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.integers(-20, 20, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def results_of(output: str) -> dict:
+    line = next(line for line in output.splitlines() if line.startswith("results: "))
+    return json.loads(Path(line.removeprefix("results: ").strip()).read_text())
+
+
+def test_knn_reports_fractions_and_writes_results(encoder_file, labelled, tmp_path):
+    result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3,5", *COMMON,
+                                 "--out", str(tmp_path / "knn")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert saved["k"] == [3, 5] and saved["train_images"] == 18 and saved["val_images"] == 9
+    assert 0.0 <= saved["top1"] <= 1.0 and saved["top5"] is None  # 3 classes: no top-5
+    assert saved["checkpoint"] == str(encoder_file) and saved["data"] == str(labelled)
+
+
+def test_linear_eval_separates_colours_and_saves_the_classifier(encoder_file, labelled, tmp_path):
+    result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON,
+                                 "--out", str(tmp_path / "lin")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "lin" / "results.json").read_text())
+    assert saved["top1"] == 1.0 and saved["protocol"] == "cached"
+    assert (tmp_path / "lin" / "classifier.safetensors").is_file()
+
+
+def test_random_init_baseline_is_labelled_as_such(encoder_file, labelled, tmp_path):
+    result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", "--random-init", *COMMON,
+                                 "--out", str(tmp_path / "knn")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert saved["random_init"] is True and saved["checkpoint"] is None
+
+
+def test_finetune_runs_on_a_label_fraction_and_its_model_is_accepted_by_embed(encoder_file, labelled, tmp_path):
+    result = runner.invoke(app, ["finetune", str(encoder_file), "--data", str(labelled), "--label-fraction", "0.5",
+                                 "--epochs", "1", *COMMON, "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert saved["labelled_images"] == 9 and 0.0 <= saved["top1"] <= 1.0  # 3 of 6 per class
+    finetuned = tmp_path / "ft" / "finetuned.safetensors"
+    embedded = runner.invoke(app, ["embed", str(labelled / "val"), "-o", str(tmp_path / "v.npy"), "-c", str(finetuned), *COMMON])
+    assert embedded.exit_code == 0, embedded.output
+
+
+def test_embed_then_retrieve_finds_the_query_itself_first(encoder_file, labelled, tmp_path):
+    out = tmp_path / "vecs.npy"
+    result = runner.invoke(app, ["embed", str(labelled / "train"), "-o", str(out), "--checkpoint", str(encoder_file), *COMMON])
+    assert result.exit_code == 0, result.output
+    vectors = np.load(out, allow_pickle=False)
+    paths = (tmp_path / "vecs.paths.txt").read_text().splitlines()
+    assert vectors.shape == (18, 128) and vectors.dtype == np.float32 and np.isfinite(vectors).all()
+    assert paths == sorted(paths) and paths[0] == "blue/0.png"
+    assert json.loads((tmp_path / "vecs.json").read_text())["layer"] == "encoder"
+
+    query = labelled / "train" / "green" / "2.png"
+    matches = tmp_path / "matches.csv"
+    result = runner.invoke(app, ["knn", "--index", str(out), "--query", str(query), "-k", "3", *COMMON, "-o", str(matches)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(matches.open()))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["path"] == "green/2.png" and float(rows[0]["similarity"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_default_checkpoint_is_runs_latest(encoder_file, labelled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["knn", "--data", str(labelled), *COMMON])
+    assert result.exit_code == 2
+    assert "runs/latest/encoder.safetensors does not exist" in result.output
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(encoder_file.parent)
+    result = runner.invoke(app, ["knn", "--data", str(labelled), "-k", "3", *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint: runs/latest/encoder.safetensors" in result.output
+    assert list((encoder_file.parent / "eval").glob("knn-*/results.json"))  # results beside the encoder
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["knn", "CKPT", "--data", "/no/such"], "neither a dataset name"),
+        (["knn", "CKPT", "--data", "LABELLED", "--layer", "head2"], "--layer head2 needs a 3-layer head"),
+        (["knn", "CKPT", "--data", "LABELLED", "-k", "ten"], "-k 'ten' is not a list of whole numbers"),
+        (["knn", "--index", "x.npy"], "retrieval needs both --index"),
+        (["linear-eval", "CKPT", "--data", "LABELLED", "--protocol", "magic"], "linear_eval.protocol 'magic' is not supported"),
+        (["embed", "LABELLED", "-o", "vecs.txt", "-c", "CKPT"], "must end with .npy"),
+        (["linear-eval", "/no/such.safetensors", "--data", "LABELLED"], "does not exist"),
+    ],
+)
+def test_eval_bad_input_is_one_line(args, expected, encoder_file, labelled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [str(encoder_file) if a == "CKPT" else str(labelled) if a == "LABELLED" else a for a in args]
+    result = runner.invoke(app, [*args, *COMMON])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.output
+    assert "Traceback" not in result.output
