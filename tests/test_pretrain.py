@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from simclr_cli.engine import checkpoint
 from simclr_cli.engine import pretrain as task
-from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.errors import ConfigError, DataError, NonFiniteLoss
 from simclr_cli.engine.report import NoProgress, StepStats
 
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_before_saving_the_bad_step(image_folder, tmp_path
 
     monkeypatch.setattr(task, "nt_xent", nan_from_third_step)
     out = tmp_path / "run"
-    with pytest.raises(task.NonFiniteLoss, match="NaN/inf at step 3"):
+    with pytest.raises(NonFiniteLoss, match="NaN/inf at step 3"):
         task.run(tiny_config(image_folder, checkpoint_every=1), out=out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000001.safetensors", "step-000000002.safetensors"]
     assert checkpoint.load_encoder(out / "encoder.safetensors")[1].step == 2

@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.report import StepStats
+from simclr_cli.engine.errors import NonFiniteLoss
 from simclr_cli.engine.supervised import (
     Backbone,
     Classifier,
     LinearClassifier,
-    NonFiniteLoss,
     cosine_schedule,
     evaluate,
     train_classifier,

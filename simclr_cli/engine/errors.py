@@ -15,3 +15,14 @@ class DataError(SimCLRError):
 
 class CheckpointError(SimCLRError):
     """A checkpoint that is missing, malformed or does not match what is asked of it."""
+
+
+class NonFiniteLoss(SimCLRError):
+    """A loss became NaN or inf; nothing from that step on is saved."""
+
+    def __init__(self, step: int, *, what: str = "the loss"):
+        super().__init__(
+            f"{what} became NaN/inf at step {step}; stopped before saving anything from that step on. "
+            "Lower --lr, try --precision fp32, or check the data"
+        )
+        self.step = step

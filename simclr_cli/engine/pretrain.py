@@ -26,7 +26,7 @@ from simclr_cli.engine.data import (
     pretrain_dataset,
 )
 from simclr_cli.engine.device import Runtime, runtime
-from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, SimCLRError
+from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
 from simclr_cli.engine.loss import nt_xent
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer, lr_at, scaled_lr, warmup_steps_for
@@ -129,14 +129,6 @@ class PretrainResult:
     seconds: float
     resumed_from: int | None
     named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
-
-
-class NonFiniteLoss(SimCLRError):
-    def __init__(self, step: int):
-        super().__init__(
-            f"the loss became NaN/inf at step {step}; stopped before saving anything from that step on. "
-            "Lower --lr, try --precision fp32, or check the data"
-        )
 
 
 def default_batch_size(device: torch.device) -> int:

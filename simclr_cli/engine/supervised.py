@@ -19,19 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import DataError, SimCLRError
+from simclr_cli.engine.errors import DataError, NonFiniteLoss
 from simclr_cli.engine.model import SimCLR
 from simclr_cli.engine.optim import lr_at
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
-
-
-class NonFiniteLoss(SimCLRError):
-    def __init__(self, step: int):
-        super().__init__(
-            f"the classifier's loss became NaN/inf at step {step}; lower --lr, try --precision fp32, or check the data"
-        )
 
 
 class Backbone(nn.Module):
@@ -262,7 +255,7 @@ def train_classifier(
 def _check_finite(bad_step: Tensor) -> None:
     bad = int(bad_step.item())
     if bad >= 0:
-        raise NonFiniteLoss(bad)
+        raise NonFiniteLoss(bad, what="the classifier's loss")
 
 
 def batch_size_for(requested: int, available: int, *, name: str) -> int:
