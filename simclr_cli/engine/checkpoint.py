@@ -165,8 +165,8 @@ class EncoderInfo:
 EXTRA = "extra/"
 
 
-def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo, extra_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-    """The model's weights, plus `extra_tensors` under the `extra/` prefix, with `info` as metadata."""
+def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
+    """The model's weights, plus `info.extra_tensors` under the `extra/` prefix, with `info` as metadata."""
     meta = {
         "model": asdict(info.model),
         "transform": {"image_size": info.image_size, "mean": info.mean, "std": info.std, "interpolation": info.interpolation},
@@ -176,7 +176,7 @@ def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo, extra_tensors:
         "extra": info.extra,
     }
     tensors = dict(model.state_dict())
-    tensors.update({f"{EXTRA}{name}": value for name, value in (extra_tensors or {}).items()})
+    tensors.update({f"{EXTRA}{name}": value for name, value in info.extra_tensors.items()})
     save(path, tensors, kind=ENCODER, meta=meta)
 
 

@@ -263,8 +263,9 @@ def run(
         "source": None if encoder.source is None else str(encoder.source), "settings": settings,
     }
     checkpoint.save_encoder(
-        path, model, info=dataclasses.replace(info, extra=extra, extra_tensors={}),
-        extra_tensors={CLASSIFIER_WEIGHT: head.fc.weight, CLASSIFIER_BIAS: head.fc.bias},
+        path, model, info=dataclasses.replace(
+            info, extra=extra, extra_tensors={CLASSIFIER_WEIGHT: head.fc.weight, CLASSIFIER_BIAS: head.fc.bias}
+        ),
     )
     final = history[-1]
     return FinetuneResult(
