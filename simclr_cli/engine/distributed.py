@@ -1,0 +1,297 @@
+"""Multi-process training: process group from the launcher's environment, gather with gradient, global BN, rank-0 logs.
+
+Every function is a no-op with one process, so single-device code calls them unconditionally. Launch with
+`torchrun` (or `srun` with MASTER_ADDR/MASTER_PORT exported); gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from simclr_cli.engine.errors import ConfigError
+
+LOGGER_NAME = "simclr"
+MASTER_FIX = (
+    "launch with torchrun (it sets them), or under SLURM export "
+    'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) and MASTER_PORT=29500 before srun'
+)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among all training processes; the default is a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the device index on this node
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size or not 0 <= self.local_rank < self.world_size:
+            raise ValueError(
+                f"World(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}) is inconsistent; "
+                "need world_size >= 1 and 0 <= rank, local_rank < world_size"
+            )
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files and logs."""
+        return self.rank == 0
+
+
+def from_environment(env: Mapping[str, str] | None = None) -> World:
+    """The World torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) describes.
+
+    torchrun's variables win (torchrun may run inside a SLURM job); SLURM counts only with more than one task;
+    otherwise a single process.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _world(env, rank="RANK", world_size="WORLD_SIZE", local_rank="LOCAL_RANK", launcher="torchrun")
+    if "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
+        return _world(env, rank="SLURM_PROCID", world_size="SLURM_NTASKS", local_rank="SLURM_LOCALID", launcher="SLURM")
+    return World()
+
+
+def _world(env: Mapping[str, str], *, rank: str, world_size: str, local_rank: str, launcher: str) -> World:
+    missing = [name for name in (rank, world_size, local_rank) if name not in env]
+    if missing:
+        raise ConfigError(
+            f"{launcher} environment is incomplete: {', '.join(missing)} not set (need {rank}, {world_size} and "
+            f"{local_rank} together); launch with torchrun, or unset the partial variables to run one process"
+        )
+    values = {name: _int(env, name) for name in (rank, world_size, local_rank)}
+    size = values[world_size]
+    if size < 1 or not 0 <= values[rank] < size or not 0 <= values[local_rank] < size:
+        got = ", ".join(f"{name}={env[name]}" for name in (rank, world_size, local_rank))
+        raise ConfigError(
+            f"inconsistent {launcher} environment ({got}); need {world_size} >= 1 and 0 <= {rank}, {local_rank} < {world_size}"
+        )
+    return World(rank=values[rank], world_size=size, local_rank=values[local_rank])
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not a whole number; fix or unset it") from None
+
+
+def init(world: World, *, device_type: str, timeout_s: float = 1800) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) when there are several processes; else nothing.
+
+    Rendezvous reads MASTER_ADDR/MASTER_PORT; rank and world size come from `world`, so SLURM needs no RANK.
+    """
+    if world.world_size == 1:
+        return
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run one process or install a full PyTorch")
+    if dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (world.rank, world.world_size):
+            raise ConfigError(
+                f"a process group is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"not rank {world.rank} of {world.world_size}; call distributed.shutdown() first"
+            )
+        return
+    if device_type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"multi-process training runs on cuda (nccl) or cpu (gloo), not {device_type}; pass --device cuda or cpu"
+        )
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} not set, so the {world.world_size} processes cannot meet; {MASTER_FIX}")
+    if device_type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {world.local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        torch.cuda.set_device(world.local_rank)  # before the group: nccl binds each rank to its current device
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        init_method="env://",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank(group=None) -> int:
+    """This process's rank in `group` (default: all processes); 0 without a process group."""
+    return dist.get_rank(group) if _active(group) else 0
+
+
+def world_size(group=None) -> int:
+    """Number of processes in `group` (default: all processes); 1 without a process group."""
+    return dist.get_world_size(group) if _active(group) else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sends each rank the gradient of its own rows from EVERY rank's loss.
+
+    Each rank's loss uses every rank's rows as keys, so the gradient of rank r's rows is the sum over ranks of
+    the incoming gradients' slice r (official SimCLR: a differentiable cross-replica sum). Returning only the
+    local slice of the local gradient, as several ports do, drops the other ranks' terms (SIMCLR.md, NT-Xent).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)  # (world_size * B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd may share the incoming buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        first = dist.get_rank(ctx.group) * ctx.rows
+        return grad[first : first + ctx.rows], None  # (B, ...)
+
+
+def gather_with_grad(x: Tensor, *, group=None) -> Tensor:
+    """Every rank's x (equal shapes) concatenated on dim 0 in rank order, differentiable; x itself with one process."""
+    if not _active(group):
+        return x
+    return _GatherWithGrad.apply(x, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients too: each rank's input feeds every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_mean(x: Tensor, *, group=None) -> Tensor:
+    """The mean of x over ranks (detached, for logging a loss); x itself with one process."""
+    if not _active(group):
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x / dist.get_world_size(group)
+
+
+def barrier() -> None:
+    """Wait for every process (e.g. until rank 0 has written a file the others read)."""
+    if _active():
+        dist.barrier()
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics cover every rank's batch, for gloo on CPU (nn.SyncBatchNorm is GPU-only).
+
+    Built from differentiable all-reduces, so autograd gives the gradient of the global-batch BN (SimCLR §2.2: local
+    statistics let positives on one device leak through BN). Same parameters and buffers as nn.BatchNorm*d.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and _active()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]  # every axis but the channels
+        shape = [1, -1] + [1] * (x.dim() - 2)  # broadcast a (C,) vector over x
+        count = x.new_full((1,), x.numel() // x.shape[1])
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), None)  # (C + 1,): per-channel sums, then the count
+        total = sums[-1]
+        mean = sums[:-1] / total  # (C,)
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims), None) / total  # (C,) biased, as BN normalises with
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean.detach(), var.detach() * total / (total - 1).clamp(min=1))
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+
+
+def sync_batchnorm(model: nn.Module, *, device_type: str) -> nn.Module:
+    """BN statistics over all ranks' views: nn.SyncBatchNorm on CUDA, GlobalBatchNorm on CPU; unchanged with one process."""
+    if not _active():
+        return model
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_to_global(model)
+
+
+def _convert_to_global(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
+        # Every parameter and buffer below is the original's, so nothing is left on the wrong device.
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        with torch.no_grad():
+            if module.affine:
+                converted.weight = module.weight
+                converted.bias = module.bias  # None for the head's last BN (no shift)
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, _convert_to_global(child))
+    return module
+
+
+class MainOnly(logging.Filter):
+    """Passes log records only on rank 0, so N processes print one log."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self.is_main = world.is_main
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.is_main
+
+
+def setup_logging_filter(world: World) -> MainOnly:
+    """Attach (once) a MainOnly filter to the "simclr" logger; returns it so callers can remove it."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for old in [f for f in logger.filters if isinstance(f, MainOnly)]:
+        logger.removeFilter(old)
+    main_only = MainOnly(world)
+    logger.addFilter(main_only)
+    return main_only
