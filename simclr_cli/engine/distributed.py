@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.errors import ConfigError, SimCLRError
+
+T = TypeVar("T")
 
 LOGGER_NAME = "simclr"
 MASTER_FIX = (
     "launch with torchrun (it sets them), or under SLURM export "
     'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) and MASTER_PORT=29500 before srun'
 )
+
+
+class RankFailed(SimCLRError):
+    """Another rank stopped with an error; this one stops too instead of waiting for it."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,35 @@ def all_reduce_mean(x: Tensor, *, group=None) -> Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x / dist.get_world_size(group)
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """The elementwise maximum over ranks (e.g. the first non-finite step any rank saw); x itself with one process."""
+    if not _active():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def on_main(world: World, work: Callable[[], T], *, device: torch.device) -> T | None:
+    """Run `work` on rank 0 only (writing files); every rank learns whether it failed.
+
+    Without this, an error on rank 0 would leave the others waiting at their next collective until the
+    timeout; instead they stop at once with an error that points at rank 0's message.
+    """
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, after the other ranks have been told
+            error = exc
+    failed = all_reduce_max(torch.tensor(0 if error is None else 1, device=device))
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise RankFailed("rank 0 stopped with an error (shown in its output); this process stopped with it")
+    return result
 
 
 def barrier() -> None:
