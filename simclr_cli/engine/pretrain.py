@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import checkpoint, features, knn, rundir
+from simclr_cli.engine import checkpoint, distributed, features, knn, rundir
 from simclr_cli.engine.augment import AugmentConfig, TwoViews
 from simclr_cli.engine.data import (
     NAMED_DATASETS,
@@ -25,9 +26,9 @@ from simclr_cli.engine.data import (
     labelled_splits,
     pretrain_dataset,
 )
-from simclr_cli.engine.device import Runtime, runtime
+from simclr_cli.engine.device import Runtime, resolve_device, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
-from simclr_cli.engine.loss import nt_xent
+from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer, lr_at, scaled_lr, warmup_steps_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -59,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between checkpoints; None = at the end of every epoch
     keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
     log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
+    sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
 
     def validate(self) -> None:
         for name in ("epochs", "log_every", "keep_checkpoints"):
@@ -153,27 +155,47 @@ def run(
     progress: Progress | None = None,
 ) -> PretrainResult:
     """Train SimCLR as `cfg` says, writing the run dir `out`; `resume` continues its newest valid checkpoint."""
-    progress = progress or NoProgress()
     cfg = cfg.resolved()
+    world = distributed.from_environment()
+    distributed.init(world, device_type=resolve_device(cfg.train.device).type)
+    distributed.setup_logging_filter(world)
+    try:
+        return _run(cfg, world=world, out=out, resume=resume, overwrite=overwrite,
+                    progress=(progress or NoProgress()) if world.is_main else NoProgress())
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bool, overwrite: bool,
+         progress: Progress) -> PretrainResult:
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
     images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download)
     batch = cfg.train.batch_size
     if batch is None:
-        batch = min(default_batch_size(rt.device), len(images))
+        batch = min(default_batch_size(rt.device) * world.world_size, len(images))
+        batch -= batch % world.world_size
         if batch < 2:
-            raise DataError(f"the data holds {len(images)} image; SimCLR needs at least 2 (each is the others' negative)")
+            raise DataError(f"the data holds {len(images)} image(s); SimCLR needs at least 2 per batch (each is the others' negative)")
         cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
     elif batch > len(images):
         raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
+    if batch % world.world_size:
+        raise ConfigError(
+            f"--batch-size {batch} (the global batch) does not split evenly over {world.world_size} processes; "
+            f"use a multiple of {world.world_size}"
+        )
     monitor = _Monitor.open(cfg) if cfg.monitor.knn_data else None  # bad labelled data fails before any file is written
-    run_dir = rundir.prepare(out, resume=resume, overwrite=overwrite)
+    run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume, overwrite=overwrite), device=rt.device)
+    run_dir = run_dir or rundir.RunDir(out)
     config_dict = _to_dict(cfg)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = build_model(cfg.model).to(rt.device)
+    if world.world_size > 1 and cfg.train.sync_bn:
+        model = distributed.sync_batchnorm(model, device_type=rt.device.type)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)
+    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
     optimizer = build_optimizer(model, cfg.optim, lr=peak_lr)
     scaler = rt.grad_scaler()
 
@@ -184,20 +206,20 @@ def run(
     warmup = warmup_steps_for(warmup_epochs=cfg.optim.warmup_epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
     step, elapsed_before, resumed_from = 0, 0.0, None
-    if resume:
+    if resume:  # every rank reads the same file: checkpoints live on storage all nodes share
         meta = _resume(run_dir, cfg=config_dict, model=model, optimizer=optimizer, scaler=scaler)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
-        _truncate_metrics(run_dir.metrics, after_step=step)
-    else:
-        run_dir.config.write_text(yaml.safe_dump(config_dict, sort_keys=False), encoding="utf-8")
-    if run_dir.root.parent.name == rundir.RUNS.name:
-        rundir.point_latest(run_dir.root)
+    distributed.on_main(world, lambda: _start_files(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
+    trained = model  # the bare model: what is saved, monitored and returned
+    if world.world_size > 1:
+        device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
 
-    sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed)
+    sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
     workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device)
     loader = DataLoader(
         TwoViewDataset(images, TwoViews(cfg.augment), seed=cfg.train.seed),
-        batch_size=batch,
+        batch_size=batch // world.world_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
@@ -205,13 +227,15 @@ def run(
     )
     log.info(
         "pretraining %s (width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
-        "peak lr %.4g, %s on %s, %d data workers",
+        "peak lr %.4g, %s on %s, %d data workers%s",
         cfg.model.arch, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
         total_steps, steps_per_epoch, peak_lr, rt.precision, rt.device, workers,
+        f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
     )
 
     trainer = _Trainer(
-        cfg=cfg, config_dict=config_dict, rt=rt, model=model, optimizer=optimizer, scaler=scaler, run_dir=run_dir,
+        cfg=cfg, config_dict=config_dict, rt=rt, world=world, model=model, trained=trained, optimizer=optimizer,
+        scaler=scaler, run_dir=run_dir,
         progress=progress, peak_lr=peak_lr, warmup=warmup, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, elapsed_before=elapsed_before, monitor=monitor,
     )
@@ -236,11 +260,13 @@ def run(
 class _Trainer:
     """The step loop and its bookkeeping (logging, non-finite guard, checkpoints)."""
 
-    def __init__(self, *, cfg: PretrainConfig, config_dict: dict[str, Any], rt: Runtime, model, optimizer, scaler,
-                 run_dir: rundir.RunDir, progress: Progress, peak_lr: float, warmup: int, total_steps: int,
+    def __init__(self, *, cfg: PretrainConfig, config_dict: dict[str, Any], rt: Runtime, world: distributed.World,
+                 model, trained, optimizer, scaler, run_dir: rundir.RunDir, progress: Progress, peak_lr: float, warmup: int, total_steps: int,
                  steps_per_epoch: int, elapsed_before: float, monitor: _Monitor | None):
-        self.cfg, self.config_dict, self.rt = cfg, config_dict, rt
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.cfg, self.config_dict, self.rt, self.world = cfg, config_dict, rt, world
+        self.model, self.trained, self.optimizer, self.scaler = model, trained, optimizer, scaler
+        # each process compares its anchors with the keys of all processes (SIMCLR.md, Multi-GPU)
+        self.loss_fn = nt_xent_distributed if world.world_size > 1 else nt_xent
         self.run_dir, self.progress = run_dir, progress
         self.peak_lr, self.warmup, self.total_steps, self.steps_per_epoch = peak_lr, warmup, total_steps, steps_per_epoch
         self.started = time.perf_counter()
@@ -273,7 +299,7 @@ class _Trainer:
                     window_start, window_steps = now, 0
                 if self.checkpoint_due(step) or last:
                     self.save(step=step, epoch=epoch)
-                if self.monitor and (last or step % (self.steps_per_epoch * self.cfg.monitor.every) == 0):
+                if self.monitor and self.world.is_main and (last or step % (self.steps_per_epoch * self.cfg.monitor.every) == 0):
                     self.write_metrics(self.monitor.check(self, step=step, epoch=epoch))
                 if last:
                     break
@@ -290,7 +316,7 @@ class _Trainer:
         with self.rt.autocast():
             _, z = self.model(x)  # (2N, proj_dim)
         z1, z2 = z.float().chunk(2)  # (N, proj_dim) each; the loss is computed in fp32
-        loss = nt_xent(z1, z2, self.cfg.train.temperature)
+        loss = self.loss_fn(z1, z2, self.cfg.train.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -314,13 +340,14 @@ class _Trainer:
         )
 
     def check_finite(self) -> None:
-        bad = int(self.bad_step.item())
+        """Stop if any rank saw a non-finite loss; every rank calls this at the same steps, so all stop together."""
+        bad = int(distributed.all_reduce_max(self.bad_step).item())
         if bad >= 0:
             raise NonFiniteLoss(bad)
 
     def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float) -> None:
         self.check_finite()
-        value = float(loss.item())
+        value = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
         if self.first_loss is None:
             self.first_loss = value
         self.last_loss = value
@@ -331,6 +358,8 @@ class _Trainer:
                                        images_per_s=images_per_s))
 
     def write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -341,14 +370,16 @@ class _Trainer:
     def save(self, *, step: int, epoch: int) -> None:
         """Training state for --resume, then the encoder file the other commands read; never non-finite."""
         self.check_finite()
+        if not self.world.is_main:
+            return  # every rank holds the same weights; one writes them
         path = self.run_dir.checkpoint(step)
         checkpoint.save_train_state(
-            path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            path, model=self.trained, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
             config=self.config_dict, elapsed=self.elapsed(),
         )
         for old in self.run_dir.saved_checkpoints()[self.cfg.train.keep_checkpoints:]:
             old.unlink(missing_ok=True)
-        checkpoint.save_encoder(self.run_dir.encoder, self.model, info=self.encoder_info(step=step, epoch=epoch))
+        checkpoint.save_encoder(self.run_dir.encoder, self.trained, info=self.encoder_info(step=step, epoch=epoch))
         log.debug("saved %s and %s", path, self.run_dir.encoder)
 
 
@@ -365,11 +396,11 @@ class _Monitor:
 
     def check(self, trainer: _Trainer, *, step: int, epoch: int) -> dict[str, Any]:
         info = trainer.encoder_info(step=step, epoch=epoch)
-        encoder = features.Encoder(model=trainer.model, info=info, source=None)
+        encoder = features.Encoder(model=trainer.trained, info=info, source=None)
         try:
             result = knn.run(self.knn, encoder, self.splits.train, self.splits.val, rt=trainer.rt)
         finally:
-            trainer.model.train()
+            trainer.trained.train()
         log.info("epoch %d: kNN top-1 %.2f%% on %s", epoch, 100 * result.top1, self.splits.name)
         return {"step": step, "epoch": epoch, "knn_top1": result.top1, "knn_top5": result.top5,
                 "knn_k": result.scores[0].k_used, "time": round(trainer.elapsed(), 3)}
@@ -409,6 +440,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _start_files(run_dir: rundir.RunDir, config_dict: dict[str, Any], *, resumed_from: int | None) -> None:
+    """Rank 0's bookkeeping before the first step: the config of a new run, or the metrics a resume replays."""
+    if resumed_from is None:
+        run_dir.config.write_text(yaml.safe_dump(config_dict, sort_keys=False), encoding="utf-8")
+    else:
+        _truncate_metrics(run_dir.metrics, after_step=resumed_from)
+    if run_dir.root.parent.name == rundir.RUNS.name:
+        rundir.point_latest(run_dir.root)
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
