@@ -5,12 +5,13 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from simclr_cli import __version__, options
+from simclr_cli import __version__, launcher, options
 from simclr_cli.console import RichProgress, console, errors_as_messages, setup_logging, show_table
 
 app = typer.Typer(
@@ -69,6 +70,12 @@ def pretrain(
     download: options.Download = None,
     set_: options.Set = None,
     out: options.Out = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", "--procs", help="Processes on this machine, one per GPU (with --device cpu: CPU processes "
+                                             "over gloo). --batch-size stays the global batch.")] = None,
+    nodes: Annotated[int, typer.Option(help="Machines taking part; run the same command on each with its --node-rank.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index among --nodes (0 is the master).")] = 0,
+    master_addr: Annotated[str | None, typer.Option(help="Address of node 0, for --nodes > 1.")] = None,
+    master_port: Annotated[int | None, typer.Option(help="A free port on node 0, for --nodes > 1 (default 29500).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default runs/latest) from its newest valid checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out, replacing the previous run's files.")] = False,
     verbose: options.Verbose = False,
@@ -91,15 +98,48 @@ def pretrain(
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.root": str(data_root) if data_root else None, "data.download": download,
         }
-        saved = None
         if resume:
             out = (out or rundir.RUNS / rundir.LATEST).resolve()
-            saved = config.load_yaml(rundir.RunDir(out).config) if rundir.RunDir(out).config.is_file() else None
-            if saved is None:
-                raise ConfigError(f"{out} has no config.yaml, so it is not a run folder to resume; check --out")
-        cfg = config.resolve_pretrain(data=data, preset=preset, sets=set_, flags=flags, saved=saved)
+        resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
+        if resolved_file:  # a worker started by --gpus: the parent resolved the config already
+            cfg = config.from_dict(task.PretrainConfig, config.load_yaml(Path(resolved_file)))
+        else:
+            saved = None
+            if resume:
+                saved = config.load_yaml(rundir.RunDir(out).config) if rundir.RunDir(out).config.is_file() else None
+                if saved is None:
+                    raise ConfigError(f"{out} has no config.yaml, so it is not a run folder to resume; check --out")
+            cfg = config.resolve_pretrain(data=data, preset=preset, sets=set_, flags=flags, saved=saved)
+        procs = gpus or 1
+        if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
+            raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
+        if (procs > 1 or nodes > 1) and not launcher.launched_externally():
+            cfg.resolved()  # report a bad config once, here, not once per worker
+            _check_gpu_count(cfg.train.device, procs)
+            out = (out or rundir.default_run_dir()).resolve()
+            command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
+                       *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
+            code = launcher.launch(config.to_dict(cfg), command=command, procs=procs, nodes=nodes, node_rank=node_rank,
+                                   master_addr=master_addr, master_port=master_port)
+            if code:
+                raise typer.Exit(code)
+            return
+        if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("pass --out when you start the processes yourself (torchrun, srun), so every process writes to one folder")
         result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
-        _report_pretrain(result)
+        if os.environ.get("RANK", "0") == "0":
+            _report_pretrain(result)
+
+
+def _check_gpu_count(device: str, procs: int) -> None:
+    import torch
+
+    from simclr_cli.engine.errors import ConfigError
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and procs > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {procs} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many")
+    if device == "auto" and not torch.cuda.is_available():
+        console.print(f"no GPU found: starting {procs} CPU processes (gloo)")
 
 
 def _report_pretrain(result) -> None:
@@ -110,11 +150,10 @@ def _report_pretrain(result) -> None:
         console.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
     console.print(f"encoder: [bold]{result.encoder}[/]")
     data = "" if result.named_data else " --data LABELLED_DATA"
-    console.print("next:")
-    console.print(f"  simclr knn {result.encoder}{data}            # kNN accuracy of the representation")
-    console.print(f"  simclr knn {result.encoder}{data} --random-init   # the same for an untrained encoder")
-    console.print(f"  simclr linear-eval {result.encoder}{data}    # linear evaluation")
-    console.print(f"  simclr embed IMAGES -o vecs.npy -c {result.encoder}")
+    console.print("next: kNN accuracy, the same for an untrained encoder, linear evaluation, embeddings:")
+    for command in (f"knn {result.encoder}{data}", f"knn {result.encoder}{data} --random-init",
+                    f"linear-eval {result.encoder}{data}", f"embed IMAGES -o vecs.npy -c {result.encoder}"):
+        console.print(f"  simclr {command}", highlight=False, soft_wrap=True)
 
 
 def _open_for_eval(

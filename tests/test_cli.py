@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,47 @@ def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert result.stdout.strip().startswith("simclr ") or result.stderr.strip().startswith("simclr ")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_log_the_same_losses_as_one(image_folder, tmp_path):
+    """--gpus 2 --device cpu: gloo workers through torchrun, global batch split in two, same maths as one process."""
+    args = ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+            "--batch-size", "8", "--max-steps", "4", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+            "--set", "train.log_every=1"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(single) == len(double) == 4
+    assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double))
+    assert two.stderr.count("done 4 steps") == 1  # only rank 0 reports
+
+
+def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something").write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25",
+         "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--gpus", "2", "--out", str(taken)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(task.distributed, "init", lambda world, **kw: None)
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--batch-size", "8", "--device", "cpu",
+                                 "--out", str(tmp_path / "r")])
+    assert "does not split evenly over 3 processes" in one_line_error(result)
