@@ -130,6 +130,16 @@ def test_atomic_write_file_mode_follows_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
 
 
+def test_saved_checkpoints_follow_the_umask_too(tmp_path):
+    # safetensors writes through a file of its own, so the mode must be restored after it
+    old = os.umask(0o022)
+    try:
+        save(tmp_path / "c.safetensors", {"w": torch.zeros(2)}, kind=checkpoint.ENCODER, meta={})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o644
+
+
 # --- save / load: the container and its header -----------------------------------------------------
 
 

@@ -40,8 +40,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     # Not mkstemp: its 0600 mode would survive the rename; created like any file, the umask decides.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave it 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
