@@ -1,75 +1,27 @@
 """distributed: environment parsing, one-process no-ops, and 2-process gloo runs checked against one process.
 
-Multi-process tests spawn 2 CPU processes (torch.multiprocessing, "spawn": forking a process whose OpenMP and
-gloo threads may already run is not reliable). Each worker computes the one-process reference itself from the same
-seed and asserts inside the worker; a failure there re-raises here with its traceback, a hang fails after a timeout.
+Multi-process tests run on 2 spawned CPU processes (tests/multiprocess.py). Each worker computes the one-process
+reference itself from the same seed and asserts inside the worker.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from multiprocess import run_on_two_processes
 from simclr_cli.engine import distributed
 from simclr_cli.engine.distributed import GlobalBatchNorm, MainOnly, World
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
 
-WORLD_SIZE = 2
-TIMEOUT_S = 60  # a whole 2-process test; collectives themselves time out after COLLECTIVE_TIMEOUT_S
-COLLECTIVE_TIMEOUT_S = 30
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
                     "MASTER_ADDR", "MASTER_PORT")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2-process harness
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(local_rank: int, worker, port: int) -> None:
-    """What each spawned process runs: the torchrun environment, then the real init path, then the worker."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(local_rank))
-    torch.set_num_threads(1)  # 2 processes on a 2-core machine
-    world = distributed.from_environment()
-    assert world == World(rank=local_rank, world_size=WORLD_SIZE, local_rank=local_rank)
-    distributed.init(world, device_type="cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
-    try:
-        worker(world)
-    finally:
-        distributed.shutdown()
-
-
-def run_on_two_processes(worker) -> None:
-    """Run worker(world) on 2 gloo processes; re-raise a worker's failure; fail instead of hanging."""
-    context = mp.start_processes(_entry, args=(worker, _free_port()), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process test did not finish within {TIMEOUT_S} s (a collective hung?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +148,74 @@ def _step_worker(world: World) -> None:
 
 def test_global_bn_ddp_step_on_two_ranks_equals_one_process_on_the_global_batch():
     run_on_two_processes(_step_worker)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharding rows and gathering them back (feature extraction on N processes)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 16, 101])
+@pytest.mark.parametrize("multiple_of", [1, 3, 4])
+def test_shards_are_contiguous_disjoint_balanced_and_cover_in_rank_order(n, world_size, multiple_of):
+    shards = [distributed.shard(n, World(rank=r, world_size=world_size), multiple_of=multiple_of)
+              for r in range(world_size)]
+    assert all(s.step == 1 for s in shards)  # contiguous
+    assert [i for s in shards for i in s] == list(range(n))  # disjoint, covering, in rank order
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= multiple_of  # balanced (within one row when multiple_of=1)
+    assert all(s.start % multiple_of == 0 for s in shards if len(s))  # cut at whole batches
+    if multiple_of == 1:
+        assert sizes == sorted(sizes)  # the larger shards last
+        assert sizes == [n // world_size + (r >= world_size - n % world_size) for r in range(world_size)]
+
+
+def test_shard_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n >= 0"):
+        distributed.shard(-1, World())
+    with pytest.raises(ValueError, match="multiple_of"):
+        distributed.shard(4, World(), multiple_of=0)
+
+
+def test_gather_rows_is_the_identity_with_one_process():
+    x = torch.randn(5, 3)
+    assert distributed.gather_rows(x, 5, World()) is x
+    with pytest.raises(ValueError, match="expected all 7"):
+        distributed.gather_rows(x, 7, World())
+    assert distributed.current_world() == World()
+
+
+def _gather_rows_worker(world: World) -> None:
+    assert distributed.current_world() == world  # the launcher's environment describes this group
+    for n, dim, multiple_of in ((5, 3, 1), (1, 2, 1), (0, 4, 1), (9, 2, 4)):  # uneven, an empty rank, no rows
+        full = torch.arange(n * dim, dtype=torch.float32).reshape(n, dim)  # (n, dim)
+        mine = distributed.shard(n, world, multiple_of=multiple_of)
+        gathered = distributed.gather_rows(full[mine.start : mine.stop].clone(), n, world)
+        assert gathered.shape == (n, dim) and torch.equal(gathered, full), (n, multiple_of)
+    # Blocks larger than one collective go through in several, padding dropped each time.
+    original, distributed.GATHER_BLOCK_ROWS = distributed.GATHER_BLOCK_ROWS, 2
+    try:
+        full = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        mine = distributed.shard(7, world)
+        assert torch.equal(distributed.gather_rows(full[mine.start : mine.stop], 7, world), full)
+    finally:
+        distributed.GATHER_BLOCK_ROWS = original
+    with pytest.raises(ValueError, match="expected 6 in all"):
+        distributed.gather_rows(torch.zeros(len(distributed.shard(5, world)), 2), 6, world)
+    # on_every_rank: results stay local; one rank's failure stops every rank.
+    assert distributed.on_every_rank(lambda: world.rank * 10, device=torch.device("cpu")) == world.rank * 10
+
+    def fail_on_rank_1() -> None:
+        if world.rank == 1:
+            raise KeyError("rank 1's own error")
+
+    expected = KeyError if world.rank == 1 else distributed.RankFailed
+    with pytest.raises(expected):
+        distributed.on_every_rank(fail_on_rank_1, device=torch.device("cpu"))
+
+
+def test_gather_rows_and_on_every_rank_on_two_ranks():
+    run_on_two_processes(_gather_rows_worker, timeout_s=40)
 
 
 # ---------------------------------------------------------------------------------------------------------------

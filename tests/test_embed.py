@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from multiprocess import run_on_two_processes
 from simclr_cli.engine import embed, features
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
 from simclr_cli.engine.data import ImageFiles
@@ -165,3 +168,45 @@ def test_worker_processes_give_the_same_rows(encoder, folder, tmp_path):
     two = run(encoder, folder, tmp_path / "b.npy", workers=1)
     assert one.skipped == two.skipped and len(one.skipped) == 1
     np.testing.assert_array_equal(np.load(one.out), np.load(two.out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two processes: each rank embeds its shard into the shared scratch file, rank 0 writes the one-process files
+
+
+def _two_rank_worker(world, checkpoint: str, jobs: str) -> None:
+    encoder = features.open_encoder(Path(checkpoint))
+    for job in json.loads(jobs):
+        if job["expected"] is None:  # nothing decodable: every rank stops with the one-process error
+            with pytest.raises(DataError, match="none of the 2 images"):
+                embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+            continue
+        result = embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+        got = result.to_dict()
+        for key in ("rows", "dim", "layer", "normalize", "checkpoint", "skipped"):
+            assert got[key] == job["expected"][key], key  # on every rank, not only the one that wrote the files
+
+
+def test_two_ranks_write_the_one_process_files_byte_for_byte(encoder, folder, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(folder, clean)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.png").write_bytes(b"garbage")
+    (folder / "a.png").write_bytes(b"")  # row 0: rank 0's shard (rows 0-3, two batches of 2)
+    (folder / "a" / "xx.png").write_bytes(b"not an image")  # row 4: rank 1's shard (rows 4-6)
+    one = run(encoder, folder, tmp_path / "one" / "vecs.npy")
+    assert [name for name, _ in one.skipped] == ["a.png", "a/xx.png"] and one.rows == 5
+    one_clean = run(encoder, clean, tmp_path / "one" / "clean.npy")
+    two = tmp_path / "two"
+    jobs = [{"folder": str(folder), "out": str(two / "vecs.npy"), "expected": one.to_dict()},
+            {"folder": str(clean), "out": str(two / "clean.npy"), "expected": one_clean.to_dict()},
+            {"folder": str(broken), "out": str(two / "broken.npy"), "expected": None}]
+    run_on_two_processes(_two_rank_worker, str(encoder.source), json.dumps(jobs), timeout_s=40)
+    for result in (one, one_clean):
+        out = two / result.out.name
+        assert out.read_bytes() == result.out.read_bytes()  # fp32 on the CPU, same batches: identical rows
+        assert embed.paths_file_for(out).read_bytes() == result.paths_file.read_bytes()
+    # Only the outputs: no scratch .npy, no per-rank JSON, nothing from the failed run.
+    assert sorted(os.listdir(two)) == ["clean.npy", "clean.paths.txt", "vecs.npy", "vecs.paths.txt"]

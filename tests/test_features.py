@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Subset
 
+from multiprocess import run_on_two_processes
 from simclr_cli.engine import features
 from simclr_cli.engine.augment import eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder, save_encoder
@@ -152,20 +153,21 @@ def test_random_init_has_fresh_weights_but_the_files_architecture_and_transform(
     assert out.shape == (2, 128)
 
 
+class Recorder(NoProgress):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, *, total_steps, completed, description):
+        self.calls.append(("start", total_steps))
+
+    def update(self, stats):
+        self.calls.append(("update", stats.step))
+
+    def stop(self):
+        self.calls.append(("stop",))
+
+
 def test_iter_features_yields_consecutive_chunks_and_reports_progress(tmp_path):
-    class Recorder(NoProgress):
-        def __init__(self):
-            self.calls = []
-
-        def start(self, *, total_steps, completed, description):
-            self.calls.append(("start", total_steps))
-
-        def update(self, stats):
-            self.calls.append(("update", stats.step))
-
-        def stop(self):
-            self.calls.append(("stop",))
-
     encoder = features.open_encoder(tiny_checkpoint(tmp_path / "enc.safetensors"))
     progress = Recorder()
     chunks = list(features.iter_features(encoder, images(5), batch_size=2, rt=CPU, progress=progress))
@@ -195,3 +197,35 @@ def test_labels_of_reads_targets_subsets_and_falls_back_to_items():
     assert features.labels_of(WithTargets()).tolist() == [2, 0, 1]
     assert features.labels_of(Subset(WithTargets(), [2, 0])).tolist() == [1, 2]
     assert features.labels_of(pairs).tolist() == [4, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two processes: each encodes its shard, every rank gets the one-process rows
+
+
+def _two_rank_worker(world, checkpoint: str, expected_file: str) -> None:
+    encoder = features.open_encoder(Path(checkpoint))
+    expected = torch.from_numpy(np.load(expected_file))  # (10, 32): one process
+    progress = Recorder()
+    got = features.extract(encoder, images(10), layer="projection", batch_size=4, rt=CPU, progress=progress)
+    assert torch.equal(got, expected)  # every rank, every row, bit for bit, in image order
+    # Shards cut at whole batches, so each rank runs exactly one process's batches (a 5/5 split would not):
+    # rank 0 rows 0-3, rank 1 rows 4-7 and 8-9.
+    chunks = list(features.iter_features(encoder, images(10), layer="projection", batch_size=4, rt=CPU))
+    mine = [(0, 4)] if world.rank == 0 else [(4, 4), (8, 2)]
+    assert [(start, len(chunk)) for start, chunk in chunks] == mine
+    for start, chunk in chunks:
+        assert torch.equal(chunk, expected[start : start + len(chunk)])
+    # Only rank 0 shows progress (its own batches).
+    assert progress.calls == ([("start", 1), ("update", 1), ("stop",)] if world.is_main else [])
+    one_image = features.extract(encoder, images(1), layer="projection", batch_size=2, rt=CPU)  # rank 0 has none
+    assert torch.equal(one_image, torch.from_numpy(np.load(expected_file.replace(".npy", "_one.npy"))))
+
+
+def test_two_ranks_extract_exactly_the_one_process_rows(tmp_path):
+    path = tiny_checkpoint(tmp_path / "enc.safetensors")
+    expected = features.extract(features.open_encoder(path), images(10), layer="projection", batch_size=4, rt=CPU)
+    np.save(tmp_path / "expected.npy", expected.numpy())
+    one_image = features.extract(features.open_encoder(path), images(1), layer="projection", batch_size=2, rt=CPU)
+    np.save(tmp_path / "expected_one.npy", one_image.numpy())
+    run_on_two_processes(_two_rank_worker, str(path), str(tmp_path / "expected.npy"), timeout_s=40)

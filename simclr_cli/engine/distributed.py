@@ -153,6 +153,76 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if _active(group) else 1
 
 
+def current_world() -> World:
+    """The World of the active process group (the launcher's local rank when its environment describes this group,
+    else 0); World() without a process group. For tasks the CLI runs after `init` without passing a World."""
+    if not _active():
+        return World()
+    group_rank, size = dist.get_rank(), dist.get_world_size()
+    try:
+        launched = from_environment()
+    except ConfigError:
+        launched = World()
+    if (launched.rank, launched.world_size) == (group_rank, size):
+        return launched
+    return World(rank=group_rank, world_size=size)
+
+
+def shard(n: int, world: World, *, multiple_of: int = 1) -> range:
+    """This rank's contiguous block of range(n): blocks in rank order, sizes differing by at most `multiple_of`.
+
+    Boundaries fall on multiples of `multiple_of`: pass the batch size and every rank runs exactly the batches one
+    process would, so the features match it bit for bit (kernels round differently for different batch shapes).
+    """
+    if n < 0:
+        raise ValueError(f"cannot shard {n} rows; need n >= 0")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    blocks = -(-n // multiple_of)
+    # The last `extra` ranks take one block more: the last of them also holds the one partial block, if any.
+    base, extra = divmod(blocks, world.world_size)
+    lighter = world.world_size - extra
+    first = world.rank * base + max(0, world.rank - lighter)
+    last = first + base + (world.rank >= lighter)
+    return range(min(first * multiple_of, n), min(last * multiple_of, n))
+
+
+GATHER_BLOCK_ROWS = 8192  # rows per rank and collective: bounds the device memory gather_rows needs
+
+
+def gather_rows(x: Tensor, n_total: int, world: World) -> Tensor:
+    """Every rank's contiguous block of rows (e.g. its `shard`), concatenated in rank order: the full (n_total, ...)
+    tensor on every rank, on x's device, without padding; x itself with one process.
+
+    Blocks may differ in size: each is padded to the largest for the all-gather and the padding dropped. The
+    collective runs a block of rows at a time on the device the backend needs (the current CUDA device for nccl,
+    the CPU for gloo), so a full CPU feature matrix never has to fit on the GPU.
+    """
+    if world.world_size == 1:
+        if x.shape[0] != n_total:
+            raise ValueError(f"gather_rows got {x.shape[0]} rows on one process, expected all {n_total}")
+        return x
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(world.world_size)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=wire))
+    sizes = [int(c.item()) for c in counts]
+    if sum(sizes) != n_total:
+        raise ValueError(f"the ranks hold {sizes} rows ({sum(sizes)} in all), expected {n_total} in all")
+    starts = [sum(sizes[:r]) for r in range(world.world_size)]
+    out = x.new_empty((n_total, *x.shape[1:]))  # (n_total, ...)
+    for offset in range(0, max(sizes), GATHER_BLOCK_ROWS):
+        rows = min(GATHER_BLOCK_ROWS, max(sizes) - offset)
+        block = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=wire)  # (rows, ...) padded
+        mine = x[offset : offset + rows]
+        block[: len(mine)] = mine.to(wire)
+        parts = [torch.empty_like(block) for _ in range(world.world_size)]
+        dist.all_gather(parts, block)
+        for part, start, size in zip(parts, starts, sizes):
+            take = max(0, min(rows, size - offset))
+            out[start + offset : start + offset + take] = part[:take]
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sends each rank the gradient of its own rows from EVERY rank's loss.
 
@@ -236,6 +306,24 @@ def on_main(world: World, work: Callable[[], T], *, device: torch.device) -> T |
         raise error
     if int(failed.item()):
         raise RankFailed("rank 0 stopped with an error (shown in its output); this process stopped with it")
+    return result
+
+
+def on_every_rank(work: Callable[[], T], *, device: torch.device) -> T:
+    """Run `work` on every rank, then wait for all; if any rank failed, every rank stops (that one with its error).
+
+    Also a barrier: once it returns, every rank's work is done (e.g. its files are written).
+    """
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as exc:  # re-raised below, after the other ranks have been told
+        error = exc
+    failed = all_reduce_max(torch.tensor(0 if error is None else 1, device=device))
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise RankFailed("another rank stopped with an error (shown in its output); this process stopped with it")
     return result
 
 

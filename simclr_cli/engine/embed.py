@@ -5,10 +5,16 @@ Undecodable files are skipped and reported; they are only discovered while readi
 scratch file sized for every image found, and when some were skipped the decodable rows are copied into
 a file of the right size (one extra sequential pass, only then). A cheap pre-scan (PIL open + verify)
 was rejected: it opens every file twice and still misses files that verify but fail to decode.
+
+Under a process group (distributed.init) each rank decodes and encodes one contiguous, batch-aligned shard into
+the same scratch file, which rank 0 then finalises exactly as one process does: the .npy is identical byte for
+byte. The folder and `out` must be on storage every rank sees (one machine, or a shared filesystem such as
+NFS or Lustre with close-to-open consistency).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -23,13 +29,14 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from simclr_cli.engine import distributed
 from simclr_cli.engine.checkpoint import atomic_write
 from simclr_cli.engine.data import decode_image, find_images
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
-from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, prepare, transform_for
+from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, prepare, transform_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -90,43 +97,50 @@ def run(
     progress: Progress | None = None,
     overwrite: bool = False,
 ) -> EmbedResult:
-    """Embed every image under `folder` (sorted, recursive) into `out` (.npy) and its .paths.txt sidecar."""
+    """Embed every image under `folder` (sorted, recursive) into `out` (.npy) and its .paths.txt sidecar.
+
+    Under a process group every rank returns the same result (but its own `seconds`); rank 0 writes the files.
+    """
     started = time.perf_counter()
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
     paths_file = paths_file_for(out)
-    if out.suffix != ".npy":
-        raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
-    for existing in (out, paths_file):
-        if existing.exists() and not overwrite:
-            raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another --out")
-    dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks, before any work
-    found = find_images(folder)
+    world = distributed.current_world()
+    # Every rank checks the same things; if one fails alone (storage differs), the others stop too.
+    found, dim = distributed.on_every_rank(
+        lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite), device=rt.device
+    )
     # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
     names = [os.fsdecode(p.relative_to(folder).as_posix()) for p in found]
     skipped = [(name, LINE_BREAK) for name in names if "\n" in name or "\r" in name]
     listed = [i for i, name in enumerate(names) if "\n" not in name and "\r" not in name]
     paths, names = [found[i] for i in listed], [names[i] for i in listed]
+    rows = local_rows(len(paths), batch_size=batch_size)  # this rank's shard of `paths`
 
-    scratch = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch_path(out, world, device=rt.device)
     try:
-        kept, unreadable = _write_rows(
-            scratch, encoder, paths, dim=dim, layer=layer, normalize=normalize, batch_size=batch_size,
-            workers=workers, rt=rt, progress=progress or NoProgress(),
+        # on_main's closing all-reduce is the barrier: once it returns, every rank can open the scratch file.
+        distributed.on_main(world, lambda: _create_scratch(scratch, rows=len(paths), dim=dim), device=rt.device)
+        mine = distributed.on_every_rank(
+            lambda: _write_rows(
+                scratch, encoder, paths, rows=rows, dim=dim, layer=layer, normalize=normalize, batch_size=batch_size,
+                workers=workers, rt=rt, progress=(progress or NoProgress()) if world.is_main else NoProgress(),
+                world=world,
+            ),
+            device=rt.device,
         )
+        unreadable = distributed.on_every_rank(lambda: _unreadable_of_all_ranks(scratch, mine, world), device=rt.device)
+        bad = {i for i, _ in unreadable}
+        kept = [i for i in range(len(paths)) if i not in bad]
         skipped += [(names[i], reason) for i, reason in unreadable]
         if not kept:
             first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
             raise DataError(f"none of the {len(found)} images under {folder} could be decoded{first}; check the files")
-        if len(kept) == len(paths):
-            atomic_write(out, lambda tmp: os.replace(scratch, tmp))
-        else:
-            atomic_write(out, lambda tmp: _copy_rows(scratch, tmp, rows=len(kept)))
+        distributed.on_main(world, lambda: _finish(scratch, out, paths_file, kept=kept, names=names), device=rt.device)
     finally:
-        scratch.unlink(missing_ok=True)
-    # One name per line; non-UTF-8 bytes round-trip through surrogateescape (see read_paths).
-    text = "".join(f"{names[i]}\n" for i in kept)
-    atomic_write(paths_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+        if world.is_main:  # every rank is past reading the scratch files when rank 0 gets here (or has failed)
+            scratch.unlink(missing_ok=True)
+            for rank in range(world.world_size):
+                _unreadable_file(scratch, rank).unlink(missing_ok=True)
 
     for name, reason in skipped:
         log.warning("skipped %s: %s", name, reason)
@@ -137,45 +151,105 @@ def run(
     )
 
 
-def _write_rows(
-    scratch: Path, encoder: Encoder, paths: Sequence[Path], *, dim: int, layer: str, normalize: bool,
-    batch_size: int, workers: int, rt: Runtime, progress: Progress,
-) -> tuple[list[int], list[tuple[int, str]]]:
-    """Write the decodable images' rows, in order, to the top of a (len(paths), dim) scratch .npy.
+def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool) -> tuple[list[Path], int]:
+    """(the images found, the feature width), or the ConfigError / DataError that stops the run before any work."""
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
+    for existing in (out, paths_file):
+        if existing.exists() and not overwrite:
+            raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another --out")
+    dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
+    return find_images(folder), dim
 
-    Returns the indices of the rows written and (index, reason) of the images that could not be decoded.
+
+def _scratch_path(out: Path, world: distributed.World, *, device: torch.device) -> Path:
+    """A fresh scratch file name beside `out`, the same on every rank (rank 0 draws it)."""
+    token = torch.tensor(secrets.randbits(62) if world.is_main else 0, dtype=torch.int64, device=device)
+    token = int(distributed.all_reduce_max(token).item())
+    return out.parent / f".{out.name}.{token:016x}.partial.npy"
+
+
+def _create_scratch(scratch: Path, *, rows: int, dim: int) -> None:
+    """A (rows, dim) float32 .npy of zeros (sparse where the filesystem allows) for the ranks to fill."""
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    created = open_memmap(scratch, mode="w+", dtype=np.float32, shape=(rows, dim))  # (N, D)
+    created.flush()
+    del created
+
+
+def _unreadable_file(scratch: Path, rank: int) -> Path:
+    return scratch.with_name(f"{scratch.name}.rank{rank}.json")
+
+
+def _unreadable_of_all_ranks(scratch: Path, mine: list[tuple[int, str]], world: distributed.World) -> list[tuple[int, str]]:
+    """Every rank's (index, reason) list in index order, read from the JSON file each rank wrote beside the scratch
+    file (no pickle; ensure_ascii keeps surrogate-escaped names intact)."""
+    if world.world_size == 1:
+        return mine
+    everyone: list[tuple[int, str]] = []
+    for rank in range(world.world_size):  # contiguous shards in rank order: index order
+        entries = json.loads(_unreadable_file(scratch, rank).read_text(encoding="ascii"))
+        everyone += [(int(index), str(reason)) for index, reason in entries]
+    return everyone
+
+
+def _finish(scratch: Path, out: Path, paths_file: Path, *, kept: list[int], names: list[str]) -> None:
+    """Rank 0: the decodable rows as `out` and their names as the sidecar, each written atomically."""
+    if len(kept) == len(names):
+        atomic_write(out, lambda tmp: os.replace(scratch, tmp))
+    else:
+        atomic_write(out, lambda tmp: _copy_rows(scratch, tmp, kept=kept))
+    # One name per line; non-UTF-8 bytes round-trip through surrogateescape (see read_paths).
+    text = "".join(f"{names[i]}\n" for i in kept)
+    atomic_write(paths_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+
+
+def _write_rows(
+    scratch: Path, encoder: Encoder, paths: Sequence[Path], *, rows: range, dim: int, layer: str, normalize: bool,
+    batch_size: int, workers: int, rt: Runtime, progress: Progress, world: distributed.World,
+) -> list[tuple[int, str]]:
+    """Write row i of the (len(paths), dim) scratch .npy for each decodable image i in `rows`; undecodable images
+    leave their row zero. Returns (index, reason) of those, also written as JSON for rank 0 under a process group.
+
+    Plain writes at exact byte offsets, not a shared memory map: a map writes back whole pages, and on a network
+    filesystem the page two ranks share would lose one rank's rows.
     """
-    batches = loader(_Decoded(paths, transform_for(encoder)), batch_size=batch_size, workers=workers, rt=rt,
-                     collate_fn=_collate)
+    batches = loader(Subset(_Decoded(paths, transform_for(encoder)), rows), batch_size=batch_size, workers=workers,
+                     rt=rt, collate_fn=_collate)
     model = prepare(encoder, rt)
-    rows = open_memmap(scratch, mode="w+", dtype=np.float32, shape=(len(paths), dim))  # (N, D); unused tail if skips
-    kept: list[int] = []
+    offset = np.load(scratch, mmap_mode="r").offset  # the .npy header's length
     unreadable: list[tuple[int, str]] = []
+    done = 0
     started = time.perf_counter()
     progress.start(total_steps=len(batches), completed=0, description="embed")
     try:
-        for step, (indices, x, failed) in enumerate(batches, start=1):
-            unreadable += failed
-            if x is not None:
-                chunk = encode(model, x, layer=layer, rt=rt, normalize=normalize)  # (B, D)
-                rows[len(kept) : len(kept) + len(indices)] = chunk.numpy()
-                kept += indices
-            rate = (len(kept) + len(unreadable)) / max(time.perf_counter() - started, 1e-9)
-            progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
-        rows.flush()
+        with open(scratch, "r+b") as handle:
+            for step, (indices, x, failed) in enumerate(batches, start=1):
+                unreadable += failed
+                first = min(indices + [i for i, _ in failed])  # a batch is a contiguous run of rows
+                block = np.zeros((len(indices) + len(failed), dim), dtype=np.float32)  # (B, D)
+                if x is not None:
+                    block[np.asarray(indices) - first] = encode(model, x, layer=layer, rt=rt, normalize=normalize).numpy()
+                handle.seek(offset + first * dim * block.itemsize)
+                handle.write(block.tobytes())
+                done += len(block)
+                # The shards are balanced, so rank 0's rate times the ranks is the whole job's.
+                rate = done * world.world_size / max(time.perf_counter() - started, 1e-9)
+                progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
     finally:
         progress.stop()
-        del rows  # closes the memory map before the file is renamed or copied
-    return kept, unreadable
+    if world.world_size > 1:
+        _unreadable_file(scratch, world.rank).write_text(json.dumps(unreadable), encoding="ascii")
+    return unreadable
 
 
-def _copy_rows(src: Path, dst: Path, *, rows: int) -> None:
-    """The first `rows` rows of the .npy `src` as the .npy `dst`, a block at a time (bounded memory)."""
+def _copy_rows(src: Path, dst: Path, *, kept: list[int]) -> None:
+    """Rows `kept` (ascending) of the .npy `src` as the .npy `dst`, a block at a time (bounded memory)."""
     source = np.load(src, mmap_mode="r")
-    target = open_memmap(dst, mode="w+", dtype=np.float32, shape=(rows, source.shape[1]))
-    for start in range(0, rows, COPY_ROWS):
-        stop = min(start + COPY_ROWS, rows)
-        target[start:stop] = source[start:stop]
+    target = open_memmap(dst, mode="w+", dtype=np.float32, shape=(len(kept), source.shape[1]))
+    index = np.asarray(kept, dtype=np.int64)
+    for start in range(0, len(kept), COPY_ROWS):
+        target[start : start + COPY_ROWS] = source[index[start : start + COPY_ROWS]]
     target.flush()
     del source, target
 

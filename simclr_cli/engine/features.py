@@ -2,6 +2,9 @@
 
 Representations follow SimCLR §2.1 (h = f(x), z = g(h)) and SimCLRv2 §2 (the output of the head's
 first layer, a better starting point than h for fine-tuning with few labels).
+
+Under a process group (distributed.init) each rank encodes one contiguous, batch-aligned shard of the images
+and `extract` gathers the rows, so every rank gets exactly the (N, D) tensor one process computes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from simclr_cli.engine import distributed
 from simclr_cli.engine.augment import eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder
 from simclr_cli.engine.device import Runtime
@@ -126,10 +130,21 @@ class _Transformed(Dataset):
         return self.transform(image)
 
 
-def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, collate_fn=None) -> DataLoader:
-    """Sequential batches (row order = dataset order) for feature extraction."""
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+
+
+def local_rows(count: int, *, batch_size: int) -> range:
+    """The rows of `count` this process encodes: all of them, or under a process group its contiguous shard,
+    cut at whole batches so each rank runs exactly the batches one process would (identical rows, bit for bit)."""
+    _check_batch_size(batch_size)
+    return distributed.shard(count, distributed.current_world(), multiple_of=batch_size)
+
+
+def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, collate_fn=None) -> DataLoader:
+    """Sequential batches (row order = dataset order) for feature extraction."""
+    _check_batch_size(batch_size)
     if workers < 0:
         raise ConfigError(f"--workers {workers} must be >= 0; use 0 to load in the main process")
     return DataLoader(
@@ -155,20 +170,30 @@ def iter_features(
     normalize: bool = False,
     description: str = "features",
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield (start, chunk): rows start..start+len(chunk) of the features, chunk (B, D) float32 on the CPU."""
+    """Yield (start, chunk): rows start..start+len(chunk) of the features, chunk (B, D) float32 on the CPU.
+
+    Under a process group, only this rank's shard of the rows (`start` still counts from image 0), and only
+    rank 0 reports progress.
+    """
     check_layer(encoder, layer)
-    progress = progress or NoProgress()
+    world = distributed.current_world()
+    rows = local_rows(len(images), batch_size=batch_size)
+    if world.world_size > 1:
+        images = Subset(images, rows)
+    if progress is None or not world.is_main:
+        progress = NoProgress()
     batches = loader(_Transformed(images, transform or transform_for(encoder)), batch_size=batch_size, workers=workers, rt=rt)
     model = prepare(encoder, rt)
     started = time.perf_counter()
-    start = 0
+    start = rows.start
     progress.start(total_steps=len(batches), completed=0, description=description)
     try:
         for step, x in enumerate(batches, start=1):
             chunk = encode(model, x, layer=layer, rt=rt, normalize=normalize)
             yield start, chunk
             start += len(chunk)
-            rate = start / max(time.perf_counter() - started, 1e-9)
+            # The shards are balanced, so rank 0's rate times the ranks is the whole job's.
+            rate = (start - rows.start) * world.world_size / max(time.perf_counter() - started, 1e-9)
             progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
     finally:
         progress.stop()
@@ -187,13 +212,16 @@ def extract(
     normalize: bool = False,
     description: str = "features",
 ) -> Tensor:
-    """All features of `images` as one (N, D) float32 CPU tensor; row i is image i."""
-    out = torch.empty(len(images), layer_dim(encoder, layer), dtype=torch.float32)  # (N, D)
+    """All features of `images` as one (N, D) float32 CPU tensor; row i is image i (on every rank of a process group)."""
+    world = distributed.current_world()
+    rows = local_rows(len(images), batch_size=batch_size)
+    out = torch.empty(len(rows), layer_dim(encoder, layer), dtype=torch.float32)  # (rows, D): this rank's shard
     for start, chunk in iter_features(
         encoder, images, layer=layer, batch_size=batch_size, workers=workers, rt=rt, transform=transform,
         progress=progress, normalize=normalize, description=description,
     ):
-        out[start : start + len(chunk)] = chunk
+        out[start - rows.start : start - rows.start + len(chunk)] = chunk
+    out = distributed.gather_rows(out, len(images), world)  # (N, D)
     log.debug("extracted %s features (%s) from %d images", layer, tuple(out.shape), len(images))
     return out
 
