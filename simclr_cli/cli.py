@@ -5,7 +5,9 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -119,7 +121,7 @@ def pretrain(
             out = (out or rundir.default_run_dir()).resolve()
             command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
                        *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
-            code = launcher.launch(config.to_dict(cfg), command=command, procs=procs, nodes=nodes, node_rank=node_rank,
+            code = launcher.launch(command, config=config.to_dict(cfg), procs=procs, nodes=nodes, node_rank=node_rank,
                                    master_addr=master_addr, master_port=master_port)
             if code:
                 raise typer.Exit(code)
@@ -129,6 +131,33 @@ def pretrain(
         result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
         if os.environ.get("RANK", "0") == "0":
             _report_pretrain(result)
+
+
+@contextlib.contextmanager
+def _workers_or_group(gpus: int | None, device: str | None):
+    """With --gpus N (and no launcher around us), start N workers running this same command and yield None;
+    otherwise join the process group the environment describes (none for one process) and yield its World."""
+    from simclr_cli.engine import distributed
+    from simclr_cli.engine.device import resolve_device
+    from simclr_cli.engine.errors import ConfigError
+
+    procs = gpus or 1
+    if procs < 1:
+        raise ConfigError(f"--gpus {procs} must be >= 1")
+    if procs > 1 and not launcher.launched_externally():
+        _check_gpu_count(device or "auto", procs)
+        code = launcher.launch(sys.argv[1:], procs=procs)
+        if code:
+            raise typer.Exit(code)
+        yield None
+        return
+    world = distributed.from_environment()
+    distributed.init(world, device_type=resolve_device(device or "auto").type)
+    distributed.setup_logging_filter(world)
+    try:
+        yield world
+    finally:
+        distributed.shutdown()
 
 
 def _check_gpu_count(device: str, procs: int) -> None:
@@ -268,11 +297,14 @@ def knn(
     seed: options.Seed = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Evaluation: results folder (default <checkpoint folder>/eval/knn-<timestamp>/). "
                                              "Retrieval: a .csv or .json file for the matches (default: a table).")] = None,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Weighted kNN accuracy of the encoder's features (Wu et al. 2018), or nearest-image retrieval with --index/--query."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose):
+    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
+        if world is None:
+            return
         from simclr_cli.engine import knn as task, rundir
         from simclr_cli.engine.errors import ConfigError
 
@@ -280,6 +312,8 @@ def knn(
         if (index is None) != (query is None):
             raise ConfigError("retrieval needs both --index VECS.npy and --query IMAGE_OR_DIR")
         if index is not None:
+            if world.world_size > 1:
+                raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
             _retrieve(checkpoint, index=index, query=query, k=ks[0] if ks else 5, layer=layer, batch_size=batch_size,
                       device=device, precision=precision, workers=workers, out=out)
             return
@@ -290,7 +324,9 @@ def knn(
         cfg = task.KnnConfig(k=ks or (task.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
                              batch_size=batch_size or 256, workers=_workers(workers, rt))
         out_dir = out or rundir.default_eval_dir(path, "knn")
-        result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress())
+        result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress() if world.is_main else None)
+        if not world.is_main:
+            return
         rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in result.scores]
         rows.append(("train / val images", f"{result.train_images} / {result.val_images}"))
         _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"kNN (T={temperature}) on {splits.name}", rows=rows)
@@ -385,11 +421,14 @@ def embed(
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and listed)."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose):
+    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
+        if world is None:
+            return
         from simclr_cli.engine import device as devices, embed as task, features, retrieval, rundir
 
         path = rundir.resolve_checkpoint(checkpoint)
@@ -397,7 +436,10 @@ def embed(
         encoder = features.open_encoder(path)
         rt = devices.runtime(device=device or "auto", precision=precision or "auto")
         result = task.run(encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
-                          workers=_workers(workers, rt), rt=rt, progress=RichProgress(), overwrite=overwrite)
+                          workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None,
+                          overwrite=overwrite)
+        if not world.is_main:
+            return
         retrieval.write_index_metadata(result)
         show_table(f"embedded {folder}", [
             ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),

@@ -22,16 +22,19 @@ def launched_externally() -> bool:
 
 
 def launch(
-    config: dict,
-    *,
     command: list[str],
+    *,
+    config: dict | None = None,
     procs: int,
     nodes: int = 1,
     node_rank: int = 0,
     master_addr: str | None = None,
     master_port: int | None = None,
 ) -> int:
-    """Run `simclr <command>` in `procs` processes on this node (of `nodes`); returns the exit code to use."""
+    """Run `simclr <command>` in `procs` processes on this node (of `nodes`); returns the exit code to use.
+
+    `config`, when given, is the resolved config the workers use instead of resolving their own.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -42,9 +45,10 @@ def launch(
         args += ["--node-rank", str(node_rank), "--master-addr", master_addr or "127.0.0.1",
                  "--master-port", str(master_port or DEFAULT_MASTER_PORT)]
     with tempfile.TemporaryDirectory(prefix="simclr-launch-") as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        os.environ[RESOLVED_CONFIG_ENV] = str(path)
+        if config is not None:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            os.environ[RESOLVED_CONFIG_ENV] = str(path)
         try:
             run(get_args_parser().parse_args([*args, "-m", "simclr_cli", *command]))
         except ChildFailedError as exc:

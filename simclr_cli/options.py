@@ -70,3 +70,8 @@ EvalOut = Annotated[
     typer.Option("--out", "-o", help="Folder for results.json and saved models. Default: <checkpoint folder>/eval/<command>-<timestamp>/."),
 ]
 Lr = Annotated[float | None, typer.Option("--lr", help="BASE learning rate, scaled with the batch size as the protocol says.")]
+Procs = Annotated[
+    int | None,
+    typer.Option("--gpus", "--procs", help="Processes sharing the feature extraction (one per GPU; CPU processes with --device cpu). "
+                 "The output is row for row what one process writes."),
+]

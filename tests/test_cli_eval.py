@@ -144,3 +144,30 @@ def test_eval_bad_input_is_one_line(args, expected, encoder_file, labelled, tmp_
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_embed_and_knn_on_two_processes_match_one(encoder_file, labelled, tmp_path):
+    import subprocess
+    import sys
+
+    result = runner.invoke(app, ["embed", str(labelled), "-o", str(tmp_path / "one.npy"), "-c", str(encoder_file), *COMMON])
+    assert result.exit_code == 0, result.output
+    two = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "embed", str(labelled), "-o", str(tmp_path / "two.npy"), "-c", str(encoder_file),
+         *COMMON, "--gpus", "2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "one.npy").read_bytes() == (tmp_path / "two.npy").read_bytes()
+    assert (tmp_path / "one.paths.txt").read_text() == (tmp_path / "two.paths.txt").read_text()
+
+    runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", *COMMON, "--out", str(tmp_path / "k1")])
+    two = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "knn", str(encoder_file), "--data", str(labelled), "-k", "3", *COMMON,
+         "--gpus", "2", "--out", str(tmp_path / "k2")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_result, two_result = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("k1", "k2"))
+    assert (one_result["top1"], one_result["train_images"]) == (two_result["top1"], two_result["train_images"])
+    assert two.stderr.count("results:") == 1  # rank 0 alone reports
