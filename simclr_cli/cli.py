@@ -251,11 +251,14 @@ def linear_eval(
     workers: options.Workers = None,
     seed: options.Seed = None,
     out: options.EvalOut = None,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Linear evaluation: a linear classifier on the frozen encoder's features; reports top-1/top-5 on val."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose):
+    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
+        if world is None:
+            return
         from simclr_cli.engine import linear_eval as task, rundir
 
         path, encoder, splits, rt = _open_for_eval(
@@ -268,7 +271,9 @@ def linear_eval(
             cfg.lr = lr
         out_dir = out or rundir.default_eval_dir(path, "linear-eval")
         result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
-                          out_dir=out_dir, progress=RichProgress())
+                          out_dir=out_dir, progress=RichProgress() if world.is_main else None)
+        if not world.is_main:
+            return
         _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"linear eval ({result.protocol}) on {splits.name}", rows=[
             ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
             ("train / val images", f"{result.train_images} / {result.val_images}"), ("classifier", str(result.classifier)),

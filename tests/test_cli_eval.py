@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
@@ -171,3 +172,15 @@ def test_embed_and_knn_on_two_processes_match_one(encoder_file, labelled, tmp_pa
     one_result, two_result = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("k1", "k2"))
     assert (one_result["top1"], one_result["train_images"]) == (two_result["top1"], two_result["train_images"])
     assert two.stderr.count("results:") == 1  # rank 0 alone reports
+
+    runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON, "--out", str(tmp_path / "l1")])
+    two = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "linear-eval", str(encoder_file), "--data", str(labelled), *COMMON,
+         "--gpus", "2", "--out", str(tmp_path / "l2")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_result, two_result = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("l1", "l2"))
+    assert one_result["top1"] == two_result["top1"]
+    weights = [load_file(str(tmp_path / k / "classifier.safetensors")) for k in ("l1", "l2")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from simclr_cli.engine import checkpoint, features
+from simclr_cli.engine import checkpoint, distributed, features
 from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
@@ -139,6 +139,9 @@ def run(
     train_labels, val_labels = features.labels_of(train).tolist(), features.labels_of(val).tolist()
     check_labels(train_labels, num_classes=num_classes, name="train")
     check_labels(val_labels, num_classes=num_classes, name="validation")
+    world = distributed.current_world()
+    if cfg.protocol == "paper" and world.world_size > 1:
+        raise ConfigError("--protocol paper trains in one process; drop --gpus (the cached protocol shares its feature extraction)")
     torch.manual_seed(cfg.seed)
     if cfg.protocol == "cached":
         head, top1, top5, history, settings = _cached(cfg, encoder, train, val, train_labels, val_labels,
@@ -148,8 +151,9 @@ def run(
                                                      progress=progress)
     classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
     path = Path(out_dir) / CLASSIFIER_FILE
-    save_classifier(path, head, layer=cfg.layer, classes=classes, protocol=cfg.protocol,
-                    standardized=cfg.protocol == "cached", encoder=encoder.source)
+    distributed.on_main(world, lambda: save_classifier(path, head, layer=cfg.layer, classes=classes, protocol=cfg.protocol,
+                                                       standardized=cfg.protocol == "cached", encoder=encoder.source),
+                        device=rt.device)
     log.info("linear eval (%s, %s): top-1 %.4f%s", cfg.protocol, cfg.layer, top1,
              "" if top5 is None else f", top-5 {top5:.4f}")
     return LinearEvalResult(
