@@ -173,3 +173,23 @@ def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch
     result = runner.invoke(app, ["pretrain", str(image_folder), "--batch-size", "8", "--device", "cpu",
                                  "--out", str(tmp_path / "r")])
     assert "does not split evenly over 3 processes" in one_line_error(result)
+
+
+def test_resume_on_another_number_of_processes(image_folder, tmp_path):
+    """A run checkpointed by one process continues on two with the same losses."""
+    args = ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+            "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+            "--set", "train.log_every=1", "--set", "train.keep_checkpoints=3", "--checkpoint-every", "2"]
+    whole = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    part = tmp_path / "part"
+    runner.invoke(app, [*args, "--out", str(part)])
+    for late in ("step-000000006.safetensors", "step-000000004.safetensors"):
+        (part / "checkpoints" / late).unlink()  # as if the run had died after step 2
+    assert (part / "checkpoints" / "step-000000002.safetensors").exists()
+    resumed = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", "--resume", "--out", str(part), "--gpus", "2",
+                              "--device", "cpu", "--workers", "0"], capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _losses(tmp_path / "whole"), _losses(part)
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) / abs(x) < 1e-3 for x, y in zip(a, b))
