@@ -6,7 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The suite's models are tiny: intra-op threads gain nothing, and on a busy 2-core machine their
+    spin-waits made single tests swing from a fraction of a second to tens of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_images(folder: Path, count: int, *, size: int = 20, seed: int = 0, suffix: str = ".png") -> list[Path]:

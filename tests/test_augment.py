@@ -26,13 +26,6 @@ NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
 WHOLE_IMAGE = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)}  # on a square image: the crop is the image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -29,13 +29,6 @@ from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI machine they oversubscribe the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(arch: str = "resnet18", **kwargs):

@@ -32,13 +32,6 @@ from simclr_cli.engine.data import (
 from simclr_cli.engine.errors import DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_image(path: Path, *, size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:

@@ -23,13 +23,6 @@ from simclr_cli.engine.model import ModelConfig, build_model
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

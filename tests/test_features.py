@@ -24,13 +24,6 @@ CPU = Runtime(device=torch.device("cpu"), precision="fp32")
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_checkpoint(path: Path, *, head_layers: int = 2, seed: int = 0) -> Path:

@@ -21,13 +21,6 @@ from simclr_cli.engine.model import ModelConfig, build_model
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def at(*degrees: float, radius: float = 1.0) -> torch.Tensor:

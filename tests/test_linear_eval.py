@@ -22,13 +22,6 @@ RT = runtime(device="cpu", precision="fp32")
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread; several threads on a busy CI machine made these tests 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def solid_colours(num_classes: int, per_class: int, *, seed: int, size: int = 16) -> LabelledImages:

@@ -20,13 +20,6 @@ from simclr_cli.engine.model import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _non_fc_state(tv_model: nn.Module) -> dict[str, torch.Tensor]:

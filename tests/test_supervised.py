@@ -25,13 +25,6 @@ from simclr_cli.engine.supervised import (
 RT = runtime(device="cpu", precision="fp32")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread; several threads on a busy CI machine made these tests 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RecordingSGD(torch.optim.SGD):
