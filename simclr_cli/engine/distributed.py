@@ -295,18 +295,7 @@ def on_main(world: World, work: Callable[[], T], *, device: torch.device) -> T |
     Without this, an error on rank 0 would leave the others waiting at their next collective until the
     timeout; instead they stop at once with an error that points at rank 0's message.
     """
-    result, error = None, None
-    if world.is_main:
-        try:
-            result = work()
-        except Exception as exc:  # re-raised below, after the other ranks have been told
-            error = exc
-    failed = all_reduce_max(torch.tensor(0 if error is None else 1, device=device))
-    if error is not None:
-        raise error
-    if int(failed.item()):
-        raise RankFailed("rank 0 stopped with an error (shown in its output); this process stopped with it")
-    return result
+    return _together(lambda: work() if world.is_main else None, device=device, culprit="rank 0")
 
 
 def on_every_rank(work: Callable[[], T], *, device: torch.device) -> T:
@@ -314,6 +303,11 @@ def on_every_rank(work: Callable[[], T], *, device: torch.device) -> T:
 
     Also a barrier: once it returns, every rank's work is done (e.g. its files are written).
     """
+    return _together(work, device=device, culprit="another rank")
+
+
+def _together(work: Callable[[], T], *, device: torch.device, culprit: str) -> T:
+    """Run `work`, then tell every rank whether any failed: the failed one re-raises, the others raise RankFailed."""
     result, error = None, None
     try:
         result = work()
@@ -323,7 +317,7 @@ def on_every_rank(work: Callable[[], T], *, device: torch.device) -> T:
     if error is not None:
         raise error
     if int(failed.item()):
-        raise RankFailed("another rank stopped with an error (shown in its output); this process stopped with it")
+        raise RankFailed(f"{culprit} stopped with an error (shown in its output); this process stopped with it")
     return result
 
 
