@@ -102,16 +102,7 @@ def pretrain(
         }
         if resume:
             out = (out or rundir.RUNS / rundir.LATEST).resolve()
-        resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
-        if resolved_file:  # a worker started by --gpus: the parent resolved the config already
-            cfg = config.from_dict(task.PretrainConfig, config.load_yaml(Path(resolved_file)))
-        else:
-            saved = None
-            if resume:
-                saved = config.load_yaml(rundir.RunDir(out).config) if rundir.RunDir(out).config.is_file() else None
-                if saved is None:
-                    raise ConfigError(f"{out} has no config.yaml, so it is not a run folder to resume; check --out")
-            cfg = config.resolve_pretrain(data=data, preset=preset, sets=set_, flags=flags, saved=saved)
+        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
         procs = gpus or 1
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
             raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
@@ -131,6 +122,26 @@ def pretrain(
         result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
         if os.environ.get("RANK", "0") == "0":
             _report_pretrain(result)
+
+
+def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
+    """The run's config: the one a --gpus parent resolved, or defaults < preset < --set < flags (a resumed
+    run's own config replacing defaults and preset)."""
+    from simclr_cli import config
+    from simclr_cli.engine import rundir
+    from simclr_cli.engine.errors import ConfigError
+    from simclr_cli.engine.pretrain import PretrainConfig
+
+    resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
+    if resolved_file:  # a worker started by --gpus
+        return config.from_dict(PretrainConfig, config.load_yaml(Path(resolved_file)))
+    saved = None
+    if resume_from is not None:
+        saved_file = rundir.RunDir(resume_from).config
+        if not saved_file.is_file():
+            raise ConfigError(f"{resume_from} has no config.yaml, so it is not a run folder to resume; check --out")
+        saved = config.load_yaml(saved_file)
+    return config.resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
 
 
 @contextlib.contextmanager
