@@ -174,3 +174,11 @@ def test_monitor_with_bad_labelled_data_fails_before_writing(image_folder, tmp_p
     with pytest.raises(DataError, match="neither a dataset name"):
         task.run(cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_leaves_png_plots_when_matplotlib_is_installed(image_folder, tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = tiny_config(image_folder, max_steps=3)
+    task.run(cfg, out=tmp_path / "run")
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")

@@ -16,7 +16,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import checkpoint, distributed, features, knn, rundir
+from simclr_cli.engine import checkpoint, distributed, features, knn, plots, rundir
 from simclr_cli.engine.augment import AugmentConfig, TwoViews
 from simclr_cli.engine.data import (
     NAMED_DATASETS,
@@ -381,6 +381,8 @@ class _Trainer:
             old.unlink(missing_ok=True)
         checkpoint.save_encoder(self.run_dir.encoder, self.trained, info=self.encoder_info(step=step, epoch=epoch))
         log.debug("saved %s and %s", path, self.run_dir.encoder)
+        if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
+            plots.plot_run(self.run_dir.root)
 
 
 class _Monitor:
