@@ -144,6 +144,17 @@ def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
     return config.resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
 
 
+def _plot_embedding(result) -> None:
+    import numpy as np
+
+    from simclr_cli.engine import embed, plots
+
+    vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)
+    thumbnails = [result.folder / name for name in embed.read_paths(result.paths_file)]
+    path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), thumbnails=thumbnails)
+    console.print(f"map: {path}")
+
+
 @contextlib.contextmanager
 def _workers_or_group(gpus: int | None, device: str | None):
     """With --gpus N (and no launcher around us), start N workers running this same command and yield None;
@@ -437,6 +448,7 @@ def embed(
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D PCA map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
@@ -457,7 +469,64 @@ def embed(
         if not world.is_main:
             return
         retrieval.write_index_metadata(result)
+        if plot:
+            _plot_embedding(result)
         show_table(f"embedded {folder}", [
             ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),
             ("skipped files", str(len(result.skipped))),
         ])
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="An encoder.safetensors or finetuned.safetensors.")],
+    to: Annotated[str, typer.Option("--to", help="torchvision (a state dict for torchvision.models.resnetXX: width 1, standard stem) | "
+                                    "safetensors-encoder (the bare encoder, any variant) | onnx (image -> h; needs the onnx package).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. Default: beside the checkpoint, named after it and the target.")] = None,
+    include_fc: Annotated[bool, typer.Option("--include-fc", help="torchvision: also write a fine-tuned classifier as fc.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Export the encoder's weights for use outside simclr (torchvision, plain safetensors, ONNX)."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine import export as task
+
+        result = task.export(checkpoint, to=to, out=out or task.default_out(checkpoint, to=to), overwrite=overwrite,
+                             include_fc=include_fc)
+        show_table(f"exported {result.architecture} ({result.target})", [
+            ("file", str(result.out)), ("tensors", str(result.tensors)), ("parameters", f"{result.parameters:,}"),
+            ("missing when loaded", ", ".join(result.missing_keys) or "-"),
+        ])
+        console.print(f"load it with: {result.usage}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def info(
+    checkpoint: options.Checkpoint = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON (including the training config).")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Describe a checkpoint: architecture, parameters, input transform, training progress, config and evaluations."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        import json
+
+        from simclr_cli.engine import info as task, rundir
+
+        described = task.describe(rundir.resolve_checkpoint(checkpoint))
+        if as_json:
+            typer.echo(json.dumps(described.to_dict(), indent=2, default=str))
+            return
+        rows = [
+            ("kind", described.kind),
+            ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
+                             f"{described.head_layers}-layer head -> {described.proj_dim}"),
+            ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
+            ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
+            ("trained", f"step {described.step}, epoch {described.epoch}"),
+            ("data", str((described.config.get('data') or {}).get('source'))),
+        ]
+        rows += [(f"eval: {e.command}", "unreadable" if e.error else f"top-1 {_pct(e.top1)}, top-5 {_pct(e.top5)}")
+                 for e in described.evaluations]
+        show_table(str(described.path), rows)

@@ -184,3 +184,29 @@ def test_embed_and_knn_on_two_processes_match_one(encoder_file, labelled, tmp_pa
     assert one_result["top1"] == two_result["top1"]
     weights = [load_file(str(tmp_path / k / "classifier.safetensors")) for k in ("l1", "l2")]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_embed_plot_draws_a_map(encoder_file, labelled, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = runner.invoke(app, ["embed", str(labelled / "val"), "-o", str(tmp_path / "v.npy"), "-c", str(encoder_file),
+                                 "--plot", *COMMON])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "v.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_info_and_export_through_the_cli(encoder_file, labelled, tmp_path):
+    runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", *COMMON])
+    shown = runner.invoke(app, ["info", str(encoder_file), "--json"])
+    assert shown.exit_code == 0, shown.output
+    described = json.loads(shown.stdout)
+    assert described["architecture"] == "resnet18" and described["image_size"] == 16
+    assert [e["command"] for e in described["evaluations"]] == ["knn"]
+    table = runner.invoke(app, ["info", str(encoder_file)])
+    assert table.exit_code == 0 and "eval: knn" in table.output
+
+    refused = runner.invoke(app, ["export", str(encoder_file), "--to", "torchvision"])
+    assert refused.exit_code == 2 and "--to safetensors-encoder" in refused.output  # width 0.25, small stem
+    out = tmp_path / "bare.safetensors"
+    exported = runner.invoke(app, ["export", str(encoder_file), "--to", "safetensors-encoder", "-o", str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert load_file(str(out)).keys() == {k.removeprefix("encoder.") for k in load_file(str(encoder_file)) if k.startswith("encoder.")}
