@@ -1,0 +1,301 @@
+"""Initial weights for `--init`: a ResNet encoder from another simclr checkpoint, a torchvision/timm state
+dict or a community conversion of the official SimCLR v1/v2 TensorFlow checkpoints. Weights only: unlike
+`--resume`, no optimiser state, step or RNG comes along.
+
+Layouts, detected from the file (names after the wrapper prefixes below are stripped):
+- `simclr`: an encoder file written by simclr (`checkpoint.save_encoder`); its metadata must give the same
+  arch, width and stem. Its projection head is loaded too when head_layers and proj_dim match. (Any other
+  source holding our own head names, e.g. a DDP state dict of a SimCLR model, also gives its head when every
+  head tensor is there with the right shape; otherwise the head keeps its fresh init.)
+- `torchvision`: torchvision `resnetXX().state_dict()` names (conv1, bn1, layer1.0.conv1, ...,
+  downsample.0/.1, fc). timm's plain ResNets (resnet18/34/50/101/152 and their `.a1_in1k`-style
+  weights) use the very same names, so they load through this layout too; timm's deep-stem and
+  avg-down variants (resnet50d, ...: conv1.0, downsample.2) do not fit and are refused as missing keys.
+  SimCLR v1 conversions by tonylins/simclr-converter are this layout under a "state_dict" key
+  (a torchvision-named ResNet-50 1x/2x/4x, stem scaled with the width like ours).
+- `simclrv2-converted`: Separius/SimCLRv2-Pytorch's convert.py writes {"resnet": ..., "head": ...}; the
+  "resnet" dict names its modules net.0 (stem: net.0.0 conv, net.0.1.0 BN) and net.1..4 (stages:
+  net.S.blocks.B.net.{0,2,4} convs, .net.{1,3,5}.0 BNs, .projection.shortcut / .projection.bn.0 for the
+  shortcut); `SIMCLRV2_NAMES` maps these onto ours. Only its selective-kernel-free models (`*_sk0`) fit this
+  ResNet; `*_sk1` files are refused. Its contrastive "head" entry is not loaded (the head keeps its fresh
+  init). The official models were trained on unnormalised [0, 1] pixels (both v1 and v2): see InitReport.note.
+Wrapper prefixes stripped from every key, repeatedly: `WRAPPER_PREFIXES` ("module." from DDP, "model.",
+"backbone.", "encoder."). Keys outside the ResNet namespace (fc.*, a projection head, extra/*) are ignored
+and listed in the report; BN `num_batches_tracked` counters may be absent (they keep the model's value).
+Not supported: TensorFlow checkpoints themselves (convert them first), SimCLRv2 sk1 models, ResNet variants
+whose modules differ from torchvision's (ResNet-D, SE/ECA blocks, ResNeXt groups change shapes).
+
+Files are read through safetensors, or for .pt/.pth/.bin/.ckpt through `_load_torch_file`, the one place in
+this project that calls `torch.load`, with `weights_only=True`: anything that is not a plain container of
+tensors is refused, never retried another way (the project's no-pickle rule).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from simclr_cli.engine import checkpoint
+from simclr_cli.engine.errors import CheckpointError
+from simclr_cli.engine.model import SimCLR
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Tried in this order when the loaded object is not itself a flat dict of tensors: Lightning / simclr-converter
+# ("state_dict"), many training scripts ("model"), SimCLRv2-Pytorch ("resnet").
+WRAPPER_KEYS = ("state_dict", "model", "resnet")
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+ENCODER_NAMESPACE = re.compile(r"^(conv1|bn1|layer\d+)\.")  # a key here that the encoder lacks is an error
+HEAD_PREFIX = "head."
+
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+# Separius/SimCLRv2-Pytorch resnet.py (sk0) -> torchvision names; net.S for S in 1..4 is layerS.
+SIMCLRV2_NAMES: dict[str, str] = {
+    r"^net\.0\.0\.weight$": r"conv1.weight",
+    rf"^net\.0\.1\.0\.{_BN}$": r"bn1.\1",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.0\.weight$": r"layer\1.\2.conv1.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.1\.0\.{_BN}$": r"layer\1.\2.bn1.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.weight$": r"layer\1.\2.conv2.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.3\.0\.{_BN}$": r"layer\1.\2.bn2.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.4\.weight$": r"layer\1.\2.conv3.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.5\.0\.{_BN}$": r"layer\1.\2.bn3.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.projection\.shortcut\.weight$": r"layer\1.\2.downsample.0.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.projection\.bn\.0\.{_BN}$": r"layer\1.\2.downsample.1.\3",
+}
+_SIMCLRV2_MARKER = re.compile(r"^net\.[0-4]\.(\d+\.|blocks\.)")
+_SELECTIVE_KERNEL_MARKER = re.compile(r"\.(main_conv|mixing_conv)\.")
+UNNORMALISED_NOTE = (
+    "the official SimCLR models were trained on unnormalised [0, 1] pixels: use mean 0,0,0 and std 1,1,1"
+)
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What `init_encoder` loaded, from where, and what it left out."""
+
+    layout: str  # simclr | torchvision | simclrv2-converted, plus what was unwrapped/stripped
+    source: Path
+    loaded: int  # tensors copied into the model (encoder, plus head when head_loaded)
+    ignored: tuple[str, ...]  # source keys not used (fc.*, a head that does not fit, extra/*), as in the file
+    head_loaded: bool
+    note: str = ""  # advice on using these weights (e.g. their input normalisation)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["source"] = str(self.source)
+        out["ignored"] = list(self.ignored)
+        return out
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A flat {name: tensor} from a .safetensors file or a plain-tensor .pt/.pth/.bin/.ckpt file, with one
+    {"state_dict" | "model" | "resnet": ...} wrapper level (or several) unwrapped; CheckpointError otherwise."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ...]]:
+    """The tensors, the wrapper keys unwrapped to reach them (outermost first) and the entries left beside them."""
+    if not path.is_file():
+        raise CheckpointError(f"--init file {path} does not exist; pass a .safetensors or .pth file of ResNet weights")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return {name: handle.get_tensor(name) for name in handle.keys()}, (), ()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if suffix in TORCH_SUFFIXES:
+        return _unwrap(_load_torch_file(path), path)
+    accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
+    raise CheckpointError(
+        f"{path} has an unsupported extension {path.suffix or '(none)'!r}; --init reads {accepted} files "
+        "(TensorFlow checkpoints must be converted to PyTorch first)"
+    )
+
+
+def _load_torch_file(path: Path) -> object:
+    """THE audited torch.load: tensors and plain containers only (weights_only=True); refusal, never a fallback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, ...: whatever the cause, the file is not loaded
+        raise CheckpointError(
+            f"{path}: simclr refuses to load it: it is not a plain tensor file (weights_only) ({type(exc).__name__}); "
+            "convert it to safetensors (safetensors.torch.save_file) where it was made, and pass that file"
+        ) from exc
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ...]]:
+    trail: list[str] = []
+    dropped: list[str] = []  # e.g. "head", "optimizer", "epoch" beside the state dict
+    while isinstance(obj, Mapping):
+        if obj and all(torch.is_tensor(v) for v in obj.values()):
+            return {str(k): v.detach() for k, v in obj.items()}, tuple(trail), tuple(dropped)
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if wrapper is None:
+            bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not torch.is_tensor(v)]
+            raise CheckpointError(
+                f"{path} is not a state dict: {_few(bad) or 'it is empty'} are not tensors, and it has none of "
+                f"the keys {', '.join(WRAPPER_KEYS)} holding one"
+            )
+        trail.append(wrapper)
+        dropped += [".".join([*trail[:-1], str(k)]) for k in obj if k != wrapper]
+        obj = obj[wrapper]
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+
+
+def init_encoder(model: SimCLR, path: Path) -> InitReport:
+    """Copy the encoder weights of `path` into `model` in place (and its head from a matching simclr file).
+
+    Every encoder tensor must be filled with the right shape, else CheckpointError naming the keys and layout.
+    """
+    path = Path(path)
+    note = ""
+    if _is_simclr_file(path):
+        loaded = checkpoint.load(path, kind=checkpoint.ENCODER)
+        _check_architecture(model, loaded.meta, path)
+        tensors, layout, trail, dropped = loaded.tensors, "simclr", (), ()
+        source_head = loaded.meta.get("model", {})
+        head_fits = (source_head.get("head_layers"), source_head.get("proj_dim")) == (
+            model.cfg.head_layers, model.cfg.proj_dim
+        )
+    else:
+        tensors, trail, dropped = _read(path)
+        layout, head_fits = "torchvision", True
+        if any(_SELECTIVE_KERNEL_MARKER.search(k) for k in tensors):
+            raise CheckpointError(
+                f"{path} is a selective-kernel (sk1) SimCLRv2 model; its blocks have no counterpart in this ResNet. "
+                "Use an *_sk0 checkpoint"
+            )
+    names, stripped = _map_names(tensors, simclrv2=False)
+    if layout == "torchvision" and any(_SIMCLRV2_MARKER.match(k) for k in names.values()):
+        layout, note = "simclrv2-converted", UNNORMALISED_NOTE
+        names, stripped = _map_names(tensors, simclrv2=True)
+    renamed = _renamed(tensors, names, path)
+    described = layout + "".join(f" under '{k}'" for k in trail) + (
+        f" (prefixes {', '.join(sorted(stripped))} stripped)" if stripped else ""
+    )
+
+    encoder_state = _fill(model.encoder.state_dict(), renamed, source=path, layout=described)
+    head_state = None
+    if head_fits:
+        head = {k.removeprefix(HEAD_PREFIX): v for k, v in renamed.items() if k.startswith(HEAD_PREFIX)}
+        head_state = _exact(model.head.state_dict(), head)
+    model.encoder.load_state_dict(encoder_state, strict=True)
+    if head_state is not None:
+        model.head.load_state_dict(head_state, strict=True)
+    used = {k for k in encoder_state if k in renamed} | {HEAD_PREFIX + k for k in head_state or {}}
+    return InitReport(
+        layout=described,
+        source=path,
+        loaded=len(used),
+        ignored=tuple(sorted(original for original, name in names.items() if name not in used)) + dropped,
+        head_loaded=head_state is not None,
+        note=note,
+    )
+
+
+def _is_simclr_file(path: Path) -> bool:
+    """A safetensors file carrying simclr's format header (then `checkpoint.load` checks kind and version)."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get("format") == checkpoint.FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False  # `_read` reports the damage
+
+
+def _check_architecture(model: SimCLR, meta: Mapping[str, Any], path: Path) -> None:
+    source = meta.get("model")
+    if not isinstance(source, Mapping):
+        raise CheckpointError(f"{path} has no model metadata; the file is damaged")
+    differ = [
+        f"model.{name} is {source.get(name)!r} there, {getattr(model.cfg, name)!r} here"
+        for name in ("arch", "width", "stem")
+        if source.get(name) != getattr(model.cfg, name)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{path} holds another encoder architecture: {'; '.join(differ)}. Set the model to match the file"
+        )
+
+
+def _map_names(tensors: Mapping[str, Tensor], *, simclrv2: bool) -> tuple[dict[str, str], set[str]]:
+    """Each source key -> its model name: WRAPPER_PREFIXES removed from the front (repeatedly), then for
+    SimCLRv2 conversions the SIMCLRV2_NAMES table; also the set of prefixes that were removed."""
+    names: dict[str, str] = {}
+    stripped: set[str] = set()
+    for key in tensors:
+        name, again = key, True
+        while again:
+            prefix = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
+            again = prefix is not None
+            if prefix is not None:
+                name = name.removeprefix(prefix)
+                stripped.add(prefix)
+        names[key] = _rename_key(name, SIMCLRV2_NAMES) if simclrv2 else name
+    return names, stripped
+
+
+def _rename_key(key: str, table: Mapping[str, str]) -> str:
+    for pattern, replacement in table.items():
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    return key  # outside the table: fc.*, or unknown names the strict fill reports
+
+
+def _renamed(tensors: Mapping[str, Tensor], names: Mapping[str, str], path: Path) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if names[key] in out:
+            raise CheckpointError(
+                f"{path} is ambiguous: several keys become '{names[key]}' once the prefixes "
+                f"{', '.join(WRAPPER_PREFIXES)} are removed"
+            )
+        out[names[key]] = value
+    return out
+
+
+def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source: Path, layout: str) -> dict[str, Tensor]:
+    """The encoder's state dict taken from `found`; CheckpointError naming missing, extra or misshapen keys."""
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent in some exports; harmless
+    missing = sorted(k for k in expected if k not in found and k not in optional)
+    extra = sorted(k for k in found if ENCODER_NAMESPACE.match(k) and k not in expected)
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected {_few(extra)} (a deeper or different ResNet?)")
+    for name in sorted(set(expected) & set(found)):
+        want, got = expected[name], found[name]
+        if want.shape != got.shape:
+            hint = ""
+            if name == "conv1.weight" and want.ndim == got.ndim == 4 and want.shape[2:] != got.shape[2:]:
+                hint = f" (a {got.shape[2]}x{got.shape[3]} stem: set model.stem to match)"
+            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}{hint}")
+    if problems:
+        raise CheckpointError(
+            f"{source} ({layout} layout) does not fit this encoder: {'; '.join(problems[:4])}"
+            + (f" (+{len(problems) - 4} more problems)" if len(problems) > 4 else "")
+        )
+    return {k: found[k] if k in found else expected[k] for k in expected}
+
+
+def _exact(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """`found` when it has exactly the keys and shapes of `expected`, else None."""
+    if set(expected) != set(found) or any(expected[k].shape != found[k].shape for k in expected):
+        return None
+    return dict(found)
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
