@@ -61,6 +61,7 @@ def pretrain(
     head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2).")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
+    init: options.Init = None,
     monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
                                                     "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
     monitor_every: Annotated[int | None, typer.Option(help="Epochs between --monitor-knn checks (default 1; one also runs at the end).")] = None,
@@ -94,6 +95,7 @@ def pretrain(
             "augment.image_size": image_size,
             "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
+            "train.init": str(init) if init else None,
             "train.device": device, "train.precision": precision,
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,
             "optim.warmup_epochs": warmup_epochs,
@@ -401,6 +403,7 @@ def finetune(
                                                    "folder), e.g. the published ImageNet 1%/10% subsets.")] = None,
     from_head_layer: Annotated[int, typer.Option(help="0: fine-tune from h (v1); 1: through the first projection-head layer (SimCLRv2).")] = 0,
     optimizer: Annotated[str, typer.Option(help="sgd (v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = "sgd",
+    init: options.Init = None,
     epochs: options.Epochs = None,
     lr: options.Lr = None,
     batch_size: options.BatchSize = None,
@@ -423,6 +426,13 @@ def finetune(
             checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
             data_root=data_root, download=bool(download), device=device, precision=precision,
         )
+        if init is not None:  # the checkpoint gives the architecture and transform, --init the starting weights
+            from simclr_cli.engine import weights
+
+            report = weights.init_encoder(encoder.model, init)
+            console.print(f"initialised from {report.source} ({report.layout}): {report.loaded} tensors")
+            if report.note:
+                console.print(f"[yellow]note:[/] {report.note}", highlight=False)
         cfg = task.FinetuneConfig(label_fraction=label_fraction, label_file=label_file, from_head_layer=from_head_layer,
                                   epochs=epochs, batch_size=batch_size or 256, optimizer=optimizer, lr=lr, seed=seed or 0,
                                   workers=_workers(workers, rt))

@@ -75,3 +75,8 @@ Procs = Annotated[
     typer.Option("--gpus", "--procs", help="Processes sharing the feature extraction (one per GPU; CPU processes with --device cpu). "
                  "The output is row for row what one process writes."),
 ]
+Init = Annotated[
+    Path | None,
+    typer.Option("--init", help="Start from these weights (not a resume): a simclr encoder, a torchvision/timm ResNet state dict, "
+                 "or a converted official SimCLR v1/v2 checkpoint; .safetensors, or .pt/.pth loaded with weights_only=True."),
+]

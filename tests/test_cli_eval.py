@@ -210,3 +210,21 @@ def test_info_and_export_through_the_cli(encoder_file, labelled, tmp_path):
     exported = runner.invoke(app, ["export", str(encoder_file), "--to", "safetensors-encoder", "-o", str(out)])
     assert exported.exit_code == 0, exported.output
     assert load_file(str(out)).keys() == {k.removeprefix("encoder.") for k in load_file(str(encoder_file)) if k.startswith("encoder.")}
+
+
+def test_finetune_init_loads_torchvision_weights(encoder_file, labelled, tmp_path):
+    """--init puts another file's weights into the checkpoint's architecture before fine-tuning."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = {k.removeprefix("encoder."): v.clone() + 0.01 for k, v in load_file(str(encoder_file)).items() if k.startswith("encoder.")}
+    weights_file = tmp_path / "resnet.safetensors"
+    save_file(source, str(weights_file))
+    result = runner.invoke(app, ["finetune", str(encoder_file), "--data", str(labelled), "--init", str(weights_file),
+                                 "--epochs", "1", *COMMON, "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    refused = runner.invoke(app, ["finetune", str(encoder_file), "--data", str(labelled), "--init", str(bad), *COMMON])
+    assert refused.exit_code == 2 and "refuses to load it" in refused.output

@@ -182,3 +182,17 @@ def test_a_run_leaves_png_plots_when_matplotlib_is_installed(image_folder, tmp_p
     task.run(cfg, out=tmp_path / "run")
     png = (tmp_path / "run" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_init_starts_from_another_files_weights(image_folder, tmp_path):
+    source_run = tmp_path / "source"
+    task.run(tiny_config(image_folder, max_steps=2), out=source_run)
+    source = encoder_weights(source_run)
+    cfg = tiny_config(image_folder, max_steps=1, init=str(source_run / "encoder.safetensors"), seed=123)
+    cfg.optim.lr = 1e-12  # one step that moves nothing measurable: the weights are the file's
+    task.run(cfg, out=tmp_path / "run")
+    started = encoder_weights(tmp_path / "run")
+    convs = [k for k in source if k.endswith("conv1.weight")]
+    assert convs and all(torch.allclose(started[k], source[k], atol=1e-6) for k in convs)
+    fresh = task.build_model(tiny_config(image_folder).resolved().model)
+    assert not torch.allclose(fresh.state_dict()["encoder.conv1.weight"], source["encoder.conv1.weight"])

@@ -16,7 +16,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import checkpoint, distributed, features, knn, plots, rundir
+from simclr_cli.engine import checkpoint, distributed, features, knn, plots, rundir, weights
 from simclr_cli.engine.augment import AugmentConfig, TwoViews
 from simclr_cli.engine.data import (
     NAMED_DATASETS,
@@ -61,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
     log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
     sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
+    init: str | None = None  # start from these weights (not their optimiser state); see engine/weights.py
 
     def validate(self) -> None:
         for name in ("epochs", "log_every", "keep_checkpoints"):
@@ -190,7 +191,14 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
     config_dict = _to_dict(cfg)
 
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
-    model = build_model(cfg.model).to(rt.device)
+    model = build_model(cfg.model)
+    if cfg.train.init and not resume:  # a resumed run's weights come from its checkpoint
+        report = weights.init_encoder(model, Path(cfg.train.init).expanduser())
+        log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
+                 ", projection head included" if report.head_loaded else "")
+        if report.note:
+            log.warning("%s", report.note)
+    model = model.to(rt.device)
     if world.world_size > 1 and cfg.train.sync_bn:
         model = distributed.sync_batchnorm(model, device_type=rt.device.type)
     if rt.channels_last:
