@@ -62,6 +62,7 @@ def pretrain(
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
     init: options.Init = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.")] = None,
     monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
                                                     "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
     monitor_every: Annotated[int | None, typer.Option(help="Epochs between --monitor-knn checks (default 1; one also runs at the end).")] = None,
@@ -95,7 +96,7 @@ def pretrain(
             "augment.image_size": image_size,
             "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
-            "train.init": str(init) if init else None,
+            "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
             "train.device": device, "train.precision": precision,
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,
             "optim.warmup_epochs": warmup_epochs,

@@ -196,3 +196,27 @@ def test_init_starts_from_another_files_weights(image_folder, tmp_path):
     assert convs and all(torch.allclose(started[k], source[k], atol=1e-6) for k in convs)
     fresh = task.build_model(tiny_config(image_folder).resolved().model)
     assert not torch.allclose(fresh.state_dict()["encoder.conv1.weight"], source["encoder.conv1.weight"])
+
+
+def test_tensorboard_events_are_written(image_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_config(image_folder, max_steps=2, tensorboard=True)
+    task.run(cfg, out=tmp_path / "run")
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(image_folder, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match="--tensorboard needs the tensorboard package"):
+        task.run(tiny_config(image_folder, max_steps=1, tensorboard=True), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
     sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
     init: str | None = None  # start from these weights (not their optimiser state); see engine/weights.py
+    tensorboard: bool = False  # also log metrics as TensorBoard events in <run>/tensorboard (needs tensorboard)
 
     def validate(self) -> None:
         for name in ("epochs", "log_every", "keep_checkpoints"):
@@ -117,7 +118,7 @@ class PretrainConfig:
 # Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = {
     "data.root", "data.workers", "data.download", "train.device", "train.log_every", "train.keep_checkpoints",
-    "monitor.knn_data", "monitor.every", "monitor.k",
+    "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard",
 }
 
 
@@ -186,6 +187,8 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
             f"use a multiple of {world.world_size}"
         )
     monitor = _Monitor.open(cfg) if cfg.monitor.knn_data else None  # bad labelled data fails before any file is written
+    if cfg.train.tensorboard:
+        _event_writer_class()  # a missing package too
     run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume, overwrite=overwrite), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
     config_dict = _to_dict(cfg)
@@ -252,6 +255,8 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
         step = trainer.train(loader, sampler, start_step=step)
     finally:
         progress.stop()
+        if trainer.events is not None:
+            trainer.events.close()
     return PretrainResult(
         run_dir=run_dir.root,
         encoder=run_dir.encoder,
@@ -280,6 +285,7 @@ class _Trainer:
         self.started = time.perf_counter()
         self.elapsed_before = elapsed_before
         self.monitor = monitor
+        self.events = _event_writer(run_dir) if cfg.train.tensorboard and world.is_main else None
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         # First step whose loss was not finite, kept on the device so the step never waits on the host.
@@ -370,6 +376,10 @@ class _Trainer:
             return
         with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
+                    self.events.add_scalar(f"pretrain/{key}", value, record["step"])
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.cfg.train.checkpoint_every
@@ -450,6 +460,19 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _event_writer_class():
+    """TensorBoard's SummaryWriter, or a one-line error naming the missing package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("--tensorboard needs the tensorboard package; pip install tensorboard (or the [tensorboard] extra)") from exc
+    return SummaryWriter
+
+
+def _event_writer(run_dir: rundir.RunDir):
+    return _event_writer_class()(log_dir=str(run_dir.root / "tensorboard"))
 
 
 def _start_files(run_dir: rundir.RunDir, config_dict: dict[str, Any], *, resumed_from: int | None) -> None:
