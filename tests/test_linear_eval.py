@@ -116,6 +116,59 @@ def test_cached_protocol_end_to_end(tmp_path: Path, encoder_file: Path):
     val_h = features.extract(encoder, val, rt=RT)
     predictions = head(val_h).argmax(1)
     assert (predictions == features.labels_of(val)).all()
+    assert result.confusion == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+
+
+def naive_confusion(labels: list[int], predicted: list[int], num_classes: int) -> list[list[int]]:
+    counts = [[0] * num_classes for _ in range(num_classes)]
+    for true, guess in zip(labels, predicted):
+        counts[true][guess] += 1
+    return counts
+
+
+def test_confusion_matrix_counts_every_true_predicted_pair():
+    g = torch.Generator().manual_seed(0)
+    labels, predicted = torch.randint(0, 5, (200,), generator=g), torch.randint(0, 5, (200,), generator=g)
+    matrix = linear_eval.confusion_matrix(labels, predicted, num_classes=5)
+    assert matrix.tolist() == naive_confusion(labels.tolist(), predicted.tolist(), 5)
+    # classes absent from both labels and predictions still get their (zero) row and column
+    assert linear_eval.confusion_matrix(torch.tensor([0]), torch.tensor([2]), num_classes=4).tolist() == [
+        [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_cached_confusion_matches_the_classifiers_predictions(tmp_path: Path, encoder_file: Path):
+    encoder = features.open_encoder(encoder_file)
+    train, val = solid_colours(4, 6, seed=1), solid_colours(4, 5, seed=2)
+    # 6 val images relabelled as the next class, so the matrix has off-diagonal cells and uneven rows
+    val = LabelledImages([(image, (label + 1) % 4) for image, label in val.samples[:6]] + val.samples[6:], val.classes)
+    result = linear_eval.run(LinearEvalConfig(), encoder, train, val, num_classes=4, rt=RT, out_dir=tmp_path)
+    head, _ = load_classifier(result.classifier)
+    labels = features.labels_of(val).tolist()
+    predicted = head(features.extract(encoder, val, rt=RT)).argmax(1).tolist()
+    assert result.confusion == naive_confusion(labels, predicted, 4)
+    assert [sum(row) for row in result.confusion] == [labels.count(c) for c in range(4)]
+    assert sum(result.confusion[i][i] for i in range(4)) / len(labels) == pytest.approx(result.top1)
+    assert result.top1 < 1.0  # the wrong labels show up off the diagonal
+    assert result.to_dict()["confusion"] == result.confusion
+
+
+def test_confusion_png_is_written_when_matplotlib_is_installed(tmp_path: Path, encoder_file: Path):
+    pytest.importorskip("matplotlib")
+    encoder = features.open_encoder(encoder_file)
+    result = linear_eval.run(LinearEvalConfig(), encoder, solid_colours(3, 4, seed=1), solid_colours(3, 2, seed=2),
+                             num_classes=3, rt=RT, out_dir=tmp_path / "out")
+    assert result.confusion_plot == tmp_path / "out" / "confusion.png"
+    assert result.confusion_plot.read_bytes().startswith(b"\x89PNG")
+    assert result.to_dict()["confusion_plot"] == str(result.confusion_plot)
+
+
+def test_no_confusion_png_without_matplotlib(tmp_path: Path, encoder_file: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(linear_eval.plots, "available", lambda: False)
+    encoder = features.open_encoder(encoder_file)
+    result = linear_eval.run(LinearEvalConfig(), encoder, solid_colours(2, 4, seed=1), solid_colours(2, 2, seed=2),
+                             num_classes=2, rt=RT, out_dir=tmp_path)
+    assert result.confusion_plot is None and result.to_dict()["confusion_plot"] is None
+    assert not (tmp_path / "confusion.png").exists() and result.confusion == [[2, 0], [0, 2]]
 
 
 def test_cached_protocol_reports_top5_with_five_or_more_classes(tmp_path: Path, encoder_file: Path):
@@ -143,6 +196,7 @@ def test_paper_protocol_end_to_end_keeps_the_encoder_frozen(tmp_path: Path, enco
     assert meta["protocol"] == "paper" and meta["feature_mean"] is None
     assert (head.mean == 0).all() and (head.std == 1).all()
     assert (head(features.extract(encoder, val, rt=RT)).argmax(1) == features.labels_of(val)).all()
+    assert result.confusion == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]  # rows: the 4 val images of each class
 
 
 def test_paper_epochs_default_to_100_for_small_images_and_90_above():

@@ -11,7 +11,8 @@ Two protocols:
 - `paper`: the SimCLR recipe: crop + flip augmentation through the frozen encoder (eval mode, BN statistics
   frozen) every step, Nesterov SGD momentum 0.9, lr 0.1 x B/256, cosine decay, no weight decay, 90 epochs
   (ImageNet-size images) or 100 (<= 64 px), via the shared `supervised.train_classifier` loop.
-Either way the classifier is saved as `classifier.safetensors` (kind `linear-classifier`).
+Either way the classifier is saved as `classifier.safetensors` (kind `linear-classifier`), and the validation
+confusion matrix is returned and, when matplotlib is installed, drawn as `confusion.png`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from simclr_cli.engine import checkpoint, distributed, features
+from simclr_cli.engine import checkpoint, distributed, features, plots
 from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
@@ -51,6 +52,7 @@ log = logging.getLogger("simclr")
 PROTOCOLS = ("cached", "paper")
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_KIND = "linear-classifier"
+CONFUSION_FILE = "confusion.png"
 LBFGS_CHUNK = 65536  # rows of the (N, C) logits held at once while evaluating the full-batch loss
 
 
@@ -108,6 +110,8 @@ class LinearEvalResult:
     history: list[dict[str, Any]]
     checkpoint: Path | None  # the encoder file; None for a random-init baseline
     classifier: Path
+    confusion: list[list[int]]  # (C, C) validation counts: row = true class, column = predicted class
+    confusion_plot: Path | None  # confusion.png; None without matplotlib
     train_images: int
     val_images: int
     num_classes: int
@@ -117,6 +121,7 @@ class LinearEvalResult:
         out = asdict(self)
         out["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         out["classifier"] = str(self.classifier)
+        out["confusion_plot"] = None if self.confusion_plot is None else str(self.confusion_plot)
         return out
 
 
@@ -144,21 +149,30 @@ def run(
         raise ConfigError("--protocol paper trains in one process; drop --gpus (the cached protocol shares its feature extraction)")
     torch.manual_seed(cfg.seed)
     if cfg.protocol == "cached":
-        head, top1, top5, history, settings = _cached(cfg, encoder, train, val, train_labels, val_labels,
-                                                      num_classes=num_classes, rt=rt, progress=progress)
+        head, top1, top5, history, settings, val_h = _cached(cfg, encoder, train, val, train_labels, val_labels,
+                                                             num_classes=num_classes, rt=rt, progress=progress)
     else:
         head, top1, top5, history, settings = _paper(cfg, encoder, train, val, num_classes=num_classes, rt=rt,
                                                      progress=progress)
+        # the val images through the eval transform and layer its top-1 used, for the per-class predictions
+        val_h = features.extract(encoder, val, layer=cfg.layer, batch_size=cfg.batch_size, workers=cfg.workers, rt=rt,
+                                 progress=progress, description="features (val)")  # (M, D)
+    confusion = confusion_matrix(torch.tensor(val_labels), predict(head, val_h, device=rt.device),
+                                 num_classes=num_classes)  # (C, C)
     classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
     path = Path(out_dir) / CLASSIFIER_FILE
     distributed.on_main(world, lambda: save_classifier(path, head, layer=cfg.layer, classes=classes, protocol=cfg.protocol,
                                                        standardized=cfg.protocol == "cached", encoder=encoder.source),
                         device=rt.device)
+    plot = Path(out_dir) / CONFUSION_FILE if plots.available() else None  # an optional extra, like pretrain's plots
+    if plot is not None:
+        distributed.on_main(world, lambda: plots.plot_confusion(confusion.numpy(), classes, out=plot), device=rt.device)
     log.info("linear eval (%s, %s): top-1 %.4f%s", cfg.protocol, cfg.layer, top1,
              "" if top5 is None else f", top-5 {top5:.4f}")
     return LinearEvalResult(
         top1=top1, top5=top5, protocol=cfg.protocol, layer=cfg.layer, settings=settings, history=history,
-        checkpoint=encoder.source, classifier=path, train_images=len(train), val_images=len(val),
+        checkpoint=encoder.source, classifier=path, confusion=confusion.tolist(), confusion_plot=plot,
+        train_images=len(train), val_images=len(val),
         num_classes=num_classes, seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -177,7 +191,7 @@ def _cached(cfg, encoder, train, val, train_labels, val_labels, *, num_classes, 
     settings = {"protocol": "cached", "layer": cfg.layer, "optimizer": "lbfgs", "l2": cfg.l2, "max_iter": cfg.max_iter,
                 "iterations": fit["iterations"], "standardized": True, "augmentation": None,
                 "batch_size": cfg.batch_size, "seed": cfg.seed}
-    return head, top1, top5, history, settings
+    return head, top1, top5, history, settings, val_h
 
 
 def fit_linear(
@@ -247,6 +261,21 @@ def accuracy(
     head.cpu()
     n = len(labels)
     return correct1 / n, (correct5 / n if head.fc.out_features >= 5 else None)
+
+
+@torch.no_grad()
+def predict(head: LinearClassifier, h: Tensor, *, device: torch.device | str = "cpu") -> Tensor:
+    """The predicted class (M,) of each row of the features h (M, D), on the CPU."""
+    head = head.to(device)
+    chunks = [head(h[start:start + LBFGS_CHUNK].to(device)).argmax(dim=1).cpu() for start in range(0, len(h), LBFGS_CHUNK)]
+    head.cpu()
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+
+
+def confusion_matrix(labels: Tensor, predicted: Tensor, *, num_classes: int) -> Tensor:
+    """(C, C) int64 counts: entry [i, j] is how many samples of true class i were predicted as class j."""
+    pairs = labels.long() * num_classes + predicted.long()  # (M,) the flat index of each (true, predicted) cell
+    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
