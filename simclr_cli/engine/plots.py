@@ -254,7 +254,8 @@ def _loss_figure(Figure: type[Figure], steps: list[dict[str, Any]]) -> Figure:
     loss_ax.set_ylabel("NT-Xent loss")
     loss_ax.grid(alpha=0.3)
     last = steps[-1]
-    loss_ax.set_title(f"pretraining: step {last['step']:,} (epoch {last['epoch']}), loss {last['loss']:.4f}")
+    # metrics count epochs from 0; people (and knn.png) count them from 1
+    loss_ax.set_title(f"pretraining: step {last['step']:,} (epoch {last['epoch'] + 1}), loss {last['loss']:.4f}")
     if "lr" in last:
         lr_ax.plot(x, [r.get("lr", np.nan) for r in steps], color="tab:orange")
     lr_ax.set_ylabel("learning rate")

@@ -311,10 +311,11 @@ class _Trainer:
                     rate = window_steps * self.cfg.train.batch_size / max(now - window_start, 1e-9)
                     self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=rate)
                     window_start, window_steps = now, 0
-                if self.checkpoint_due(step) or last:
-                    self.save(step=step, epoch=epoch)
+                # the kNN check first, so the plots drawn when saving include it
                 if self.monitor and self.world.is_main and (last or step % (self.steps_per_epoch * self.cfg.monitor.every) == 0):
                     self.write_metrics(self.monitor.check(self, step=step, epoch=epoch))
+                if self.checkpoint_due(step) or last:
+                    self.save(step=step, epoch=epoch)
                 if last:
                     break
         return step
