@@ -153,8 +153,11 @@ def _plot_embedding(result) -> None:
     from simclr_cli.engine import embed, plots
 
     vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)
-    thumbnails = [result.folder / name for name in embed.read_paths(result.paths_file)]
-    path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), thumbnails=thumbnails)
+    names = embed.read_paths(result.paths_file)
+    # images in subfolders are coloured by their top-level folder (a class-per-folder tree shows its classes)
+    labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
+    path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
+                                thumbnails=[result.folder / name for name in names])
     console.print(f"map: {path}")
 
 
@@ -302,6 +305,7 @@ def linear_eval(
         _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"linear eval ({result.protocol}) on {splits.name}", rows=[
             ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
             ("train / val images", f"{result.train_images} / {result.val_images}"), ("classifier", str(result.classifier)),
+            ("confusion matrix", str(result.confusion_plot or "in results.json (install matplotlib for a picture)")),
         ])
 
 
