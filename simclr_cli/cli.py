@@ -147,7 +147,7 @@ def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
     return config.resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
 
 
-def _plot_embedding(result) -> None:
+def _plot_embedding(result, *, method: str) -> None:
     import numpy as np
 
     from simclr_cli.engine import embed, plots
@@ -157,7 +157,7 @@ def _plot_embedding(result) -> None:
     # images in subfolders are coloured by their top-level folder (a class-per-folder tree shows its classes)
     labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
     path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
-                                thumbnails=[result.folder / name for name in names])
+                                thumbnails=[result.folder / name for name in names], method=method)
     console.print(f"map: {path}")
 
 
@@ -463,7 +463,8 @@ def embed(
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D PCA map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
+    plot_method: Annotated[str, typer.Option(help="pca | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = "pca",
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
@@ -485,7 +486,7 @@ def embed(
             return
         retrieval.write_index_metadata(result)
         if plot:
-            _plot_embedding(result)
+            _plot_embedding(result, method=plot_method)
         show_table(f"embedded {folder}", [
             ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),
             ("skipped files", str(len(result.skipped))),
