@@ -221,10 +221,10 @@ def _save_onnx(out: Path, net: ResNet, info: EncoderInfo, metadata: dict[str, st
         kwargs: dict[str, Any] = {"dynamo": dynamo}
         if dynamo:
             kwargs["external_data"] = False  # one self-contained file: a side .data file would not follow the rename
-        torch.onnx.export(
-            net, (x,), str(tmp), input_names=["image"], output_names=["h"],
-            dynamic_axes={"image": {0: "batch"}, "h": {0: "batch"}}, **kwargs,
-        )
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)  # the dynamo exporter's own form
+        else:
+            kwargs["dynamic_axes"] = {"image": {0: "batch"}, "h": {0: "batch"}}
+        torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["h"], **kwargs)
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, metadata)
         onnx.save(model, str(tmp))
