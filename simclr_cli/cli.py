@@ -62,6 +62,8 @@ def pretrain(
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
     init: options.Init = None,
+    on_bad_image: Annotated[str | None, typer.Option(help="skip (default): train on the next decodable image and name the bad file; "
+                                                     "error: stop at the first one.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.")] = None,
     monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
                                                     "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
@@ -101,7 +103,7 @@ def pretrain(
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,
             "optim.warmup_epochs": warmup_epochs,
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
-            "data.workers": workers, "data.root": str(data_root) if data_root else None, "data.download": download,
+            "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
         }
         if resume:
             out = (out or rundir.RUNS / rundir.LATEST).resolve()

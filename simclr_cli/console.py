@@ -39,7 +39,7 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
     except SimCLRError as exc:
         if verbose:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -101,3 +101,13 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message itself: an error raised in a DataLoader worker arrives wrapped with the worker's traceback,
+    whose last line is the original "module.ErrorClass: message"."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last

@@ -193,3 +193,14 @@ def test_resume_on_another_number_of_processes(image_folder, tmp_path):
     a, b = _losses(tmp_path / "whole"), _losses(part)
     assert len(a) == len(b) == 6
     assert all(abs(x - y) / abs(x) < 1e-3 for x, y in zip(a, b))
+
+
+def test_a_bad_image_in_a_worker_is_still_a_one_line_error(image_folder, tmp_path):
+    (image_folder / "fake.png").write_bytes(b"not an image")
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+                                 "--batch-size", "25", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
+                                 "--workers", "1", "--on-bad-image", "error", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot decode" in errors[0] and "fake.png" in errors[0]
+    assert "Original Traceback" not in result.output

@@ -220,3 +220,33 @@ def test_tensorboard_without_the_package_is_a_clear_error(image_folder, tmp_path
     with pytest.raises(ConfigError, match="--tensorboard needs the tensorboard package"):
         task.run(tiny_config(image_folder, max_steps=1, tensorboard=True), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _add_broken_images(folder: Path) -> list[Path]:
+    broken = [folder / "zero.jpg", folder / "fake.png", folder / "truncated.png"]
+    broken[0].write_bytes(b"")
+    broken[1].write_bytes(b"this is not an image at all")
+    good = next(folder.rglob("*.png")).read_bytes()
+    broken[2].write_bytes(good[: len(good) // 2])
+    return broken
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_undecodable_images_are_skipped_and_named(image_folder, tmp_path, caplog, workers):
+    broken = _add_broken_images(image_folder)  # 27 files, 3 of them broken
+    cfg = tiny_config(image_folder, batch_size=9, epochs=1)
+    cfg.data.workers = workers
+    with caplog.at_level("WARNING", logger="simclr"):
+        result = task.run(cfg, out=tmp_path / "run")
+    assert result.steps == 3  # batches keep their size: broken files are replaced, not dropped
+    if workers == 0:  # worker processes log to their own stderr
+        for path in broken:
+            assert f"skipping {path}" in caplog.text
+
+
+def test_on_bad_image_error_stops_naming_the_file(image_folder, tmp_path):
+    _add_broken_images(image_folder)
+    cfg = tiny_config(image_folder, batch_size=9, epochs=1)
+    cfg.data.on_bad_image = "error"
+    with pytest.raises(DataError, match=r"cannot decode .*(zero\.jpg|fake\.png|truncated\.png).*--on-bad-image skip"):
+        task.run(cfg, out=tmp_path / "run")

@@ -6,6 +6,7 @@ the wrappers that need them (`TwoViewDataset`), so one dataset serves pretrainin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -109,6 +110,8 @@ CIFAR_BINARY = {
     ),
 }
 _MASK64 = (1 << 64) - 1
+
+log = logging.getLogger("simclr")
 
 
 def find_images(root: Path) -> list[Path]:
@@ -416,25 +419,57 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
-class TwoViewDataset(Dataset):
-    """Item (index, epoch) -> the two SimCLR views of image `index`, a pure function of (seed, epoch, index)."""
+BAD_IMAGE_POLICIES = ("skip", "error")
+# What decoding a broken file raises: PIL's UnidentifiedImageError is an OSError, truncated files raise OSError,
+# some corrupt headers ValueError or SyntaxError, oversized images DecompressionBombError.
+UNDECODABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-    def __init__(self, images: Dataset, transform: TwoViews, *, seed: int) -> None:
+
+class TwoViewDataset(Dataset):
+    """Item (index, epoch) -> the two SimCLR views of image `index`, a pure function of (seed, epoch, index).
+
+    An image that cannot be decoded is, with `on_bad_image="skip"`, replaced by the next decodable one, so
+    every batch keeps its size (and every process its batch count); with "error" it stops the run, named.
+    """
+
+    def __init__(self, images: Dataset, transform: TwoViews, *, seed: int, on_bad_image: str = "skip") -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image {on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.images = images
         self.transform = transform
         self.seed = seed
+        self.on_bad_image = on_bad_image
+        self.reported: set[int] = set()  # per process: each bad file is named once by each worker
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, epoch = key
-        image = self.images[index]
+        image = self._decodable(index)
         # Seed only the CPU generator, inside a fork so the caller's (or worker's) RNG stream is untouched;
         # the views then do not depend on which process or DataLoader worker draws them.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self.transform(image)
+
+    def _decodable(self, index: int) -> Image.Image:
+        for offset in range(len(self.images)):
+            candidate = (index + offset) % len(self.images)
+            try:
+                return self.images[candidate]
+            except UNDECODABLE as exc:
+                name = self._name(candidate)
+                if self.on_bad_image == "error":
+                    raise DataError(f"cannot decode {name} ({_one_line(exc)}); fix or remove it, or pass --on-bad-image skip") from exc
+                if candidate not in self.reported:
+                    self.reported.add(candidate)
+                    log.warning("skipping %s: %s", name, _one_line(exc))
+        raise DataError("none of the images can be decoded; check the files")
+
+    def _name(self, index: int) -> str:
+        paths = getattr(self.images, "paths", None)
+        return str(paths[index]) if paths is not None else f"image {index}"
 
 
 class EpochSampler(Sampler):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from simclr_cli.engine import checkpoint, distributed, features, knn, plots, rundir, weights
 from simclr_cli.engine.augment import AugmentConfig, TwoViews
 from simclr_cli.engine.data import (
+    BAD_IMAGE_POLICIES,
     NAMED_DATASETS,
     EpochSampler,
     LabelledSplits,
@@ -42,10 +43,13 @@ class DataConfig:
     root: str | None = None  # where named datasets are stored
     download: bool = False
     workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
+    on_bad_image: str = "skip"  # skip: use the next decodable image and name the bad one; error: stop, naming it
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(BAD_IMAGE_POLICIES)}")
 
 
 @dataclass
@@ -117,7 +121,7 @@ class PretrainConfig:
 
 # Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = {
-    "data.root", "data.workers", "data.download", "train.device", "train.log_every", "train.keep_checkpoints",
+    "data.root", "data.workers", "data.download", "data.on_bad_image", "train.device", "train.log_every", "train.keep_checkpoints",
     "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard",
 }
 
@@ -229,7 +233,7 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
     workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device)
     loader = DataLoader(
-        TwoViewDataset(images, TwoViews(cfg.augment), seed=cfg.train.seed),
+        TwoViewDataset(images, TwoViews(cfg.augment), seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
         batch_size=batch // world.world_size,
         sampler=sampler,
         num_workers=workers,
