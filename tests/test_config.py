@@ -235,7 +235,7 @@ def test_to_dict_is_plain_data_and_round_trips():
     assert plain["augment"]["crop_scale"] == [0.3, 1.0]
     assert plain["augment"]["mean"] == [0.485, 0.456, 0.406]
     assert plain["model"] == {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128}
-    assert plain["data"] == {"source": None, "root": None, "download": False, "workers": None}
+    assert plain["data"] == {"source": None, "root": None, "download": False, "workers": None, "on_bad_image": "skip"}
     assert from_dict(PretrainConfig, plain) == cfg
 
 
