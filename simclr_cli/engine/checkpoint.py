@@ -107,9 +107,9 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
     extra = sorted(set(found) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few(missing)}")
     if extra:
-        problems.append(f"unexpected {_few(extra)}")
+        problems.append(f"unexpected {few(extra)}")
     for name in sorted(set(expected) & set(found)):
         want, got = expected[name], found[name]
         if want.shape != got.shape:
@@ -120,7 +120,8 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
         raise CheckpointError(f"{source} does not match the model it describes: {'; '.join(problems[:4])}")
 
 
-def _few(names: list[str]) -> str:
+def few(names: list[str]) -> str:
+    """At most three names, then how many more: keeps key-mismatch messages to one line."""
     shown = ", ".join(names[:3])
     return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
 

@@ -141,7 +141,7 @@ def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]
         if wrapper is None:
             bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not torch.is_tensor(v)]
             raise CheckpointError(
-                f"{path} is not a state dict: {_few(bad) or 'it is empty'} are not tensors, and it has none of "
+                f"{path} is not a state dict: {checkpoint.few(bad) or 'it is empty'} are not tensors, and it has none of "
                 f"the keys {', '.join(WRAPPER_KEYS)} holding one"
             )
         trail.append(wrapper)
@@ -271,9 +271,9 @@ def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source
     extra = sorted(k for k in found if ENCODER_NAMESPACE.match(k) and k not in expected)
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {checkpoint.few(missing)}")
     if extra:
-        problems.append(f"unexpected {_few(extra)} (a deeper or different ResNet?)")
+        problems.append(f"unexpected {checkpoint.few(extra)} (a deeper or different ResNet?)")
     for name in sorted(set(expected) & set(found)):
         want, got = expected[name], found[name]
         if want.shape != got.shape:
@@ -294,8 +294,3 @@ def _exact(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> dict[
     if set(expected) != set(found) or any(expected[k].shape != found[k].shape for k in expected):
         return None
     return dict(found)
-
-
-def _few(names: list[str]) -> str:
-    shown = ", ".join(names[:3])
-    return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
