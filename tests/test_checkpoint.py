@@ -395,6 +395,16 @@ def assert_same_optimizer_state(model_a, opt_a, model_b, opt_b) -> None:
             assert torch.equal(torch.as_tensor(state_b[key]), torch.as_tensor(value)), f"{name}/{key}"
 
 
+
+def assert_same_next_step(model, optimizer, other, other_opt) -> None:
+    """The restored optimiser takes exactly the same next step as the original."""
+    torch.manual_seed(5)
+    train_steps(model, optimizer, steps=1)
+    torch.manual_seed(5)
+    train_steps(other, other_opt, steps=1)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other.state_dict()[name], tensor), name
+
 def test_train_state_round_trip_with_lars(tmp_path):
     model = tiny()
     optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
@@ -425,13 +435,7 @@ def test_train_state_round_trip_with_lars(tmp_path):
     assert_same_optimizer_state(model, optimizer, other, other_opt)
     assert torch.equal(torch.rand(8), expected_draw)  # the RNG continues where the save left it
 
-    # and the restored optimiser takes the same next step as the original
-    torch.manual_seed(5)
-    train_steps(model, optimizer, steps=1)
-    torch.manual_seed(5)
-    train_steps(other, other_opt, steps=1)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(other.state_dict()[name], tensor), name
+    assert_same_next_step(model, optimizer, other, other_opt)
 
 
 def test_train_state_round_trip_with_adamw(tmp_path):
@@ -449,12 +453,7 @@ def test_train_state_round_trip_with_adamw(tmp_path):
     assert set(other_opt.state[some]) == {"step", "exp_avg", "exp_avg_sq"}
     assert float(other_opt.state[some]["step"]) == 3.0
 
-    torch.manual_seed(5)
-    train_steps(model, optimizer, steps=1)
-    torch.manual_seed(5)
-    train_steps(other, other_opt, steps=1)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(other.state_dict()[name], tensor), name
+    assert_same_next_step(model, optimizer, other, other_opt)
 
 
 def test_loading_replaces_existing_optimizer_state(tmp_path):
