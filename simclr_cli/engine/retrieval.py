@@ -76,9 +76,9 @@ def search(
     if len(names) != len(vectors):
         raise DataError(f"{index} has {len(vectors)} rows but {paths_file.name} lists {len(names)} paths; re-create the index")
     query = Path(query).expanduser()
-    images = find_images(query) if query.is_dir() else [query]
     if not query.exists():
         raise DataError(f"query {query} does not exist; pass an image file or a folder of images")
+    images = find_images(query) if query.is_dir() else [query]
     queries = extract(encoder, ImageFiles(images), layer=layer, batch_size=batch_size, workers=workers, rt=rt)  # (Q, D)
     similarities, rows = nearest(vectors, queries, k=k, device=rt.device)  # (Q, k) each
     return [
