@@ -1,5 +1,7 @@
 """Errors the CLI shows as one line naming the problem and the fix (no traceback)."""
 
+import errno
+
 
 class SimCLRError(Exception):
     """Base of every error caused by the user's input or environment, not by a bug."""
@@ -11,6 +13,16 @@ class ConfigError(SimCLRError):
 
 class DataError(SimCLRError):
     """Data that is missing, empty or unreadable."""
+
+
+class BadImage(DataError):
+    """One image file that cannot be used (empty, truncated, not an image, a format we do not read, too many
+    pixels, corrupt). The message is the short reason alone; callers name the file (`path`, when known)."""
+
+    def __init__(self, reason: str, *, path: object = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path
 
 
 class CheckpointError(SimCLRError):
@@ -26,3 +38,22 @@ class NonFiniteLoss(SimCLRError):
             "Lower --lr, try --precision fp32, or check the data"
         )
         self.step = step
+
+
+class OutputError(SimCLRError):
+    """A file that cannot be written because of the machine: disk full, over quota, read-only, no permission, I/O."""
+
+    # errno -> (the cause in words, the fix); console.py words an OSError that escapes unwrapped from this table too
+    CAUSES = {
+        errno.ENOSPC: ("no space left on device", "free space or pass another --out"),
+        errno.EDQUOT: ("disk quota exceeded", "free space or pass another --out"),
+        errno.EROFS: ("read-only file system", "pass an --out on a writable disk"),
+        errno.EACCES: ("permission denied", "check the permissions or pass another --out"),
+        errno.EPERM: ("operation not permitted", "check the permissions or pass another --out"),
+        errno.EIO: ("input/output error", "check the disk (dmesg) or pass another --out"),
+    }
+
+    def __init__(self, path: object, code: int, *, kept: str):
+        cause, fix = self.CAUSES[code]
+        super().__init__(f"cannot write {path}: {cause}; {fix} ({kept})")
+        self.path, self.errno = path, code
