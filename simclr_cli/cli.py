@@ -467,23 +467,31 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
     plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
     plot_method: Annotated[str, typer.Option(help="pca | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = "pca",
+    on_bad_image: options.OnBadImage = None,
+    max_bad_fraction: options.MaxBadFraction = None,
+    max_image_pixels: options.MaxImagePixels = None,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
-    """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and listed)."""
+    """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and
+    listed in VECS.bad_files.jsonl)."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
         if world is None:
             return
-        from simclr_cli.engine import device as devices, embed as task, features, retrieval, rundir
+        from simclr_cli.engine import badfiles, data, device as devices, embed as task, features, retrieval, rundir
 
         path = rundir.resolve_checkpoint(checkpoint)
         console.print(f"checkpoint: {path}")
         encoder = features.open_encoder(path)
         rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-        result = task.run(encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
-                          workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None,
-                          overwrite=overwrite)
+        result = task.run(
+            encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
+            workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None, overwrite=overwrite,
+            on_bad_image=on_bad_image or "skip",
+            max_bad_fraction=badfiles.DEFAULT_MAX_BAD_FRACTION if max_bad_fraction is None else max_bad_fraction,
+            max_image_pixels=data.DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
+        )
         if not world.is_main:
             return
         retrieval.write_index_metadata(result)

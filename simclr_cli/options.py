@@ -80,3 +80,18 @@ Init = Annotated[
     typer.Option("--init", help="Start from these weights (not a resume): a simclr encoder, a torchvision/timm ResNet state dict, "
                  "or a converted official SimCLR v1/v2 checkpoint; .safetensors, or .pt/.pth loaded with weights_only=True."),
 ]
+OnBadImage = Annotated[
+    str | None,
+    typer.Option("--on-bad-image", help="skip (default): leave out a file that cannot be decoded, naming it in the log and in "
+                 "the bad-files report; error: stop at the first one."),
+]
+MaxBadFraction = Annotated[
+    float | None,
+    typer.Option("--max-bad-fraction", help="Stop when more than this fraction of the images cannot be decoded (default 0.5): "
+                 "a mostly unreadable folder is the wrong folder or a broken disk, not noise. 1 never stops."),
+]
+MaxImagePixels = Annotated[
+    int | None,
+    typer.Option("--max-image-pixels", help="Refuse an image with more pixels than this, read from its header before decoding "
+                 "(decompression-bomb guard; default 178956970, about 13,400 x 13,400). 0 turns the limit off."),
+]

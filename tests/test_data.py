@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import re
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from simclr_cli.engine.data import (
     labelled_folder,
     named_dataset,
     pretrain_dataset,
+    printable_path,
+    scan_folder,
 )
 from simclr_cli.engine.errors import DataError
 
@@ -66,10 +71,93 @@ def test_find_images_accepts_str(tmp_path):
     assert find_images(str(tmp_path)) == [tmp_path / "x.png"]
 
 
-def test_find_images_does_not_follow_symlinked_folders(tmp_path):
+def test_find_images_follows_symlinked_folders(tmp_path):
+    write_image(tmp_path / "elsewhere" / "y.png")
     write_image(tmp_path / "data" / "x.png")
-    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
-    assert find_images(tmp_path / "data") == [tmp_path / "data" / "x.png"]
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    scan = scan_folder(tmp_path / "data")
+    assert scan.images == [tmp_path / "data" / "x.png", tmp_path / "data" / "linked" / "y.png"]
+    assert scan.skipped_folders == []
+
+
+def test_a_symlink_loop_ends_and_is_reported(tmp_path, caplog):
+    write_image(tmp_path / "data" / "sub" / "x.png")
+    (tmp_path / "data" / "sub" / "up").symlink_to(tmp_path / "data", target_is_directory=True)  # sub/up/sub/up/...
+    with caplog.at_level("WARNING", logger="simclr"):
+        scan = scan_folder(tmp_path / "data")
+    assert scan.images == [tmp_path / "data" / "sub" / "x.png"]
+    assert scan.skipped_folders == [(tmp_path / "data" / "sub" / "up", f"symlink loop back to {tmp_path / 'data'}")]
+    assert f"skipping folder {tmp_path / 'data' / 'sub' / 'up'}: symlink loop" in caplog.text
+
+
+def test_a_second_link_to_a_folder_is_walked_once(tmp_path, caplog):
+    write_image(tmp_path / "data" / "a" / "x.png")
+    (tmp_path / "data" / "b").symlink_to(tmp_path / "data" / "a", target_is_directory=True)
+    with caplog.at_level("WARNING", logger="simclr"):
+        scan = scan_folder(tmp_path / "data")
+    assert scan.images == [tmp_path / "data" / "a" / "x.png"]
+    assert [(folder.name, reason) for folder, reason in scan.skipped_folders] == [
+        ("b", f"the same folder as {tmp_path / 'data' / 'a'}, walked there")]
+    assert "skipping folder" in caplog.text and str(tmp_path / "data" / "b") in caplog.text
+
+
+def test_an_unreadable_folder_is_reported_not_silently_skipped(tmp_path, monkeypatch, caplog):
+    write_image(tmp_path / "data" / "ok" / "x.png")
+    write_image(tmp_path / "data" / "locked" / "y.png")
+    locked = {str(tmp_path / "data" / "locked")}
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what os.walk sees for a folder without read permission (tests run as root)
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING", logger="simclr"):
+        scan = scan_folder(tmp_path / "data")
+    assert scan.images == [tmp_path / "data" / "ok" / "x.png"]
+    assert scan.skipped_folders == [(tmp_path / "data" / "locked", "cannot read the folder (Permission denied)")]
+    assert f"skipping folder {tmp_path / 'data' / 'locked'}: cannot read the folder (Permission denied)" in caplog.text
+    locked.add(str(tmp_path / "data"))  # the root itself
+    with pytest.raises(DataError, match=r"data: cannot read the folder \(Permission denied\); check its permissions"):
+        scan_folder(tmp_path / "data")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads every folder whatever its mode")
+def test_an_unreadable_folder_by_its_mode(tmp_path):
+    write_image(tmp_path / "data" / "ok" / "x.png")
+    write_image(tmp_path / "data" / "locked" / "y.png")
+    (tmp_path / "data" / "locked").chmod(0)
+    try:
+        scan = scan_folder(tmp_path / "data")
+    finally:
+        (tmp_path / "data" / "locked").chmod(0o755)
+    assert scan.images == [tmp_path / "data" / "ok" / "x.png"]
+    assert [folder.name for folder, _ in scan.skipped_folders] == ["locked"]
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding().lower() != "utf-8", reason="needs a POSIX bytes file system")
+def test_a_non_utf8_file_name_is_found_and_logged_safely(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/\xff\xfe.jpg"
+    try:
+        write_image(Path(os.fsdecode(raw)))
+    except OSError:
+        pytest.skip("this file system refuses such names")
+    (found,) = find_images(tmp_path)
+    assert os.fsencode(found) == raw and decode_image(found).size == (12, 10)
+    shown = printable_path(found)
+    assert shown.endswith("/\\xff\\xfe.jpg") and shown.encode("ascii")  # plain text, no surrogates
+    assert printable_path("two\nlines\t.png") == "two\\nlines\\t.png"  # one line in a log
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict: a surrogate would raise here
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("simclr.test_non_utf8")
+    logger.addHandler(handler)
+    try:
+        logger.warning("skipping %s: %s", shown, "test")
+        stream.flush()
+    finally:
+        logger.removeHandler(handler)
+    assert b"\\xff\\xfe.jpg" in stream.buffer.getvalue()
 
 
 def test_find_images_missing_folder(tmp_path):
@@ -94,23 +182,7 @@ def test_find_images_no_images(tmp_path):
 # --- decode_image --------------------------------------------------------------------------------
 
 
-def test_decode_image_applies_exif_orientation(tmp_path):
-    # Stored 20 wide x 10 high, red left half, blue right half; orientation 6 = "rotate 90 degrees clockwise to view".
-    stored = np.zeros((10, 20, 3), dtype=np.uint8)
-    stored[:, :10] = (255, 0, 0)
-    stored[:, 10:] = (0, 0, 255)
-    img = Image.fromarray(stored)
-    exif = img.getexif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.jpg"
-    img.save(path, exif=exif, quality=95)
-
-    decoded = decode_image(path)
-    assert decoded.mode == "RGB"
-    assert decoded.size == (10, 20)  # now 10 wide x 20 high
-    top, bottom = np.asarray(decoded)[2, 5], np.asarray(decoded)[17, 5]
-    assert top[0] > 200 and top[2] < 60  # the stored left (red) half is on top after a clockwise turn
-    assert bottom[2] > 200 and bottom[0] < 60
+# One test per decoding rule is in test_decode.py.
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB", "LA", "I;16"])
@@ -120,18 +192,6 @@ def test_decode_image_returns_rgb(tmp_path, mode):
     img.save(path)
     decoded = decode_image(path)
     assert decoded.mode == "RGB" and decoded.size == (9, 7)
-
-
-def test_decode_image_palette_with_transparency(tmp_path):
-    img = Image.new("P", (6, 6), 0)
-    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    img.info["transparency"] = 1
-    path = tmp_path / "t.png"
-    img.save(path, transparency=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        decoded = decode_image(path)
-    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_image_files_dataset(tmp_path):

@@ -5,24 +5,39 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from multiprocess import run_on_two_processes
+from simclr_cli.cli import app
 from simclr_cli.engine import embed, features
+from simclr_cli.engine.badfiles import MIN_SEEN, BadFiles
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
-from simclr_cli.engine.data import ImageFiles
+from simclr_cli.engine.data import DEFAULT_MAX_PIXELS, ImageFiles
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.model import ModelConfig, build_model
 
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
+COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8"]
+runner = CliRunner()
+needs_bytes_names = pytest.mark.skipif(os.sys.getfilesystemencoding().lower() != "utf-8", reason="needs a POSIX bytes file system")
 
 
+def read_report(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="ascii").splitlines()]
+
+
+def squeezed(text: str) -> str:
+    """The terminal output without its whitespace: rich wraps long log lines and indents the continuations."""
+    return "".join(text.split())
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +107,32 @@ def test_undecodable_files_are_skipped_and_reported(encoder, folder, tmp_path):
     skipped = dict(result.skipped)
     assert set(skipped) == {"a/xx.png", "empty.jpg", "c/d/bad.png"}
     assert all(reason for reason in skipped.values())
-    assert "UnidentifiedImageError" in skipped["empty.jpg"]
+    assert skipped["empty.jpg"] == "empty file (0 bytes)" and skipped["a/xx.png"] == "not an image"
     names = embed.read_paths(result.paths_file)
     assert names == ["a0.png", "b.png", "a/x.png", "a/y.jpg", "c/d/z.png"]
     rows = np.load(out)
     assert rows.shape == (5, 128) and result.rows == 5
     torch.testing.assert_close(torch.from_numpy(rows), expected_rows(encoder, folder, names), rtol=1e-4, atol=1e-5)
     assert {e["path"] for e in result.to_dict()["skipped"]} == set(skipped)
-    assert sorted(os.listdir(tmp_path)) == ["photos", "vecs.npy", "vecs.paths.txt"]  # the scratch file is gone
+    # the scratch file is gone; the bad files are listed beside the output
+    assert sorted(os.listdir(tmp_path)) == ["photos", "vecs.bad_files.jsonl", "vecs.npy", "vecs.paths.txt"]
+    assert result.bad_files == tmp_path / "vecs.bad_files.jsonl" == embed.report_for(out)
+    listed = {Path(e["path"]).relative_to(folder).as_posix(): e["reason"] for e in read_report(result.bad_files)}
+    assert listed == skipped
 
 
 def test_a_folder_of_only_broken_files_is_an_error(encoder, tmp_path):
     root = tmp_path / "broken"
     root.mkdir()
     (root / "a.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="none of the 1 images"):
+    with pytest.raises(DataError, match=r"1 of 1 images could not be decoded \(100% > --max-bad-fraction 0.5\)"):
         run(encoder, root, tmp_path / "v.npy")
-    assert not (tmp_path / "v.npy").exists() and os.listdir(tmp_path) == ["broken"]
+    # no outputs, only the list of what was found
+    assert sorted(os.listdir(tmp_path)) == ["broken", "v.bad_files.jsonl"]
+    with pytest.raises(DataError, match="none of the 1 images"):  # --max-bad-fraction 1 never stops; nothing to write
+        run(encoder, root, tmp_path / "v.npy", max_bad_fraction=1.0)
+    assert sorted(os.listdir(tmp_path)) == ["broken", "v.bad_files.jsonl"]
+    assert [e["path"] for e in read_report(tmp_path / "v.bad_files.jsonl")] == [str(root / "a.png")]  # this run's list
 
 
 def test_existing_output_is_refused_without_overwrite(encoder, folder, tmp_path):
@@ -137,7 +161,7 @@ def test_missing_layer_is_refused_before_any_work(encoder, folder, tmp_path):
     assert not (tmp_path / "v.npy").exists()
 
 
-@pytest.mark.skipif(os.sys.getfilesystemencoding().lower() != "utf-8", reason="needs a POSIX bytes file system")
+@needs_bytes_names
 def test_odd_file_names_round_trip_or_are_reported(encoder, tmp_path):
     root = tmp_path / "odd"
     write_image(root / "plain.png", seed=1)
@@ -153,6 +177,24 @@ def test_odd_file_names_round_trip_or_are_reported(encoder, tmp_path):
     assert (root / names[0]).is_file()  # the sidecar's name opens the original file
     assert b"caf\xe9.png\n" in result.paths_file.read_bytes()
     assert [name for name, _ in result.skipped] == ["two\nlines.png"] and "line break" in result.skipped[0][1]
+    assert [e["path"] for e in read_report(result.bad_files)] == [str(root / "two\nlines.png")]
+
+
+@needs_bytes_names
+def test_a_non_utf8_bad_file_round_trips_through_the_report_and_the_log(encoder, tmp_path, caplog):
+    root = tmp_path / "odd"
+    write_image(root / "plain.png", seed=1)
+    raw = os.fsencode(root) + b"/\xff\xfe.jpg"
+    try:
+        Path(os.fsdecode(raw)).write_bytes(b"not a jpeg")
+    except OSError:
+        pytest.skip("this file system refuses such names")
+    with caplog.at_level("WARNING", logger="simclr"):
+        result = run(encoder, root, tmp_path / "v.npy")
+    (entry,) = read_report(result.bad_files)
+    assert os.fsencode(entry["path"]) == raw and entry["reason"] == "not an image"  # the exact bytes, from JSON
+    assert "\\xff\\xfe.jpg: not an image" in caplog.text  # shown as escapes, not a surrogate that breaks the log
+    assert embed.read_paths(result.paths_file) == ["plain.png"]
 
 
 def test_worker_processes_give_the_same_rows(encoder, folder, tmp_path):
@@ -171,13 +213,14 @@ def _two_rank_worker(world, checkpoint: str, jobs: str) -> None:
     encoder = features.open_encoder(Path(checkpoint))
     for job in json.loads(jobs):
         if job["expected"] is None:  # nothing decodable: every rank stops with the one-process error
-            with pytest.raises(DataError, match="none of the 2 images"):
+            with pytest.raises(DataError, match="2 of 2 images could not be decoded"):
                 embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
             continue
         result = embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
         got = result.to_dict()
-        for key in ("rows", "dim", "layer", "normalize", "checkpoint", "skipped"):
+        for key in ("rows", "dim", "layer", "normalize", "checkpoint", "skipped", "skipped_folders"):
             assert got[key] == job["expected"][key], key  # on every rank, not only the one that wrote the files
+        assert got["bad_files"] == (str(embed.report_for(Path(job["out"]))) if got["skipped"] else None)
 
 
 def test_two_ranks_write_the_one_process_files_byte_for_byte(encoder, folder, tmp_path):
@@ -201,5 +244,207 @@ def test_two_ranks_write_the_one_process_files_byte_for_byte(encoder, folder, tm
         out = two / result.out.name
         assert out.read_bytes() == result.out.read_bytes()  # fp32 on the CPU, same batches: identical rows
         assert embed.paths_file_for(out).read_bytes() == result.paths_file.read_bytes()
-    # Only the outputs: no scratch .npy, no per-rank JSON, nothing from the failed run.
-    assert sorted(os.listdir(two)) == ["clean.npy", "clean.paths.txt", "vecs.npy", "vecs.paths.txt"]
+    # rank 0 lists the other rank's bad files too, in the one-process order
+    assert (two / "vecs.bad_files.jsonl").read_bytes() == one.bad_files.read_bytes()
+    assert [e["path"] for e in read_report(two / "broken.bad_files.jsonl")] == [str(broken / "a.png"), str(broken / "b.png")]
+    # Only the outputs and the bad-file lists: no scratch .npy, no per-rank JSON, nothing else from the failed run.
+    assert sorted(os.listdir(two)) == ["broken.bad_files.jsonl", "clean.npy", "clean.paths.txt", "vecs.bad_files.jsonl",
+                                       "vecs.npy", "vecs.paths.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bad-image policy (badfiles.BadFiles): embed uses it now, pretrain next
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"on_bad_image": "ignore"}, "--on-bad-image 'ignore' is not supported"),
+     ({"max_bad_fraction": 0.0}, r"--max-bad-fraction 0 is outside \(0, 1\]"),
+     ({"max_bad_fraction": 1.5}, r"--max-bad-fraction 1.5 is outside \(0, 1\]"),
+     ({"max_bad_fraction": float("nan")}, "--max-bad-fraction nan is outside"),
+     ({"max_image_pixels": -1}, "--max-image-pixels -1 is negative")],
+)
+def test_bad_files_policy_values_are_checked(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        BadFiles(**kwargs)
+
+
+def test_each_bad_file_is_logged_and_listed_once(tmp_path, caplog):
+    report = tmp_path / "out" / "v.bad_files.jsonl"
+    bad = BadFiles(report=report)
+    assert bad.max_pixels == DEFAULT_MAX_PIXELS and bad.summary() == "no bad files"
+    assert not report.exists()  # created only when there is something to list
+    with caplog.at_level("WARNING", logger="simclr"):
+        bad.add(tmp_path / "a.jpg", "truncated file")
+        bad.add(tmp_path / "a.jpg", "truncated file")  # another worker, another epoch: still once
+        bad.add(str(tmp_path / "b.png"), "not an image")
+        bad.add_folder(tmp_path / "locked", "cannot read the folder (Permission denied)")
+    assert caplog.text.count("skipping") == 2 and f"skipping {tmp_path / 'a.jpg'}: truncated file" in caplog.text
+    assert read_report(report) == [
+        {"path": str(tmp_path / "a.jpg"), "reason": "truncated file", "kind": "file"},
+        {"path": str(tmp_path / "b.png"), "reason": "not an image", "kind": "file"},
+        {"path": str(tmp_path / "locked"), "reason": "cannot read the folder (Permission denied)", "kind": "folder"},
+    ]
+    assert bad.files == [(str(tmp_path / "a.jpg"), "truncated file"), (str(tmp_path / "b.png"), "not an image")]
+    assert bad.summary() == f"2 bad file(s) skipped, 1 folder(s) skipped; listed in {report}"
+    BadFiles(report=report).add(tmp_path / "c.gif", "truncated file")  # a resumed run appends to its list
+    assert len(read_report(report)) == 4
+
+
+def test_the_error_policy_stops_at_the_first_bad_file_naming_it(tmp_path):
+    bad = BadFiles(on_bad_image="error", report=tmp_path / "r.jsonl")
+    with pytest.raises(DataError) as info:
+        bad.add(tmp_path / "x.jpg", "truncated file")
+    assert str(info.value) == f"cannot decode {tmp_path / 'x.jpg'} (truncated file); fix or remove it, or pass --on-bad-image skip"
+    assert [e["path"] for e in read_report(tmp_path / "r.jsonl")] == [str(tmp_path / "x.jpg")]  # listed before stopping
+
+
+def test_the_bad_fraction_is_judged_once_enough_images_are_seen():
+    bad = BadFiles(max_bad_fraction=0.5)
+    for i in range(60):
+        bad.add(f"f{i}.jpg", "not an image")
+    bad.check(seen=MIN_SEEN - 1, total=10_000)  # too early to judge a big folder
+    bad.check(seen=120, total=10_000)  # 50%: not more than the limit
+    with pytest.raises(DataError) as info:
+        bad.check(seen=MIN_SEEN, total=10_000)
+    assert str(info.value) == ("60 of 100 images could not be decoded (60% > --max-bad-fraction 0.5); the folder is "
+                               "mostly unreadable: check DATA or raise --max-bad-fraction")
+    small = BadFiles(max_bad_fraction=0.5)
+    for name in ("a", "b", "c"):
+        small.add(name, "empty file (0 bytes)")
+    small.check(seen=3, total=4)  # a small folder is judged once all of it is seen
+    with pytest.raises(DataError, match=r"3 of 4 images could not be decoded \(75% > --max-bad-fraction 0.5\)"):
+        small.check(seen=4, total=4)
+    never = BadFiles(max_bad_fraction=1.0)
+    never.add("a", "x")
+    never.check(seen=1, total=1)
+
+
+def test_turning_the_pixel_limit_off_is_never_silent(caplog):
+    with caplog.at_level("WARNING", logger="simclr"):
+        bad = BadFiles(max_image_pixels=0)
+    assert bad.max_pixels is None and "--max-image-pixels 0: the decompression-bomb limit is off" in caplog.text
+    assert BadFiles(max_image_pixels=1000).max_pixels == 1000
+
+
+@needs_bytes_names
+def test_the_report_keeps_non_utf8_names_byte_exact(tmp_path, caplog):
+    raw = b"/data/caf\xe9/\xff.jpg"
+    bad = BadFiles(report=tmp_path / "r.jsonl")
+    with caplog.at_level("WARNING", logger="simclr"):
+        bad.add(os.fsdecode(raw), "truncated file")
+    text = (tmp_path / "r.jsonl").read_bytes().decode("ascii")  # plain ASCII: any JSON reader takes it
+    assert os.fsencode(json.loads(text)["path"]) == raw
+    assert "skipping /data/caf\\xe9/\\xff.jpg: truncated file" in caplog.text
+
+
+def test_skipped_folders_go_to_the_report(encoder, folder, tmp_path):
+    (folder / "a" / "loop").symlink_to(folder, target_is_directory=True)
+    result = run(encoder, folder, tmp_path / "v.npy")
+    assert result.rows == 5 and result.skipped == ()
+    assert result.skipped_folders == (("a/loop", f"symlink loop back to {folder}"),)
+    assert read_report(result.bad_files) == [{"path": str(folder / "a" / "loop"), "reason": f"symlink loop back to {folder}",
+                                              "kind": "folder"}]
+    assert result.to_dict()["skipped_folders"] == [{"path": "a/loop", "reason": f"symlink loop back to {folder}"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `simclr embed` on hostile data, through the CLI
+
+
+def write_hostile_folder(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Good photos and every kind of file that must be decoded (by its rule) or skipped (with its reason)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(root / f"photo{i}.jpg", quality=90)
+    good_jpeg = (root / "photo0.jpg").read_bytes()
+    Image.new("CMYK", (20, 20), (100, 50, 0, 30)).save(root / "cmyk.jpg")
+    Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 160).save(root / "sixteen.png")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(root / "rgba.png")
+    palette = Image.new("P", (20, 20), 0)
+    palette.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    palette.save(root / "palette.png", transparency=1)
+    turned = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(root / "rotated.jpg", exif=exif)
+    Image.new("RGB", (1, 1), (5, 6, 7)).save(root / "tiny.png")
+    (root / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "fake.jpg").write_text("<html>not a photo</html>")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # a 400-megapixel header, a few bytes on disk
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    decoded = ["cmyk.jpg", "palette.png", "photo0.jpg", "photo1.jpg", "photo2.jpg", "rgba.png", "rotated.jpg", "sixteen.png", "tiny.png"]
+    skipped = {"bomb.png": "20000x20000 = 400.0 Mpx exceeds the 179.0 Mpx limit; raise --max-image-pixels",
+               "empty.jpg": "empty file (0 bytes)", "fake.jpg": "not an image", "truncated.jpg": "truncated file"}
+    return decoded, skipped
+
+
+def test_embed_completes_on_a_hostile_folder_and_names_every_skipped_file(encoder, tmp_path):
+    root = tmp_path / "hostile"
+    decoded, skipped = write_hostile_folder(root)
+    out = tmp_path / "out" / "v.npy"
+    result = runner.invoke(app, ["embed", str(root), "-o", str(out), "-c", str(encoder.source), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert embed.read_paths(embed.paths_file_for(out)) == decoded  # rows only for decoded images, in walk order
+    assert np.load(out).shape == (len(decoded), 128)
+    output = squeezed(result.output)
+    for name, reason in skipped.items():
+        assert squeezed(f"skipping {root / name}: {reason}") in output
+    report = read_report(out.with_suffix(".bad_files.jsonl"))
+    assert {Path(e["path"]).name: e["reason"] for e in report} == skipped and len(report) == len(skipped)
+    assert json.loads(out.with_suffix(".json").read_text())["skipped"] == [
+        {"path": name, "reason": reason} for name, reason in sorted(skipped.items())]
+    assert sorted(os.listdir(out.parent)) == ["v.bad_files.jsonl", "v.json", "v.npy", "v.paths.txt"]
+
+
+def test_embed_on_bad_image_error_stops_cleanly_naming_the_file(encoder, tmp_path):
+    root = tmp_path / "hostile"
+    write_hostile_folder(root)
+    out = tmp_path / "out" / "v.npy"
+    result = runner.invoke(app, ["embed", str(root), "-o", str(out), "-c", str(encoder.source), "--on-bad-image", "error", *COMMON])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot decode {root / 'bomb.png'} (20000x20000 = 400.0 Mpx exceeds the 179.0 Mpx limit; "
+                      "raise --max-image-pixels); fix or remove it, or pass --on-bad-image skip"]
+    assert "Traceback" not in result.output
+    assert os.listdir(out.parent) == ["v.bad_files.jsonl"]  # no .npy (nor a scratch file), only what was found
+
+
+def test_embed_stops_when_most_files_are_garbage(encoder, tmp_path):
+    root = tmp_path / "junk"
+    for i in range(2):
+        write_image(root / f"good{i}.png", seed=i)
+    for i in range(5):
+        (root / f"junk{i}.jpg").write_bytes(b"garbage " * (i + 1))
+    args = ["embed", str(root), "-c", str(encoder.source), *COMMON]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "a.npy")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: 5 of 7 images could not be decoded (71.4% > --max-bad-fraction 0.5); the folder is mostly "
+                      "unreadable: check DATA or raise --max-bad-fraction"]
+    assert not (tmp_path / "a.npy").exists()
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "b.npy"), "--max-bad-fraction", "0.8"]).exit_code == 0
+    assert np.load(tmp_path / "b.npy").shape == (2, 128)
+    refused = runner.invoke(app, [*args, "-o", str(tmp_path / "c.npy"), "--max-bad-fraction", "0"])
+    assert refused.exit_code == 2 and "--max-bad-fraction 0 is outside (0, 1]" in refused.output
+
+
+def test_embed_max_image_pixels(encoder, tmp_path):
+    root = tmp_path / "sizes"
+    write_image(root / "big.png", seed=1)  # 18 x 18 = 324 px
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "small.png")  # 256 px
+    args = ["embed", str(root), "-c", str(encoder.source), *COMMON]
+    limited = runner.invoke(app, [*args, "-o", str(tmp_path / "a.npy"), "--max-image-pixels", "300"])
+    assert limited.exit_code == 0, limited.output
+    assert squeezed(f"skipping {root / 'big.png'}: 18x18 = 324 px exceeds the 300 px limit") in squeezed(limited.output)
+    assert embed.read_paths(tmp_path / "a.paths.txt") == ["small.png"]
+    unlimited = runner.invoke(app, [*args, "-o", str(tmp_path / "b.npy"), "--max-image-pixels", "0"])
+    assert unlimited.exit_code == 0, unlimited.output
+    assert squeezed("the decompression-bomb limit is off") in squeezed(unlimited.output)
+    assert embed.read_paths(tmp_path / "b.paths.txt") == ["big.png", "small.png"]

@@ -1,10 +1,12 @@
 """`simclr embed`: one feature row per image of a folder, as an N x D float32 .npy plus a sidecar of paths.
 
 Rows are written to a memory-mapped .npy as they are computed, so a folder larger than RAM works.
-Undecodable files are skipped and reported; they are only discovered while reading, so the rows go to a
+Undecodable files follow the shared bad-image policy (badfiles.BadFiles: skip and list them in VECS.bad_files.jsonl,
+or stop at the first; stop when most are bad). They are only discovered while reading, so the rows go to a
 scratch file sized for every image found, and when some were skipped the decodable rows are copied into
 a file of the right size (one extra sequential pass, only then). A cheap pre-scan (PIL open + verify)
-was rejected: it opens every file twice and still misses files that verify but fail to decode.
+was rejected: it opens every file twice and still misses files that verify but fail to decode. The .npy and
+its sidecar appear only when every row is in place (atomic renames), so a stopped run leaves neither.
 
 Under a process group (distributed.init) each rank decodes and encodes one contiguous, batch-aligned shard into
 the same scratch file, which rank 0 then finalises exactly as one process does: the .npy is identical byte for
@@ -32,10 +34,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import distributed
+from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
 from simclr_cli.engine.checkpoint import atomic_write
-from simclr_cli.engine.data import decode_image, find_images
+from simclr_cli.engine.data import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.errors import BadImage, ConfigError, DataError
 from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, prepare, transform_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
@@ -57,6 +60,8 @@ class EmbedResult:
     checkpoint: Path | None  # None for a random-init encoder
     skipped: tuple[tuple[str, str], ...]  # (relative path, reason) of files that could not be used
     seconds: float
+    skipped_folders: tuple[tuple[str, str], ...] = ()  # (relative path, reason) of folders the walk skipped
+    bad_files: Path | None = None  # the bad-files report, when there was anything to list
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +75,8 @@ class EmbedResult:
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "random_init": self.checkpoint is None,
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+            "skipped_folders": [{"path": path, "reason": reason} for path, reason in self.skipped_folders],
+            "bad_files": None if self.bad_files is None else str(self.bad_files),
             "seconds": round(self.seconds, 3),
         }
 
@@ -96,22 +103,32 @@ def run(
     rt: Runtime,
     progress: Progress | None = None,
     overwrite: bool = False,
+    on_bad_image: str = "skip",
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EmbedResult:
     """Embed every image under `folder` (sorted, recursive) into `out` (.npy) and its .paths.txt sidecar.
 
-    Under a process group every rank returns the same result (but its own `seconds`); rank 0 writes the files.
+    Files that cannot be used follow the bad-image policy (see badfiles.BadFiles; `max_image_pixels` 0 = no limit)
+    and are listed in <out>.bad_files.jsonl. Under a process group every rank returns the same result (but its own
+    `seconds`); rank 0 writes the files.
     """
     started = time.perf_counter()
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
-    paths_file = paths_file_for(out)
+    paths_file, report = paths_file_for(out), report_for(out)
     world = distributed.current_world()
+    # A bad policy value is the same ConfigError on every rank, before any collective; only rank 0 writes the report.
+    bad = BadFiles(on_bad_image=on_bad_image, max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels,
+                   report=report if world.is_main else None)
     # Every rank checks the same things; if one fails alone (storage differs), the others stop too.
-    found, dim = distributed.on_every_rank(
+    scan, dim = distributed.on_every_rank(
         lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite), device=rt.device
     )
+    found = scan.images
     # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
-    names = [os.fsdecode(p.relative_to(folder).as_posix()) for p in found]
-    skipped = [(name, LINE_BREAK) for name in names if "\n" in name or "\r" in name]
+    names = [_relative(p, folder) for p in found]
+    line_broken = [i for i, name in enumerate(names) if "\n" in name or "\r" in name]
+    skipped = [(names[i], LINE_BREAK) for i in line_broken]
     listed = [i for i, name in enumerate(names) if "\n" not in name and "\r" not in name]
     paths, names = [found[i] for i in listed], [names[i] for i in listed]
     rows = local_rows(len(paths), batch_size=batch_size)  # this rank's shard of `paths`
@@ -119,18 +136,25 @@ def run(
     scratch = _scratch_path(out, world, device=rt.device)
     try:
         # on_main's closing all-reduce is the barrier: once it returns, every rank can open the scratch file.
-        distributed.on_main(world, lambda: _create_scratch(scratch, rows=len(paths), dim=dim), device=rt.device)
+        distributed.on_main(world, lambda: _begin(scratch, report, rows=len(paths), dim=dim), device=rt.device)
+        for path, reason in scan.skipped_folders:
+            bad.add_folder(path, reason)
+        for i in line_broken:  # the same on every rank, so with --on-bad-image error every rank stops here
+            bad.add(found[i], LINE_BREAK)
         mine = distributed.on_every_rank(
             lambda: _write_rows(
                 scratch, encoder, paths, rows=rows, dim=dim, layer=layer, normalize=normalize, batch_size=batch_size,
                 workers=workers, rt=rt, progress=(progress or NoProgress()) if world.is_main else NoProgress(),
-                world=world,
+                world=world, bad=bad, seen_before=len(line_broken), total=len(found),
             ),
             device=rt.device,
         )
         unreadable = distributed.on_every_rank(lambda: _unreadable_of_all_ranks(scratch, mine, world), device=rt.device)
-        bad = {i for i, _ in unreadable}
-        kept = [i for i in range(len(paths)) if i not in bad]
+        # Every rank now knows every bad file: each judges the whole folder, rank 0 also lists the other ranks' finds.
+        distributed.on_every_rank(lambda: _judge(bad, [(paths[i], reason) for i, reason in unreadable], total=len(found)),
+                                  device=rt.device)
+        failed = {i for i, _ in unreadable}
+        kept = [i for i in range(len(paths)) if i not in failed]
         skipped += [(names[i], reason) for i, reason in unreadable]
         if not kept:
             first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
@@ -142,24 +166,37 @@ def run(
             for rank in range(world.world_size):
                 _unreadable_file(scratch, rank).unlink(missing_ok=True)
 
-    for name, reason in skipped:
-        log.warning("skipped %s: %s", name, reason)
+    if bad.files or bad.folders:
+        log.info(bad.summary())
     log.info("embedded %d images (%s, %d-d%s) into %s", len(kept), layer, dim, ", L2-normalised" if normalize else "", out)
     return EmbedResult(
         out=out, paths_file=paths_file, folder=folder, rows=len(kept), dim=dim, layer=layer, normalize=normalize,
         checkpoint=encoder.source, skipped=tuple(skipped), seconds=time.perf_counter() - started,
+        skipped_folders=tuple((_relative(Path(p), folder), reason) for p, reason in bad.folders),
+        bad_files=report if bad.files or bad.folders else None,
     )
 
 
-def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool) -> tuple[list[Path], int]:
-    """(the images found, the feature width), or the ConfigError / DataError that stops the run before any work."""
+def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool) -> tuple[FolderScan, int]:
+    """(what the walk found, the feature width), or the ConfigError / DataError that stops the run before any work."""
     if out.suffix != ".npy":
         raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
     for existing in (out, paths_file):
         if existing.exists() and not overwrite:
             raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another --out")
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
-    return find_images(folder), dim
+    return scan_folder(folder), dim
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return os.fsdecode(path.relative_to(folder).as_posix())
+
+
+def _judge(bad: BadFiles, unreadable: list[tuple[Path, str]], *, total: int) -> None:
+    """Every bad file of every rank into `bad` (each is listed once), then the fraction over the whole folder."""
+    for path, reason in unreadable:
+        bad.add(path, reason)
+    bad.check(seen=total, total=total)
 
 
 def _scratch_path(out: Path, world: distributed.World, *, device: torch.device) -> Path:
@@ -169,8 +206,10 @@ def _scratch_path(out: Path, world: distributed.World, *, device: torch.device) 
     return out.parent / f".{out.name}.{token:016x}.partial.npy"
 
 
-def _create_scratch(scratch: Path, *, rows: int, dim: int) -> None:
-    """A (rows, dim) float32 .npy of zeros (sparse where the filesystem allows) for the ranks to fill."""
+def _begin(scratch: Path, report: Path, *, rows: int, dim: int) -> None:
+    """Rank 0, before any row: a (rows, dim) float32 .npy of zeros (sparse where the filesystem allows) for the ranks
+    to fill; a bad-files report left by an earlier run to this --out goes, as this run lists its own."""
+    report.unlink(missing_ok=True)
     scratch.parent.mkdir(parents=True, exist_ok=True)
     created = open_memmap(scratch, mode="w+", dtype=np.float32, shape=(rows, dim))  # (N, D)
     created.flush()
@@ -206,16 +245,19 @@ def _finish(scratch: Path, out: Path, paths_file: Path, *, kept: list[int], name
 
 def _write_rows(
     scratch: Path, encoder: Encoder, paths: Sequence[Path], *, rows: range, dim: int, layer: str, normalize: bool,
-    batch_size: int, workers: int, rt: Runtime, progress: Progress, world: distributed.World,
+    batch_size: int, workers: int, rt: Runtime, progress: Progress, world: distributed.World, bad: BadFiles,
+    seen_before: int, total: int,
 ) -> list[tuple[int, str]]:
     """Write row i of the (len(paths), dim) scratch .npy for each decodable image i in `rows`; undecodable images
-    leave their row zero. Returns (index, reason) of those, also written as JSON for rank 0 under a process group.
+    leave their row zero and go to `bad` as they are found (which may stop the run: policy "error", or too many
+    of the `seen_before` + this rank's images so far out of `total` are bad). Returns (index, reason) of those,
+    also written as JSON for rank 0 under a process group.
 
     Plain writes at exact byte offsets, not a shared memory map: a map writes back whole pages, and on a network
     filesystem the page two ranks share would lose one rank's rows.
     """
-    batches = loader(Subset(_Decoded(paths, transform_for(encoder)), rows), batch_size=batch_size, workers=workers,
-                     rt=rt, collate_fn=_collate)
+    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels)
+    batches = loader(Subset(decoded, rows), batch_size=batch_size, workers=workers, rt=rt, collate_fn=_collate)
     model = prepare(encoder, rt)
     offset = np.load(scratch, mmap_mode="r").offset  # the .npy header's length
     unreadable: list[tuple[int, str]] = []
@@ -226,6 +268,8 @@ def _write_rows(
         with open(scratch, "r+b") as handle:
             for step, (indices, x, failed) in enumerate(batches, start=1):
                 unreadable += failed
+                for i, reason in failed:
+                    bad.add(paths[i], reason)
                 first = min(indices + [i for i, _ in failed])  # a batch is a contiguous run of rows
                 block = np.zeros((len(indices) + len(failed), dim), dtype=np.float32)  # (B, D)
                 if x is not None:
@@ -233,6 +277,9 @@ def _write_rows(
                 handle.seek(offset + first * dim * block.itemsize)
                 handle.write(block.tobytes())
                 done += len(block)
+                # A rank judges its own share early only once it has seen MIN_SEEN images; a small folder is judged
+                # at the end, by every rank alike (_judge), so each stops with the one-process message.
+                bad.check(seen=seen_before + done, total=total if world.world_size == 1 else max(total, MIN_SEEN))
                 # The shards are balanced, so rank 0's rate times the ranks is the whole job's.
                 rate = done * world.world_size / max(time.perf_counter() - started, 1e-9)
                 progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
@@ -257,20 +304,19 @@ def _copy_rows(src: Path, dst: Path, *, kept: list[int]) -> None:
 class _Decoded(Dataset):
     """Item i: (i, transformed image, None), or (i, None, reason) when the file cannot be decoded."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor]) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            image = decode_image(self.paths[index])
-        # Whatever PIL raises for a broken file (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-        # DecompressionBombError, ...) means this one file is unusable, not that the run should stop.
-        except Exception as exc:  # noqa: BLE001
-            return index, None, _reason(exc)
+            image = decode_image(self.paths[index], max_pixels=self.max_pixels)
+        except BadImage as exc:  # this one file is unusable; the main process applies the policy
+            return index, None, exc.reason
         return index, self.transform(image), None
 
 
@@ -280,8 +326,3 @@ def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[i
     failed = [(i, reason) for i, x, reason in items if x is None]
     x = torch.stack([x for _, x in good]) if good else None
     return [i for i, _ in good], x, failed
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
