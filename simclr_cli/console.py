@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from simclr_cli.engine.errors import SimCLRError
+from simclr_cli.engine.errors import OutputError, SimCLRError
 from simclr_cli.engine.report import StepStats
 
 console = Console(stderr=True)
@@ -46,10 +47,13 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
-    except Exception as exc:  # a bug: say so plainly, keep the details one flag away
+    except Exception as exc:  # a bug, unless the machine refused a file operation (disk full, read-only, ...)
         if verbose:
             console.print_exception()
-        else:
+        if isinstance(exc, OSError) and exc.errno in OutputError.CAUSES:
+            console.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        if not verbose:
             console.print(
                 f"[bold red]internal error:[/] {type(exc).__name__}: {exc} — rerun with --verbose for the traceback "
                 "and report it",
@@ -111,3 +115,10 @@ def _one_line(exc: BaseException) -> str:
         return text
     last = [line for line in text.splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OSError no engine code wrapped, as the path, the system's words for it and what to do."""
+    _, fix = OutputError.CAUSES[exc.errno]
+    what = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return f"{exc.filename}: {what}; {fix}" if exc.filename is not None else f"{what}; {fix}"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import stat
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from simclr_cli.engine import checkpoint
@@ -24,7 +26,7 @@ from simclr_cli.engine.checkpoint import (
     save_encoder,
     save_train_state,
 )
-from simclr_cli.engine.errors import CheckpointError
+from simclr_cli.engine.errors import CheckpointError, OutputError
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer
 
@@ -175,17 +177,28 @@ def test_load_a_file_that_is_not_safetensors(tmp_path):
     path.write_text("just some text, certainly not a checkpoint\n")
     with pytest.raises(CheckpointError) as err:
         load(path, kind="encoder")
-    assert str(err.value).startswith(f"{path} is not a readable safetensors file (")
-    assert str(err.value).endswith("); pass a checkpoint written by simclr")
+    assert str(err.value) == (
+        f"{path} is not a readable safetensors file: it does not start with a safetensors header (another format, "
+        "or damaged); pass a checkpoint written by simclr"
+    )
 
 
-@pytest.mark.parametrize("keep", [0, 7, 20, -5])
-def test_load_a_truncated_file(tmp_path, keep):
+@pytest.mark.parametrize(
+    ("keep", "problem"),
+    [
+        (0, r"it is only 0 bytes long \(empty or cut short\)"),
+        (7, r"it is only 7 bytes long \(empty or cut short\)"),
+        (20, r"it is cut short: its header announces \d+ bytes, only 12 follow"),
+        (-5, r"it is cut short: its tensors need 400 bytes of data, only 395 are there"),
+    ],
+)
+def test_load_a_truncated_file(tmp_path, keep, problem):
     path = tmp_path / "c.safetensors"
     save(path, {"a": torch.arange(100.0)}, kind="encoder", meta={"epoch": 1})
     data = path.read_bytes()
     path.write_bytes(data[:keep])
-    with pytest.raises(CheckpointError, match=r"is not a readable safetensors file \(.*\); pass a checkpoint written by simclr$"):
+    fix = "copy it again, or pass another checkpoint" if keep < 8 and keep >= 0 else "copy it again, or pass an earlier checkpoint"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} is not a readable safetensors file: {problem}; {fix}$"):
         load(path, kind="encoder")
 
 
@@ -207,9 +220,9 @@ def test_a_pickle_file_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file: it is a pickle file; simclr never unpickles"):
         load(path, kind="encoder")
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file: it is a pickle file; simclr never unpickles"):
         load_encoder(path)
     assert not marker.exists()
 
@@ -514,3 +527,315 @@ def test_no_pickle_in_the_checkpoint_module():
     source = Path(checkpoint.__file__).read_text(encoding="utf-8")
     for forbidden in ("import pickle", "torch.save", "torch.load"):
         assert forbidden not in source
+
+
+# --- a full disk, a quota, a read-only or forbidden folder -------------------------------------------
+
+
+WRITE_ERRORS = [
+    (errno.ENOSPC, "no space left on device; free space or pass another --out"),
+    (errno.EDQUOT, "disk quota exceeded; free space or pass another --out"),
+    (errno.EROFS, "read-only file system; pass an --out on a writable disk"),
+    (errno.EACCES, "permission denied; check the permissions or pass another --out"),
+    (errno.EPERM, "operation not permitted; check the permissions or pass another --out"),
+]
+
+
+def failing(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(("code", "words"), WRITE_ERRORS)
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_atomic_write_refused_by_the_machine_keeps_the_old_file(tmp_path, monkeypatch, code, words, where):
+    target = tmp_path / "checkpoints" / "step-000000010.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old checkpoint \x00\x01")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half a new one")
+        if where == "write":
+            raise OSError(code, os.strerror(code))
+
+    if where != "write":
+        monkeypatch.setattr(checkpoint.os, where, failing(code))
+    with pytest.raises(OutputError) as err:
+        atomic_write(target, write)
+    monkeypatch.undo()
+    assert str(err.value) == f"cannot write {target}: {words} (the previous step-000000010.safetensors is intact)"
+    assert err.value.errno == code and isinstance(err.value.__cause__, OSError)
+    assert target.read_bytes() == b"old checkpoint \x00\x01"
+    assert files_in(target.parent) == ["step-000000010.safetensors"]  # no temp file left
+
+
+def test_atomic_write_of_a_new_file_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.ENOSPC))
+    with pytest.raises(OutputError) as err:
+        atomic_write(tmp_path / "metrics.jsonl", lambda tmp: tmp.write_text("x"))
+    assert str(err.value) == (
+        f"cannot write {tmp_path / 'metrics.jsonl'}: no space left on device; free space or pass another --out (nothing was written)"
+    )
+    assert files_in(tmp_path) == []
+
+
+def test_atomic_write_into_a_read_only_folder(tmp_path, monkeypatch):
+    # tests run as root, whom chmod does not stop: the read-only file system is simulated where the temp file is made
+    monkeypatch.setattr(checkpoint.os, "open", failing(errno.EROFS))
+    with pytest.raises(OutputError, match=r"read-only file system; pass an --out on a writable disk \(nothing was written\)$"):
+        atomic_write(tmp_path / "f.txt", lambda tmp: tmp.write_text("x"))
+    monkeypatch.undo()
+    assert files_in(tmp_path) == []
+
+
+def test_safetensors_running_out_of_space_is_an_output_error(tmp_path, monkeypatch):
+    # safetensors' Rust writer reports ENOSPC as SafetensorError("... (os error 28)"), not as an OSError
+    path = tmp_path / "encoder.safetensors"
+    save(path, {"w": torch.ones(3)}, kind="encoder", meta={"step": 1})
+    before = path.read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OutputError) as err:
+        save(path, {"w": torch.zeros(3)}, kind="encoder", meta={"step": 2})
+    assert str(err.value) == (
+        f"cannot write {path}: no space left on device; free space or pass another --out (the previous encoder.safetensors is intact)"
+    )
+    assert path.read_bytes() == before and files_in(tmp_path) == ["encoder.safetensors"]
+
+
+def test_other_write_errors_are_not_dressed_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.os, "replace", failing(errno.EXDEV))
+    with pytest.raises(OSError) as err:
+        atomic_write(tmp_path / "f.txt", lambda tmp: tmp.write_text("x"))
+    assert not isinstance(err.value, OutputError) and err.value.errno == errno.EXDEV
+    assert files_in(tmp_path) == []
+
+
+def test_writing_turns_a_full_disk_into_one_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    with pytest.raises(OutputError) as err, checkpoint.writing(log, kept="earlier lines are intact"):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert str(err.value) == f"cannot write {log}: disk quota exceeded; free space or pass another --out (earlier lines are intact)"
+    with pytest.raises(ValueError), checkpoint.writing(log, kept=""):
+        raise ValueError("a bug stays a bug")
+
+
+# --- hostile and damaged files -------------------------------------------------------------------------
+
+
+def raw_safetensors(path: Path, header: bytes, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A file laid out as safetensors (8-byte little-endian header length, JSON header, data), any part forged."""
+    size = len(header) if length is None else length
+    path.write_bytes(size.to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "problem"),
+    [
+        (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', 10**6, r"it is cut short: its header announces 1000000 bytes, only \d+ follow"),
+        (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', 2**63, r"it does not start with a safetensors header \(another format, or damaged\)"),
+        (b"{this is not json}", None, r"its header is not valid JSON \(the file is damaged\)"),
+        (b'{"a": \xff\xfe}', None, r"its header is not valid JSON \(the file is damaged\)"),
+        (b"[1, 2, 3]", None, r"it does not start with a safetensors header \(another format, or damaged\)"),
+        (b'{"a":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}', None, r"it is cut short: its tensors need 4000 bytes of data, only 8 are there"),
+    ],
+)
+def test_a_forged_header_is_refused_without_reading_what_it_claims(tmp_path, header, length, problem):
+    path = raw_safetensors(tmp_path / "forged.safetensors", header, b"\0" * 8, length=length)
+    with pytest.raises(CheckpointError, match=rf"is not a readable safetensors file: {problem}; "):
+        load(path, kind="encoder")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}',  # shape and byte range disagree
+        b'{"a":{"dtype":"Q99","shape":[2],"data_offsets":[0,8]}}',  # no such dtype
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',  # offsets leave a hole
+        b'{"__metadata__":{"format":7},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',  # metadata not strings
+    ],
+)
+def test_inconsistent_headers_are_refused_by_safetensors_itself(tmp_path, header):
+    path = raw_safetensors(tmp_path / "odd.safetensors", header, b"\0" * 12)
+    with pytest.raises(CheckpointError, match=r"is not a readable safetensors file \(.+\); pass a checkpoint written by simclr$"):
+        load(path, kind="encoder")
+
+
+def test_a_torch_zip_archive_is_refused_as_pickled(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, path)  # tests only: what someone renaming a .pth would hand us
+    with pytest.raises(CheckpointError) as err:
+        load(path, kind="encoder")
+    assert str(err.value) == (
+        f"{path} is not a readable safetensors file: it is a PyTorch zip archive, whose contents are pickled; simclr never "
+        "unpickles files (unpickling can run code): convert it to .safetensors where it was made (with the safetensors "
+        "package), and pass that file"
+    )
+
+
+def encoder_payload(source, *, meta_model: dict | None = None, **changes) -> tuple[dict, dict]:
+    tensors = dict(source.state_dict())
+    meta = {
+        "model": meta_model or {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128},
+        "transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},
+        "config": {}, "epoch": 0, "step": 0,
+    }
+    meta.update(changes)
+    return tensors, meta
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_load_encoder_refuses_non_finite_weights(tmp_path, bad):
+    tensors, meta = encoder_payload(tiny())
+    tensors["encoder.layer2.0.conv1.weight"] = tensors["encoder.layer2.0.conv1.weight"].clone()
+    tensors["encoder.layer2.0.conv1.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "diverged.safetensors"
+    save(path, tensors, kind="encoder", meta=meta)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(path)
+    assert str(err.value) == (
+        f"{path} holds NaN/inf values in encoder.layer2.0.conv1.weight; the run that wrote it diverged — use an earlier checkpoint"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"model": {"arch": "resnet19", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128}}, "model.arch 'resnet19'"),
+        ({"transform": {"image_size": 16, "mean": [0.5] * 2, "std": [0.5] * 3, "interpolation": "bicubic"}}, "augment.mean"),
+        ({"transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.0] * 3, "interpolation": "bicubic"}}, "augment.std"),
+        ({"transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "magic"}}, "augment.interpolation"),
+        ({"transform": {"image_size": "16", "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}}, "augment.image_size"),
+    ],
+)
+def test_load_encoder_refuses_invalid_metadata_values(tmp_path, change, words):
+    tensors, meta = encoder_payload(tiny(), **change)
+    path = tmp_path / "encoder.safetensors"
+    save(path, tensors, kind="encoder", meta=meta)
+    with pytest.raises(CheckpointError, match=rf"has invalid metadata \({re.escape(words)}.*\); the file is damaged or from another tool$"):
+        load_encoder(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"epoch": -1}, "epoch -1 is not a whole number >= 0"),
+        ({"step": 2.5}, "step 2.5 is not a whole number >= 0"),
+        ({"config": [1, 2]}, "config is a list, not a mapping"),
+        ({"model": "resnet18"}, "argument after ** must be a mapping"),
+    ],
+)
+def test_load_encoder_refuses_metadata_of_the_wrong_type(tmp_path, change, words):
+    tensors, meta = encoder_payload(tiny(), **change)
+    path = tmp_path / "encoder.safetensors"
+    save(path, tensors, kind="encoder", meta=meta)
+    with pytest.raises(CheckpointError, match=rf"has incomplete metadata \(.*{re.escape(words)}.*\); the file is damaged"):
+        load_encoder(path)
+
+
+def test_metadata_describing_a_huge_model_allocates_nothing(tmp_path):
+    # a ResNet-152 at 64x width would be ~16e9 parameters: the file is refused from shapes alone, at once
+    huge = {"arch": "resnet152", "width": 64, "stem": "standard", "head_layers": 3, "proj_dim": 128}
+    tensors, meta = encoder_payload(tiny(), meta_model=huge)
+    path = tmp_path / "huge.safetensors"
+    save(path, tensors, kind="encoder", meta=meta)
+    with pytest.raises(CheckpointError, match="does not match the model it describes: missing encoder.layer1.0.bn3.bias"):
+        load_encoder(path)
+
+
+def snapshot(model, optimizer) -> tuple[dict, dict, torch.Tensor]:
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {id(p): {k: torch.as_tensor(v).clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    return weights, state, torch.get_rng_state()
+
+
+def assert_unchanged(model, optimizer, before) -> None:
+    weights, state, rng = before
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name  # bit-identical: nothing half-loaded
+    assert {id(p) for p in optimizer.state} == set(state)
+    for param, buffers in optimizer.state.items():
+        for key, value in buffers.items():
+            assert torch.equal(torch.as_tensor(value), state[id(param)][key])
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def damage_nan_weight(t, meta):
+    t["model/encoder.layer4.1.bn2.weight"] = torch.full_like(t["model/encoder.layer4.1.bn2.weight"], float("nan"))
+    return "holds NaN/inf values in encoder.layer4.1.bn2.weight; the run that wrote it diverged"
+
+
+def damage_inf_momentum(t, meta):
+    key = next(k for k in t if k.startswith("optim/") and k.endswith("momentum_buffer"))
+    t[key] = torch.full_like(t[key], float("inf"))
+    return "holds NaN/inf values in optim/"
+
+
+def damage_optimizer_key(t, meta):
+    t["optim/broken"] = torch.zeros(1)
+    return "has a malformed optimiser entry 'optim/broken'; the file is damaged"
+
+
+def damage_buffer_shape(t, meta):
+    t["optim/encoder.conv1.weight/momentum_buffer"] = torch.zeros(7)
+    return "has optimiser state optim/encoder.conv1.weight/momentum_buffer of shape (7,) for a parameter of shape"
+
+
+def damage_rng(t, meta):
+    t["rng/torch"] = torch.zeros(3)
+    return "has a malformed rng/torch (torch.float32, shape (3,)); the file is damaged"
+
+
+def damage_step(t, meta):
+    meta["step"] = -4
+    return "has no valid 'step' in its metadata; the file is damaged"
+
+
+def damage_dtype(t, meta):
+    t["model/encoder.bn1.running_mean"] = t["model/encoder.bn1.running_mean"].double()
+    return "encoder.bn1.running_mean has dtype torch.float64, expected torch.float32"
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_nan_weight, damage_inf_momentum, damage_optimizer_key, damage_buffer_shape, damage_rng, damage_step, damage_dtype]
+)
+def test_a_refused_train_state_changes_nothing(tmp_path, damage):
+    model = tiny()
+    optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
+    train_steps(model, optimizer)
+    path = tmp_path / "state.safetensors"
+    save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=2, epoch=0, config={}, elapsed=1.0)
+    loaded = load(path, kind="train-state")
+    words = damage(loaded.tensors, loaded.meta)
+    save(path, loaded.tensors, kind="train-state", meta=loaded.meta)
+
+    other = tiny()
+    other_opt = build_optimizer(other, OptimConfig(name="lars"), lr=0.5)
+    torch.manual_seed(3)
+    train_steps(other, other_opt)  # weights and momentum of its own, which a failed load must not touch
+    before = snapshot(other, other_opt)
+    with pytest.raises(CheckpointError) as err:
+        load_train_state(path, model=other, optimizer=other_opt, scaler=disabled_scaler())
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+    assert_unchanged(other, other_opt, before)
+
+
+def test_a_malformed_scaler_entry_changes_nothing(tmp_path):
+    model = tiny()
+    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    path = tmp_path / "state.safetensors"
+    save(path, {f"model/{k}": v for k, v in model.state_dict().items()}, kind="train-state",
+         meta={"step": 1, "epoch": 0, "scaler": {"scale": "big"}})
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CheckpointError, match="has a malformed 'scaler' entry in its metadata; the file is damaged"):
+        load_train_state(path, model=model, optimizer=optimizer, scaler=scaler)
+    assert_unchanged(model, optimizer, before)

@@ -10,10 +10,13 @@ No pickle: safetensors holds only tensors, the metadata is JSON text.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from simclr_cli.engine.errors import CheckpointError
+from simclr_cli.engine.augment import AugmentConfig
+from simclr_cli.engine.errors import CheckpointError, ConfigError, OutputError
 from simclr_cli.engine.model import ModelConfig, SimCLR, build_model
 
 FORMAT = "simclr-cli"
@@ -34,27 +38,61 @@ TRAIN_STATE = "train-state"
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder, fsync it, rename it over `path`, fsync the folder.
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
+    A crash at any moment leaves either the old file or the new one, never a torn one. A full disk, a quota,
+    a read-only or forbidden folder raise OutputError naming `path`; the temp file is removed and the old one
+    stays as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    kept = f"the previous {path.name} is intact" if os.path.lexists(path) else "nothing was written"
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # Not mkstemp: its 0600 mode would survive the rename; created like any file, the umask decides.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = tmp.stat().st_mode & 0o777
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkstemp: its 0600 mode would survive the rename; created like any file, the umask decides.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave it 0600
         with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+            os.fsync(handle.fileno())  # a network file system may report ENOSPC only here
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only disk there is nothing to remove
+            tmp.unlink(missing_ok=True)
+        code = _errno_of(exc)
+        if code in OutputError.CAUSES:
+            raise OutputError(path, code, kept=kept) from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, kept: str) -> Iterator[None]:
+    """For writes that cannot go through `atomic_write` (appending a line to a log): the machine's refusals
+    (full disk, quota, read-only, permissions) as OutputError naming `path` and saying what `kept` is intact."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in OutputError.CAUSES:
+            raise OutputError(path, exc.errno, kept=kept) from exc
+        raise
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's own, or the one safetensors' Rust writer only puts in its
+    message ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, SafetensorError):
+        match = _RUST_OS_ERROR.search(str(exc))
+        return int(match[1]) if match else None
+    return None
 
 
 def save(path: Path, tensors: Mapping[str, torch.Tensor], *, kind: str, meta: Mapping[str, Any]) -> None:
@@ -72,19 +110,85 @@ class Loaded:
     meta: dict[str, Any]
 
 
+# safetensors' own cap on the JSON header; a larger length is damage, and is never read into memory
+HEADER_LIMIT = 100_000_000
+PICKLE_FIX = (
+    "simclr never unpickles files (unpickling can run code): convert it to .safetensors where it was made "
+    "(with the safetensors package), and pass that file"
+)
+
+
+def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file, or CheckpointError saying what is wrong with the container
+    and `fix` (a specific fix instead when the damage tells what the file is, e.g. a pickle)."""
+    path = Path(path)
+    problem = _container_problem(path)
+    if problem is not None:
+        what, specific_fix = problem
+        raise CheckpointError(f"{path} is not a readable safetensors file: {what}; {specific_fix or fix}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); {fix}") from exc
+    return metadata, tensors
+
+
+def _container_problem(path: Path) -> tuple[str, str | None] | None:
+    """(what is wrong, a fix or None) judged from the file's first bytes and JSON header, which are read as data
+    and never trusted: a pickle is recognised, never loaded; a header length is checked against the file size
+    before anything that long is read. None when the container looks sound (safetensors then checks the rest)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+            if start.startswith(b"PK\x03\x04"):
+                return "it is a PyTorch zip archive, whose contents are pickled", PICKLE_FIX
+            if len(start) >= 2 and start[0] == 0x80 and 2 <= start[1] <= 5:  # PROTO opcode of pickle protocols 2-5
+                return "it is a pickle file", PICKLE_FIX
+            if size < 8:
+                return f"it is only {size} bytes long (empty or cut short)", "copy it again, or pass another checkpoint"
+            length = int.from_bytes(start, "little")
+            first = handle.read(1)
+            if length < 2 or length > HEADER_LIMIT or first != b"{":
+                return "it does not start with a safetensors header (another format, or damaged)", None
+            if length > size - 8:
+                return (f"it is cut short: its header announces {length} bytes, only {size - 8} follow",
+                        "copy it again, or pass an earlier checkpoint")
+            raw = first + handle.read(length - 1)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})", None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON (the file is damaged)", None
+    if not isinstance(header, dict):
+        return "its header is not a JSON object (the file is damaged)", None
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)
+    ]
+    data = size - 8 - length
+    if max(ends, default=0) > data:
+        return (f"it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
+                "copy it again, or pass an earlier checkpoint")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load(path: Path, *, kind: str) -> Loaded:
     """Read a checkpoint of `kind`, checking the container, the format and its version."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file written by simclr")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({exc}); pass a checkpoint written by simclr"
-        ) from exc
+    header, tensors = read_safetensors(path, fix="pass a checkpoint written by simclr")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a simclr checkpoint (no '{FORMAT}' header)")
     version = header.get("format_version", "?")
@@ -99,6 +203,15 @@ def load(path: Path, *, kind: str) -> Loaded:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} has corrupt metadata ({exc.msg}); the file is damaged") from exc
     return Loaded(tensors=tensors, meta=meta)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], *, source: Path) -> None:
+    """CheckpointError naming the tensors holding NaN or inf: weights from a diverged run are never used."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds NaN/inf values in {few(sorted(bad))}; the run that wrote it diverged — use an earlier checkpoint"
+        )
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], *, source: Path) -> None:
@@ -139,14 +252,32 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.
 def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, named: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, torch.Tensor], *, source: Path
 ) -> None:
-    """Inverse of `optimizer_tensors`: put each buffer back on its parameter's device."""
+    """Inverse of `optimizer_tensors`: put each buffer back on its parameter's device (all checked first)."""
+    for param, buffer, value in _optimizer_entries(named, tensors, source=source):
+        device = param.device if value.ndim > 0 else torch.device("cpu")  # scalar steps stay on CPU as torch keeps them
+        optimizer.state[param][buffer] = value.to(device)
+
+
+def _optimizer_entries(
+    named: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, torch.Tensor], *, source: Path
+) -> list[tuple[torch.nn.Parameter, str, torch.Tensor]]:
+    """(parameter, buffer name, value) for each `optim/<parameter>/<buffer>` tensor, or CheckpointError."""
+    entries = []
     for key, value in tensors.items():
-        _, name, buffer = key.split("/", 2)
+        parts = key.split("/", 2)
+        if len(parts) != 3 or not parts[2]:
+            raise CheckpointError(f"{source} has a malformed optimiser entry '{key}'; the file is damaged")
+        _, name, buffer = parts
         if name not in named:
             raise CheckpointError(f"{source} has optimiser state for unknown parameter '{name}'; it belongs to another model")
         param = named[name]
-        device = param.device if value.ndim > 0 else torch.device("cpu")  # scalar steps stay on CPU as torch keeps them
-        optimizer.state[param][buffer] = value.to(device)
+        if value.ndim > 0 and value.shape != param.shape:  # a step count is a scalar; every buffer has its parameter's shape
+            raise CheckpointError(
+                f"{source} has optimiser state {key} of shape {tuple(value.shape)} for a parameter of shape "
+                f"{tuple(param.shape)}; the file is damaged or belongs to another model"
+            )
+        entries.append((param, buffer, value))
+    return entries
 
 
 @dataclass
@@ -184,30 +315,56 @@ def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
 
 
 def load_encoder(path: Path) -> tuple[SimCLR, EncoderInfo]:
-    """Rebuild the model from the file alone and load its weights strictly."""
+    """Rebuild the model from the file alone and load its weights strictly.
+
+    Everything is checked before a real model is built: the metadata's types and values, then the tensors against
+    the shapes of a model on the meta device (so metadata describing a huge model allocates nothing), then that
+    every weight is finite.
+    """
+    path = Path(path)
     loaded = load(path, kind=ENCODER)
+    info = _encoder_info(loaded, path)
+    weights = {k: v for k, v in loaded.tensors.items() if not k.startswith(EXTRA)}
+    with torch.device("meta"):
+        shapes = build_model(info.model).state_dict()
+    check_state_dict(shapes, weights, source=path)
+    check_finite(loaded.tensors, source=path)
+    model = build_model(info.model)
+    model.load_state_dict(weights, strict=True)
+    return model, info
+
+
+def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
+    """The metadata as EncoderInfo, every field type- and value-checked: a damaged or foreign file is refused
+    here with one message, not later by whatever first trips over a bad value."""
     try:
         meta = loaded.meta
+        transform = meta["transform"]
         info = EncoderInfo(
             model=ModelConfig(**meta["model"]),
-            image_size=int(meta["transform"]["image_size"]),
-            mean=tuple(meta["transform"]["mean"]),
-            std=tuple(meta["transform"]["std"]),
-            interpolation=str(meta["transform"]["interpolation"]),
+            image_size=transform["image_size"],
+            mean=tuple(transform["mean"]),
+            std=tuple(transform["std"]),
+            interpolation=transform["interpolation"],
             config=meta["config"],
-            epoch=int(meta["epoch"]),
-            step=int(meta["step"]),
+            epoch=meta["epoch"],
+            step=meta["step"],
             extra=dict(meta.get("extra", {})),
             extra_tensors={k.removeprefix(EXTRA): v for k, v in loaded.tensors.items() if k.startswith(EXTRA)},
         )
         info.model.validate()
+        AugmentConfig(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation).validate()
+        for name in ("epoch", "step"):
+            value = getattr(info, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} {value!r} is not a whole number >= 0")
+        if not isinstance(info.config, dict):
+            raise TypeError(f"config is a {type(info.config).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} has incomplete metadata ({exc!r}); the file is damaged or from another tool") from exc
-    model = build_model(info.model)
-    weights = {k: v for k, v in loaded.tensors.items() if not k.startswith(EXTRA)}
-    check_state_dict(model.state_dict(), weights, source=Path(path))
-    model.load_state_dict(weights, strict=True)
-    return model, info
+    except ConfigError as exc:  # worded for a command-line option; here it is the file that is wrong
+        raise CheckpointError(f"{path} has invalid metadata ({exc}); the file is damaged or from another tool") from exc
+    return info
 
 
 def save_train_state(
@@ -235,21 +392,52 @@ def save_train_state(
 def load_train_state(
     path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config)."""
+    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config).
+
+    Everything is checked before anything is changed: a file refused here leaves model, optimiser, scaler and
+    RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly.
+    """
+    path = Path(path)
     loaded = load(path, kind=TRAIN_STATE)
-    weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
-    check_state_dict(model.state_dict(), weights, source=Path(path))
-    model.load_state_dict(weights, strict=True)
-    buffers = {k: v for k, v in loaded.tensors.items() if k.startswith("optim/")}
-    optimizer.state.clear()
-    load_optimizer_tensors(optimizer, dict(model.named_parameters()), buffers, source=Path(path))
-    if "rng/torch" in loaded.tensors:
-        torch.set_rng_state(loaded.tensors["rng/torch"])
-    if "rng/cuda" in loaded.tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(loaded.tensors["rng/cuda"])
-    if loaded.meta.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(loaded.meta["scaler"])
+    meta = loaded.meta
     for key in ("step", "epoch"):
-        if not isinstance(loaded.meta.get(key), int):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
-    return loaded.meta
+    weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
+    check_state_dict(model.state_dict(), weights, source=path)
+    buffers = {k: v for k, v in loaded.tensors.items() if k.startswith("optim/")}
+    check_finite({**weights, **buffers}, source=path)
+    rng = {name: loaded.tensors.get(f"rng/{name}") for name in ("torch", "cuda")}
+    _check_rng_state(rng["torch"], torch.get_rng_state(), name="rng/torch", source=path)
+    if torch.cuda.is_available():
+        _check_rng_state(rng["cuda"], torch.cuda.get_rng_state(), name="rng/cuda", source=path)
+    entries = _optimizer_entries(dict(model.named_parameters()), buffers, source=path)
+    scaler_state = meta.get("scaler") or {}
+    if scaler_state and scaler.is_enabled():
+        numbers = isinstance(scaler_state, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scaler_state.values()
+        )
+        if not numbers or set(scaler_state) != set(scaler.state_dict()):
+            raise CheckpointError(f"{path} has a malformed 'scaler' entry in its metadata; the file is damaged")
+
+    model.load_state_dict(weights, strict=True)
+    optimizer.state.clear()
+    for param, buffer, value in entries:
+        device = param.device if value.ndim > 0 else torch.device("cpu")  # scalar steps stay on CPU as torch keeps them
+        optimizer.state[param][buffer] = value.to(device)
+    if rng["torch"] is not None:
+        torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
+    return meta
+
+
+def _check_rng_state(state: torch.Tensor | None, current: torch.Tensor, *, name: str, source: Path) -> None:
+    """An RNG state must be the byte string torch keeps (anything else makes set_rng_state fail half-way)."""
+    if state is not None and (state.dtype != current.dtype or state.shape != current.shape):
+        raise CheckpointError(
+            f"{source} has a malformed {name} ({state.dtype}, shape {tuple(state.shape)}); the file is damaged"
+        )

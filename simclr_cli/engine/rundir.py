@@ -1,18 +1,30 @@
-"""The run directory: its layout, the `runs/latest` link, and refusing to clobber a previous run."""
+"""The run directory: its layout, the `runs/latest` link, its lock, and refusing to clobber a previous run."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import logging
 import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.errors import ConfigError, OutputError
+
+log = logging.getLogger("simclr")
 
 RUNS = Path("runs")
 LATEST = "latest"
 CHECKPOINT_GLOB = "step-*.safetensors"
+LOCK = ".lock"
+# Run dirs this process holds through `lock`, by real path, so `prepare` inside the lock does not refuse its own run.
+_held: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -59,18 +71,26 @@ def default_run_dir(base: Path = RUNS, *, prefix: str = "") -> Path:
     return candidate
 
 
-def prepare(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
-    """Create or reopen a run dir; a non-empty one needs `resume` (continue) or `overwrite` (start over)."""
+def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitStack | None = None) -> RunDir:
+    """Create or reopen a run dir; a non-empty one needs `resume` (continue) or `overwrite` (start over).
+
+    A dir another live run holds is refused before anything in it is read or deleted. With `hold`, `lock(root)`
+    is taken first and kept in that stack, so the run owns the folder until the stack closes.
+    """
     run = RunDir(root)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+    if hold is not None:
+        hold.enter_context(lock(root))
+    if root.is_dir():
+        _refuse_if_in_use(root)
     if resume:
         if not run.saved_checkpoints():
             raise ConfigError(f"nothing to resume in {root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
         return run
-    if root.is_dir() and any(root.iterdir()):
+    if root.is_dir() and any(path.name != LOCK for path in root.iterdir()):  # a lock file alone is no run
         if not overwrite:
             raise ConfigError(f"{root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
         for path in run.owned():
@@ -80,6 +100,113 @@ def prepare(root: Path, *, resume: bool, overwrite: bool) -> RunDir:
                 path.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     return run
+
+
+@contextlib.contextmanager
+def lock(root: Path) -> Iterator[None]:
+    """Hold `<root>/.lock` for the block: a second simclr run on `root` stops with ConfigError naming this one.
+
+    An exclusive `flock`, not the file's existence, is the lock: the kernel drops it however the holder ends
+    (crash, kill -9, power loss), so no stale lock is ever left to clean up; the file only tells the next run
+    who holds it (pid and host). Locks belong to an open file, so a second `lock(root)` in this same process
+    is refused too. Creates `root`; removes it again if it is still empty when the block ends.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+    created = not root.exists()
+    fd = _acquire(root)
+    if fd is None:
+        yield
+        return
+    key = os.path.realpath(root)
+    _held.add(key)
+    try:
+        yield
+    finally:
+        _held.discard(key)
+        if created:  # a run that never wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                if [p.name for p in root.iterdir()] == [LOCK]:
+                    (root / LOCK).unlink()  # while still held: `_acquire` notices a lock file replaced under it
+                    root.rmdir()
+        os.close(fd)
+
+
+def _acquire(root: Path) -> int | None:
+    """The open, exclusively locked `.lock` of `root` with our pid and host in it (None where the file system
+    has no locks: the run goes on unguarded, with a warning)."""
+    path = root / LOCK
+    for _ in range(100):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a `.lock` symlinked to some other file must not get that file truncated
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:
+            continue  # a finishing run removed the empty folder between our mkdir and open
+        except OSError as exc:
+            if exc.errno in OutputError.CAUSES:
+                raise OutputError(path, exc.errno, kept="nothing was written") from exc
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"{path} is a symbolic link, not simclr's lock file; remove it") from exc
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"{root} is in use by another simclr run ({_holder(path)}); wait for it to finish or choose another --out"
+            ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: e.g. an NFS mount without a lock daemon
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing stops a second run from writing to it at the same time",
+                        root, exc.strerror)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (and maybe recreated) after we opened it: lock the one others will open
+    else:
+        raise ConfigError(f"{root} keeps changing under simclr (its lock file is removed as it is taken); choose another --out")
+    with contextlib.suppress(OSError):  # only the message needs this; the flock is the lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
+    return fd
+
+
+def _refuse_if_in_use(root: Path) -> None:
+    """ConfigError when another process holds `root`'s lock (this process's own `lock(root)` is fine)."""
+    if os.path.realpath(root) in _held:
+        return
+    path = root / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: no run has ever held this folder
+    try:
+        # shared: enough to see an exclusive holder, and allowed on a read-only descriptor (NFS wants that)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"{root} is in use by another simclr run ({_holder(path)}); wait for it to finish or choose another --out"
+        ) from None
+    except OSError:
+        pass  # no locks on this file system: nothing to check against
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    """"pid N on HOST" from a lock file, as its holder wrote it."""
+    try:
+        with open(path, "rb") as handle:
+            holder = json.loads(handle.read(4096))
+        return f"pid {int(holder['pid'])} on {holder['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"  # taken a moment ago: the holder has not written its pid yet
 
 
 def point_latest(root: Path) -> None:

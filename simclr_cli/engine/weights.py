@@ -106,11 +106,8 @@ def _read(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ..
         raise CheckpointError(f"--init file {path} does not exist; pass a .safetensors or .pth file of ResNet weights")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return {name: handle.get_tensor(name) for name in handle.keys()}, (), ()
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        _, tensors = checkpoint.read_safetensors(path, fix="pass a .safetensors or .pth file of ResNet weights")
+        return tensors, (), ()
     if suffix in TORCH_SUFFIXES:
         return _unwrap(_load_torch_file(path), path)
     accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
@@ -187,6 +184,9 @@ def init_encoder(model: SimCLR, path: Path) -> InitReport:
     if head_fits:
         head = {k.removeprefix(HEAD_PREFIX): v for k, v in renamed.items() if k.startswith(HEAD_PREFIX)}
         head_state = _exact(model.head.state_dict(), head)
+    # nothing is copied until every tensor that would be is known to be finite: a failed init leaves `model` as it was
+    used_tensors = {k: v for k, v in encoder_state.items() if k in renamed}
+    checkpoint.check_finite(used_tensors | {HEAD_PREFIX + k: v for k, v in (head_state or {}).items()}, source=path)
     model.encoder.load_state_dict(encoder_state, strict=True)
     if head_state is not None:
         model.head.load_state_dict(head_state, strict=True)
@@ -276,7 +276,9 @@ def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source
         problems.append(f"unexpected {checkpoint.few(extra)} (a deeper or different ResNet?)")
     for name in sorted(set(expected) & set(found)):
         want, got = expected[name], found[name]
-        if want.shape != got.shape:
+        if not _same_kind(want, got):
+            problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
+        elif want.shape != got.shape:
             hint = ""
             if name == "conv1.weight" and want.ndim == got.ndim == 4 and want.shape[2:] != got.shape[2:]:
                 hint = f" (a {got.shape[2]}x{got.shape[3]} stem: set model.stem to match)"
@@ -290,7 +292,15 @@ def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source
 
 
 def _exact(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
-    """`found` when it has exactly the keys and shapes of `expected`, else None."""
-    if set(expected) != set(found) or any(expected[k].shape != found[k].shape for k in expected):
+    """`found` when it has exactly the keys and shapes of `expected` (in dtypes that cast harmlessly), else None."""
+    if set(expected) != set(found) or any(expected[k].shape != found[k].shape or not _same_kind(expected[k], found[k]) for k in expected):
         return None
     return dict(found)
+
+
+def _same_kind(want: Tensor, got: Tensor) -> bool:
+    """Whether loading `got` into `want` is a harmless cast: fp16/bf16/fp64 weights into fp32, or a BN counter saved
+    as a float; integers, bools or complex numbers where real-valued weights belong are damage."""
+    if got.is_complex() or got.dtype == torch.bool:
+        return False
+    return got.is_floating_point() or not want.is_floating_point()

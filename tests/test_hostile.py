@@ -1,0 +1,377 @@
+"""Hostile, damaged and unwritable files, end to end: every command that reads a checkpoint refuses a bad one with
+one line naming the problem (exit 2, no traceback), runs no code from it, uses none of it and writes nothing;
+a full disk or an escaping OSError is one line too; `--resume` steps over a damaged newest checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from conftest import write_images
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.engine import checkpoint, weights
+from simclr_cli.engine.errors import CheckpointError
+from simclr_cli.engine.model import ModelConfig, build_model
+
+runner = CliRunner()
+COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8"]
+TINY = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--epochs", "1"]
+DIVERGED = "the run that wrote it diverged — use an earlier checkpoint"
+PICKLE_FIX = "simclr never unpickles files (unpickling can run code)"
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`: what a malicious pickled checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(control)))
+    assert control.exists(), "the payload must really run when unpickled, or these tests prove nothing"
+    return tmp_path / "pwned"
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    """A valid tiny encoder file: resnet18 at width 0.25 with the small stem, as `pretrain` TINY builds."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
+    info = checkpoint.EncoderInfo(model=cfg, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
+                                  config={}, epoch=1, step=3)
+    path = tmp_path / "good" / "encoder.safetensors"
+    checkpoint.save_encoder(path, build_model(cfg), info=info)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder / "a", 8, size=16, seed=1)
+    write_images(folder / "b", 8, size=16, seed=2)
+    return folder
+
+
+# --- the bad files -------------------------------------------------------------------------------------
+
+
+def rewritten(good: Path, dst: Path, change: Callable[[dict, dict], None]) -> Path:
+    """`good` with its tensors and header metadata edited by `change`, as a well-formed safetensors file."""
+    with safe_open(str(good), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    change(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def set_tensor(name: str, value: Callable[[torch.Tensor], torch.Tensor]):
+    def change(tensors, meta):
+        tensors[name] = value(tensors[name]).contiguous()
+
+    return change
+
+
+def with_nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+def header_length_past_end(good: Path, dst: Path) -> Path:
+    data = good.read_bytes()
+    dst.write_bytes((len(data) + 1000).to_bytes(8, "little") + data[8:])
+    return dst
+
+
+def header_not_json(good: Path, dst: Path) -> Path:
+    data = bytearray(good.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    data[9:8 + length] = b"\x00garbage" * (length // 8) + b"!" * (length - 1 - 8 * (length // 8))
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    make: Callable[[Path, Path, Path], Path]  # (good file, destination, marker) -> the bad file
+    message: str  # regex the error line must match, from `checkpoint.load_encoder`'s side
+    init_message: str | None = None  # the same, where --init (weights.init_encoder) words it differently
+
+
+FIX = "pass a checkpoint written by simclr"
+BAD_FILES = [
+    Bad("empty", lambda g, d, m: (d.write_bytes(b""), d)[1], r"is not a readable safetensors file: it is only 0 bytes long"),
+    Bad("truncated", lambda g, d, m: (d.write_bytes(g.read_bytes()[:-100]), d)[1],
+        r"is not a readable safetensors file: it is cut short: its tensors need \d+ bytes of data, only \d+ are there; "
+        r"copy it again, or pass an earlier checkpoint$"),
+    Bad("garbage", lambda g, d, m: (d.write_bytes(os.urandom(3000)), d)[1],
+        r"is not a readable safetensors file: it does not start with a safetensors header \(another format, or damaged\)"),
+    Bad("header-past-end", lambda g, d, m: header_length_past_end(g, d),
+        r"is not a readable safetensors file: it is cut short: its header announces \d+ bytes, only \d+ follow"),
+    Bad("header-not-json", lambda g, d, m: header_not_json(g, d),
+        r"is not a readable safetensors file: its header is not valid JSON \(the file is damaged\)"),
+    Bad("pickle", lambda g, d, m: (d.write_bytes(pickle.dumps({"state_dict": Payload(m)})), d)[1],
+        rf"is not a readable safetensors file: it is a pickle file; {re.escape(PICKLE_FIX)}"),
+    Bad("torch-save", lambda g, d, m: (torch.save({"conv1.weight": torch.zeros(1), "x": Payload(m)}, d), d)[1],
+        rf"is not a readable safetensors file: it is a PyTorch zip archive, whose contents are pickled; {re.escape(PICKLE_FIX)}"),
+    Bad("not-simclr", lambda g, d, m: (save_file({"w": torch.zeros(2)}, str(d), metadata={"framework": "pt"}), d)[1],
+        r"is a safetensors file but not a simclr checkpoint \(no 'simclr-cli' header\)$",
+        r"\(torchvision layout\) does not fit this encoder: missing bn1\.bias"),
+    Bad("future-version", lambda g, d, m: rewritten(g, d, lambda t, meta: meta.update(format_version="7")),
+        r"has checkpoint format version 7; this simclr reads version 1 — upgrade simclr$"),
+    Bad("metadata-not-json", lambda g, d, m: rewritten(g, d, lambda t, meta: meta.update(transform="{oops")),
+        r"has corrupt metadata \(.+\); the file is damaged$"),
+    Bad("wrong-kind", lambda g, d, m: rewritten(g, d, lambda t, meta: meta.update(kind="train-state")),
+        r"holds a 'train-state' checkpoint where a 'encoder' one is needed$"),
+    Bad("nan", lambda g, d, m: rewritten(g, d, set_tensor("encoder.layer3.0.conv2.weight", with_nan)),
+        rf"holds NaN/inf values in (encoder\.)?layer3\.0\.conv2\.weight; {DIVERGED}$"),
+    Bad("inf", lambda g, d, m: rewritten(g, d, set_tensor("head.layers.0.linear.weight", lambda t: torch.full_like(t, float("inf")))),
+        rf"holds NaN/inf values in head\.layers\.0\.linear\.weight; {DIVERGED}$"),
+    Bad("wrong-shape", lambda g, d, m: rewritten(g, d, set_tensor("encoder.conv1.weight", lambda t: torch.zeros(8, 3, 5, 5))),
+        r"conv1\.weight has shape \(8, 3, 5, 5\), expected \(16, 3, 3, 3\)"),
+    Bad("wrong-dtype", lambda g, d, m: rewritten(g, d, set_tensor("encoder.conv1.weight", lambda t: t.to(torch.int32))),
+        r"conv1\.weight has dtype torch\.int32, expected torch\.float32"),
+    Bad("missing-key", lambda g, d, m: rewritten(g, d, lambda t, meta: t.pop("encoder.layer4.1.bn2.bias")),
+        r"missing (encoder\.)?layer4\.1\.bn2\.bias"),
+    Bad("extra-key", lambda g, d, m: rewritten(g, d, lambda t, meta: t.update({"encoder.layer9.0.conv1.weight": torch.zeros(2)})),
+        r"unexpected (encoder\.)?layer9\.0\.conv1\.weight"),
+]
+
+
+def make_bad(bad: Bad, good: Path, marker: Path) -> Path:
+    folder = good.parent.parent / "bad"
+    folder.mkdir(exist_ok=True)
+    return bad.make(good, folder / f"{bad.name}.safetensors", marker)
+
+
+def the_error(result) -> str:
+    """The one error line a user sees for a bad input: exit 2, no traceback, nothing after it."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert result.output.rstrip().endswith(errors[0])
+    return errors[0]
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file below `folder` (an empty folder is not an output)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()) if folder.exists() else []
+
+
+# --- every command that reads a checkpoint ---------------------------------------------------------------
+
+
+COMMANDS = {
+    "embed": lambda bad, images, out: ["embed", str(images), "-c", str(bad), "-o", str(out / "vecs.npy"), *COMMON],
+    "knn": lambda bad, images, out: ["knn", str(bad), "--data", str(images), "--out", str(out / "knn"), *COMMON],
+    "info": lambda bad, images, out: ["info", str(bad)],
+    "export": lambda bad, images, out: ["export", str(bad), "--to", "safetensors-encoder", "-o", str(out / "e.safetensors")],
+    "pretrain --init": lambda bad, images, out: ["pretrain", str(images), "--init", str(bad), *TINY, *COMMON, "--out", str(out / "run")],
+}
+
+
+@pytest.mark.parametrize("bad", BAD_FILES, ids=lambda b: b.name)
+def test_every_command_refuses_a_bad_checkpoint_in_one_line(bad, good, images, marker, tmp_path):
+    path = make_bad(bad, good, marker)
+    content = path.read_bytes()
+    for command, args in COMMANDS.items():
+        out = tmp_path / "out" / command.replace(" ", "")
+        line = the_error(runner.invoke(app, args(path, images, out)))
+        expected = bad.init_message if command == "pretrain --init" and bad.init_message else bad.message
+        assert re.search(expected, line), f"{command}: {line}"
+        assert str(path) in line, f"{command}: {line}"
+        assert files_under(out) == [], f"{command} wrote {files_under(out)}"  # no output, no partial file
+    assert not (path.parent / "eval").exists()  # no results beside the bad file either
+    assert path.read_bytes() == content
+    assert not marker.exists()  # no code from the file ran
+
+
+@pytest.mark.parametrize("bad", BAD_FILES, ids=lambda b: b.name)
+def test_init_from_a_bad_file_leaves_the_model_bit_identical(bad, good, marker):
+    path = make_bad(bad, good, marker)
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=bad.init_message or bad.message):
+        weights.init_encoder(model, path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert not marker.exists()
+
+
+def test_init_refuses_non_finite_weights_from_any_source(tmp_path):
+    # a torchvision-named file, where the NaN sits in the head-less encoder tensors only
+    torch.manual_seed(1)
+    source = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)).encoder.state_dict()
+    tensors = {k: v.clone().contiguous() for k, v in source.items()}
+    tensors["layer1.0.bn1.running_var"][0] = float("inf")
+    path = tmp_path / "tv.safetensors"
+    save_file(tensors, str(path))
+    model = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        weights.init_encoder(model, path)
+    assert str(err.value) == f"{path} holds NaN/inf values in layer1.0.bn1.running_var; {DIVERGED}"
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+
+
+def test_init_accepts_half_precision_weights_but_not_integers(tmp_path):
+    torch.manual_seed(1)
+    source = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)).encoder.state_dict()
+    # fp16 weights, and BN counters saved as floats (as some converters do): harmless casts
+    half = {k: (v.half() if v.is_floating_point() else v.float()).contiguous() for k, v in source.items()}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    model = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16))
+    assert weights.init_encoder(model, tmp_path / "half.safetensors").loaded == len(source)
+    assert model.encoder.conv1.weight.dtype == torch.float32
+    ints = dict(half, **{"bn1.weight": torch.ones(16, dtype=torch.int64)})
+    save_file(ints, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(CheckpointError, match=r"bn1\.weight has dtype torch\.int64, expected torch\.float32"):
+        weights.init_encoder(model, tmp_path / "ints.safetensors")
+
+
+# --- --resume steps over a damaged newest checkpoint ---------------------------------------------------------
+
+
+def pretrain(images: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--checkpoint-every", "1", "--out", str(out), *extra])
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_and_says_why(images, tmp_path, marker):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    newest, previous = out / "checkpoints" / "step-000000002.safetensors", out / "checkpoints" / "step-000000001.safetensors"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [previous.name, newest.name]
+    newest.write_bytes(newest.read_bytes()[:-64])  # a torn write
+
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert "skipping step-000000002.safetensors" in said and "it is cut short" in said
+    assert "(step 1)" in said  # resumed from the previous one
+    checkpoint.load(newest, kind=checkpoint.TRAIN_STATE)  # step 2 ran again and was saved whole
+
+    # every checkpoint damaged: one error line after the reasons, and nothing of the run touched
+    newest.write_bytes(pickle.dumps(Payload(marker)))
+    previous.write_bytes(b"\0" * 10)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    failed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    line = the_error(failed)
+    assert line == f"error: no valid checkpoint to resume in {out / 'checkpoints'}; start a new run with --overwrite"
+    said = " ".join(failed.output.split())
+    assert "it is a pickle file" in said and "it does not start with a safetensors header" in said
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not marker.exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_mid_run_stops_in_one_line_and_resume_continues(images, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save_file = checkpoint.save_file
+
+    def disk_fills_at_step_2(tensors, filename, metadata=None):
+        if ".step-000000002.safetensors." in filename:
+            Path(filename).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_at_step_2)
+    line = the_error(pretrain(images, out))
+    step2 = out / "checkpoints" / "step-000000002.safetensors"
+    assert line == f"error: cannot write {step2}: no space left on device; free space or pass another --out (nothing was written)"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000001.safetensors"]  # no temp file
+    checkpoint.load(out / "checkpoints" / "step-000000001.safetensors", kind=checkpoint.TRAIN_STATE)  # intact
+
+    monkeypatch.undo()  # space freed
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "(step 1)" in " ".join(resumed.output.split())
+
+
+def test_export_to_a_full_disk_writes_nothing(good, tmp_path, monkeypatch):
+    out = tmp_path / "exports" / "e.safetensors"
+    out.parent.mkdir()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    line = the_error(runner.invoke(app, ["export", str(good), "--to", "safetensors-encoder", "-o", str(out)]))
+    assert line == f"error: cannot write {out}: no space left on device; free space or pass another --out (nothing was written)"
+    assert files_under(out.parent) == []
+
+
+# --- an OSError that escapes unwrapped ----------------------------------------------------------------------
+
+
+def raising(exc: BaseException):
+    def run(*args, **kwargs):
+        raise exc
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl"),
+         "error: runs/x/metrics.jsonl: No space left on device (ENOSPC); free space or pass another --out"),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"),
+         "error: /mnt/ro/run: Read-only file system (EROFS); pass an --out on a writable disk"),
+        (OSError(errno.EIO, "Input/output error"), "error: Input/output error (EIO); check the disk (dmesg) or pass another --out"),
+    ],
+)
+def test_an_escaping_os_error_is_one_line_naming_the_path(good, monkeypatch, exc, expected):
+    from simclr_cli.engine import info
+
+    monkeypatch.setattr(info, "describe", raising(exc))
+    assert the_error(runner.invoke(app, ["info", str(good)])) == expected
+
+
+def test_verbose_shows_the_traceback_of_an_escaping_os_error(good, monkeypatch):
+    from simclr_cli.engine import info
+
+    monkeypatch.setattr(info, "describe", raising(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")))
+    result = runner.invoke(app, ["info", str(good), "--verbose"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output
+    assert "error: runs/x/metrics.jsonl: No space left on device (ENOSPC)" in result.output
+
+
+def test_verbose_shows_the_traceback_of_a_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"")
+    result = runner.invoke(app, ["info", str(bad), "--verbose"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "CheckpointError" in result.output
+
+
+def test_other_os_errors_are_still_reported_as_bugs(good, monkeypatch):
+    from simclr_cli.engine import info
+
+    monkeypatch.setattr(info, "describe", raising(OSError(errno.EBADF, "Bad file descriptor")))
+    result = runner.invoke(app, ["info", str(good)])
+    assert result.exit_code == 1
+    assert "internal error: OSError" in result.output and "Traceback" not in result.output
