@@ -62,8 +62,15 @@ def pretrain(
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
     init: options.Init = None,
-    on_bad_image: Annotated[str | None, typer.Option(help="skip (default): train on the next decodable image and name the bad file; "
-                                                     "error: stop at the first one.")] = None,
+    on_bad_image: options.OnBadImage = None,
+    max_bad_fraction: options.MaxBadFraction = None,
+    max_image_pixels: options.MaxImagePixels = None,
+    on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
+                                                     "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
+    cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
+                                                   "free memory, shared by this machine's processes); 0 decodes every epoch.")] = None,
+    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model: faster steps after a "
+                                                  "compile of a minute or more; worth it for long runs.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.")] = None,
     monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
                                                     "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
@@ -104,6 +111,8 @@ def pretrain(
             "optim.warmup_epochs": warmup_epochs,
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
+            "data.max_bad_fraction": max_bad_fraction, "data.max_image_pixels": max_image_pixels, "data.cache_gb": cache_gb,
+            "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
             out = (out or rundir.RUNS / rundir.LATEST).resolve()
@@ -127,6 +136,69 @@ def pretrain(
         result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
         if os.environ.get("RANK", "0") == "0":
             _report_pretrain(result)
+
+
+@app.command()
+def benchmark(
+    data: Annotated[
+        str | None,
+        typer.Argument(help="The images to measure with, as for pretrain (a folder or a dataset name; default: the digits)."),
+    ] = None,
+    preset: options.Preset = None,
+    arch: Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.")] = None,
+    width: Annotated[float | None, typer.Option(help="Channel multiplier for every layer.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="View size; <= 64 px uses the CIFAR stem.")] = None,
+    batch_size: options.BatchSize = None,
+    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Measure with torch.compile (the first steps compile).")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps of each measurement.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps before each measurement (allocator, caches, compilation).")] = 2,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also measure the common peer setup (PIL transforms in "
+                                           "DataLoader workers, fp32) on the same images.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    set_: options.Set = None,
+    data_root: options.DataRoot = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Measure pretraining speed: the model step alone, the full pretrain loop, the input pipeline per core, peak memory,
+    and the same work done by a plain torchvision/PIL pipeline."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        import json
+
+        from simclr_cli.engine import benchmark as task
+
+        flags = {
+            "model.arch": arch, "model.width": width, "augment.image_size": image_size, "train.batch_size": batch_size,
+            "train.compile": compile_, "train.device": device, "train.precision": precision, "data.workers": workers,
+            "data.root": str(data_root) if data_root else None,
+        }
+        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=None)
+        result = task.run(cfg, steps=steps, warmup=warmup, baseline=baseline,
+                          report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        r = result
+        rows = [
+            ("setup", f"{r.arch} width {r.width:g}, {r.stem} stem, {r.image_size} px, batch {r.batch_size}, {r.precision} on {r.device}"
+                      f"{', compiled' if r.compile else ''}; {r.images} images; {r.machine}"),
+            ("model step (ready tensors)", f"{r.model_images_per_s:,.1f} images/s"),
+            ("simclr pretrain", f"{r.pretrain_images_per_s:,.1f} images/s ({r.pretrain_vs_model:.0%} of the model step), "
+                                f"data wait {r.data_wait_fraction:.1%}"),
+            ("input pipeline, one core", f"{r.data_views_per_s_per_core:,.0f} views/s"),
+            ("peak memory", f"{r.peak_rss_mb:,.0f} MB resident; {r.rss_growth_mb:+.1f} MB over the timed pretrain steps"),
+        ]
+        if r.baseline_pretrain_images_per_s is not None:
+            rows += [
+                (f"baseline step (PIL, {r.baseline_workers} workers, fp32)",
+                 f"{r.baseline_pretrain_images_per_s:,.1f} images/s — simclr is {r.speedup_vs_baseline:.2f}x"),
+                ("baseline input pipeline, one core",
+                 f"{r.baseline_data_views_per_s_per_core:,.0f} views/s — simclr is {r.data_speedup_per_core:.2f}x"),
+            ]
+        show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each", rows)
 
 
 def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):

@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from simclr_cli.engine.errors import OutputError, SimCLRError
+from simclr_cli.engine.errors import OutputError, SimCLRError, Stopped
 from simclr_cli.engine.report import StepStats
 
 console = Console(stderr=True)
@@ -40,6 +40,9 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
     except SimCLRError as exc:
         if verbose:
             console.print_exception()
+        if isinstance(exc, Stopped):  # asked to stop (SIGTERM, Ctrl-C) and saved: exit 128 + the signal
+            console.print(f"[yellow]{_one_line(exc)}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         console.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
@@ -64,7 +67,7 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
 
 
 class RichProgress:
-    """The engine's `Progress` interface as a rich progress bar (epoch, step, loss, lr, images/s, ETA)."""
+    """The engine's `Progress` interface as a rich progress bar (epoch, step, loss, lr, images/s, data wait, ETA)."""
 
     def __init__(self) -> None:
         self._bar = Progress(
@@ -75,6 +78,7 @@ class RichProgress:
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[rate]} img/s"),
+            TextColumn("data wait {task.fields[wait]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -84,13 +88,14 @@ class RichProgress:
         self._task = None
 
     def start(self, *, total_steps: int, completed: int, description: str) -> None:
-        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-")
+        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-", wait="-")
         self._bar.start()
 
     def update(self, stats: StepStats) -> None:
         loss = "-" if stats.loss is None else f"{stats.loss:.4f}"
         self._bar.update(
-            self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}"
+            self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}",
+            wait=f"{stats.data_wait:.0%}",
         )
 
     def stop(self) -> None:

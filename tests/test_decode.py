@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from simclr_cli.engine.data import ACCEPTED_FORMATS, BACKGROUND, DEFAULT_MAX_PIXELS, UNDECODABLE, decode_image
+from simclr_cli.engine.data import ACCEPTED_FORMATS, BACKGROUND, DEFAULT_MAX_PIXELS, decode_image
 from simclr_cli.engine.errors import BadImage, DataError
 
 
@@ -244,6 +244,6 @@ def test_a_missing_file(tmp_path):
 
 def test_bad_images_are_what_datasets_treat_as_undecodable(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
-    with pytest.raises(UNDECODABLE) as info:
+    with pytest.raises(BadImage) as info:
         decode_image(tmp_path / "x.png")
     assert info.value.reason == "not an image" and info.value.path == tmp_path / "x.png"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_hostile_folder
 from multiprocess import run_on_two_processes
 from simclr_cli.cli import app
 from simclr_cli.engine import embed, features
@@ -350,39 +349,6 @@ def test_skipped_folders_go_to_the_report(encoder, folder, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # `simclr embed` on hostile data, through the CLI
-
-
-def write_hostile_folder(root: Path) -> tuple[list[str], dict[str, str]]:
-    """Good photos and every kind of file that must be decoded (by its rule) or skipped (with its reason)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(root / f"photo{i}.jpg", quality=90)
-    good_jpeg = (root / "photo0.jpg").read_bytes()
-    Image.new("CMYK", (20, 20), (100, 50, 0, 30)).save(root / "cmyk.jpg")
-    Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 160).save(root / "sixteen.png")
-    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(root / "rgba.png")
-    palette = Image.new("P", (20, 20), 0)
-    palette.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
-    palette.save(root / "palette.png", transparency=1)
-    turned = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
-    exif = turned.getexif()
-    exif[0x0112] = 6
-    turned.save(root / "rotated.jpg", exif=exif)
-    Image.new("RGB", (1, 1), (5, 6, 7)).save(root / "tiny.png")
-    (root / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "fake.jpg").write_text("<html>not a photo</html>")
-    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # a 400-megapixel header, a few bytes on disk
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    decoded = ["cmyk.jpg", "palette.png", "photo0.jpg", "photo1.jpg", "photo2.jpg", "rgba.png", "rotated.jpg", "sixteen.png", "tiny.png"]
-    skipped = {"bomb.png": "20000x20000 = 400.0 Mpx exceeds the 179.0 Mpx limit; raise --max-image-pixels",
-               "empty.jpg": "empty file (0 bytes)", "fake.jpg": "not an image", "truncated.jpg": "truncated file"}
-    return decoded, skipped
 
 
 def test_embed_completes_on_a_hostile_folder_and_names_every_skipped_file(encoder, tmp_path):

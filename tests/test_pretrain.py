@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from simclr_cli.engine import checkpoint
+from conftest import write_images
+from simclr_cli.engine import checkpoint, rundir
 from simclr_cli.engine import pretrain as task
-from simclr_cli.engine.errors import ConfigError, DataError, NonFiniteLoss
+from simclr_cli.engine.errors import ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.report import NoProgress, StepStats
 
 
@@ -232,16 +235,124 @@ def _add_broken_images(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_undecodable_images_are_skipped_and_named(image_folder, tmp_path, caplog, workers):
+def test_undecodable_images_are_skipped_named_and_listed(image_folder, tmp_path, caplog, workers):
     broken = _add_broken_images(image_folder)  # 27 files, 3 of them broken
     cfg = tiny_config(image_folder, batch_size=9, epochs=1)
     cfg.data.workers = workers
     with caplog.at_level("WARNING", logger="simclr"):
         result = task.run(cfg, out=tmp_path / "run")
     assert result.steps == 3  # batches keep their size: broken files are replaced, not dropped
-    if workers == 0:  # worker processes log to their own stderr
-        for path in broken:
-            assert f"skipping {path}" in caplog.text
+    for path in broken:  # named by the main process, whichever process decoded them
+        assert f"skipping {path}" in caplog.text
+    report = [json.loads(line) for line in (tmp_path / "run" / "bad_files.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in report) == sorted(str(p) for p in broken)
+    assert all(r["reason"] and r["kind"] == "file" for r in report)
+
+
+def test_a_mostly_unreadable_folder_stops_the_run(tmp_path):
+    folder = tmp_path / "junk"
+    write_images(folder, 4, size=20)
+    for i in range(12):
+        (folder / f"junk_{i:02d}.jpg").write_bytes(b"not a jpeg")
+    cfg = tiny_config(folder, batch_size=4, epochs=1)
+    with pytest.raises(DataError, match=r"could not be decoded .*--max-bad-fraction 0.5"):
+        task.run(cfg, out=tmp_path / "run")
+    cfg.data.max_bad_fraction = 1.0  # the user says: train on what decodes
+    assert task.run(cfg, out=tmp_path / "run2").steps == 4
+
+
+def nan_at(steps: set[int]):
+    """An nt_xent that returns NaN at the given (1-based) calls."""
+    real = task.nt_xent
+    calls = []
+
+    def loss(z1, z2, temperature):
+        calls.append(1)
+        value = real(z1, z2, temperature)
+        return value * float("nan") if len(calls) in steps else value
+
+    return loss
+
+
+def test_on_nonfinite_skip_drops_the_bad_update_and_goes_on(image_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(task, "nt_xent", nan_at({3}))
+    cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip")
+    with caplog.at_level("WARNING", logger="simclr"):
+        result = task.run(cfg, out=tmp_path / "run")
+    assert result.steps == 6
+    assert "step 3: the loss or gradients are NaN/inf; update dropped" in caplog.text
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in lines] == [False, False, True, False, False, False]
+    assert all(torch.isfinite(t).all() for t in encoder_weights(tmp_path / "run").values())
+
+
+def test_on_nonfinite_skip_leaves_the_weights_as_they_were(image_folder, tmp_path, monkeypatch):
+    """A dropped update leaves every weight where the previous step put it (BN running statistics aside)."""
+    cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip", max_steps=3)
+    monkeypatch.setattr(task, "nt_xent", nan_at({3}))
+    task.run(cfg, out=tmp_path / "skipped")
+    before = load_file(str(tmp_path / "skipped" / "checkpoints" / "step-000000002.safetensors"))
+    after = load_file(str(tmp_path / "skipped" / "checkpoints" / "step-000000003.safetensors"))
+    params = [k for k in before if k.startswith("model/") and "running_" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(before[k], after[k]) for k in params)
+
+
+def test_on_nonfinite_skip_gives_up_after_max_skips_in_a_row(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(task, "nt_xent", nan_at({2, 3, 4, 5, 6}))
+    cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip", max_skips=3)
+    with pytest.raises(NonFiniteLoss, match=r"3 updates in a row\) became NaN/inf at step 4"):
+        task.run(cfg, out=tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in encoder_weights(tmp_path / "run").values())
+
+
+class SignalAt(NoProgress):
+    """A progress display that sends this process `signum` when told about `step` (preemption mid-run)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def update(self, stats: StepStats) -> None:
+        if stats.step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_at_the_step_boundary_and_resume_is_bit_identical(image_folder, tmp_path, signum):
+    uninterrupted = tmp_path / "a"
+    task.run(tiny_config(image_folder), out=uninterrupted)
+    stopped = tmp_path / "b"
+    with pytest.raises(Stopped, match=rf"stopped by {signal.Signals(signum).name} at step 2/6; saved .*step-000000002") as info:
+        task.run(tiny_config(image_folder), out=stopped, progress=SignalAt(2, signum))
+    assert info.value.exit_code == 128 + signum
+    assert (stopped / "checkpoints" / "step-000000002.safetensors").exists()  # mid-epoch: not a scheduled save
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored after the run
+    result = task.run(tiny_config(image_folder), out=stopped, resume=True)
+    assert result.resumed_from == 2 and result.steps == 6
+    a, b = encoder_weights(uninterrupted), encoder_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_torchrun_restart_resumes_by_itself(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        task.run(tiny_config(image_folder, checkpoint_every=2), out=out, progress=CrashAt(5))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = task.run(tiny_config(image_folder, checkpoint_every=2), out=out)  # the same command, started again
+    assert result.resumed_from == 4 and result.steps == 6
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused(image_folder, tmp_path):
+    out = tmp_path / "run"
+    with rundir.lock(out):
+        with pytest.raises(ConfigError, match="in use by another simclr run"):
+            task.run(tiny_config(image_folder), out=out, overwrite=True)
+    assert task.run(tiny_config(image_folder), out=out, overwrite=True).steps == 6  # free again
+
+
+def test_metrics_record_throughput_and_data_wait(image_folder, tmp_path):
+    task.run(tiny_config(image_folder), out=tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["images_per_s"] > 0 and 0.0 <= r["data_wait"] <= 1.0 for r in lines)
 
 
 def test_on_bad_image_error_stops_naming_the_file(image_folder, tmp_path):

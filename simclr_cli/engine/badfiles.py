@@ -49,13 +49,7 @@ class BadFiles:
     ) -> None:
         if on_bad_image not in POLICIES:
             raise ConfigError(f"--on-bad-image {on_bad_image!r} is not supported; choose one of {', '.join(POLICIES)}")
-        if not 0.0 < max_bad_fraction <= 1.0:
-            raise ConfigError(
-                f"--max-bad-fraction {max_bad_fraction:g} is outside (0, 1]; e.g. 0.5 stops when over half the images "
-                "are bad, 1 never stops"
-            )
-        if max_image_pixels < 0:
-            raise ConfigError(f"--max-image-pixels {max_image_pixels} is negative; give a pixel count, or 0 for no limit")
+        self.check_settings(max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels)
         self.on_bad_image = on_bad_image
         self.max_bad_fraction = max_bad_fraction
         self.report = report
@@ -64,6 +58,21 @@ class BadFiles:
             log.warning("--max-image-pixels 0: the decompression-bomb limit is off, so one hostile image can exhaust memory")
         self._files: dict[str, str] = {}  # path -> reason, in the order found
         self._folders: dict[str, str] = {}
+
+    @staticmethod
+    def check_settings(*, max_bad_fraction: float, max_image_pixels: int) -> None:
+        """Raise ConfigError naming the flag when a limit is out of range."""
+        if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)):
+            raise ConfigError(f"--max-bad-fraction {max_bad_fraction!r} is not a number; give a fraction in (0, 1], e.g. 0.5")
+        if not 0.0 < max_bad_fraction <= 1.0:
+            raise ConfigError(
+                f"--max-bad-fraction {max_bad_fraction:g} is outside (0, 1]; e.g. 0.5 stops when over half the images "
+                "are bad, 1 never stops"
+            )
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int):
+            raise ConfigError(f"--max-image-pixels {max_image_pixels!r} is not a whole number; give a pixel count, or 0 for no limit")
+        if max_image_pixels < 0:
+            raise ConfigError(f"--max-image-pixels {max_image_pixels} is negative; give a pixel count, or 0 for no limit")
 
     @property
     def files(self) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 """Images in: discovery, decoding, datasets (folder, labelled folder, named) and the epoch sampler.
 
 Every dataset yields PIL RGB images (with an int label when labelled); transforms are applied by
-the wrappers that need them (`TwoViewDataset`), so one dataset serves pretraining and evaluation.
+the consumers that need them (`pipeline.PixelDataset` for pretraining, the eval transforms), so one dataset serves both.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from simclr_cli.engine.errors import BadImage, DataError
 
 if TYPE_CHECKING:
-    from simclr_cli.engine.augment import TwoViews
+    pass
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # any letter case
 # What decode_image reads, as PIL names the format it detects from the bytes (JPEG includes a camera's
@@ -341,16 +340,19 @@ _PIL_BOMB_CHECK = _PilBombCheck()
 
 
 class ImageFiles(Dataset):
-    """Unlabelled image files: item i is the decoded PIL RGB image of paths[i]."""
+    """Unlabelled image files: item i is the decoded PIL RGB image of paths[i] (BadImage when it cannot be)."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 skipped_folders: Sequence[tuple[Path, str]] = ()) -> None:
         self.paths = [Path(p) for p in paths]
+        self.max_pixels = max_pixels
+        self.skipped_folders = list(skipped_folders)  # what the walk could not enter, for the bad-files report
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index])
+        return decode_image(self.paths[index], max_pixels=self.max_pixels)
 
 
 class LabelledImages(Dataset):
@@ -579,7 +581,8 @@ class Unlabelled(Dataset):
         return self.dataset[index][0]
 
 
-def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bool) -> Dataset:
+def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bool,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Dataset:
     """Pretraining images: None -> digits (all); a name -> its pretraining split; else a folder of images."""
     if data is None:
         data = "digits"
@@ -591,7 +594,8 @@ def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bo
             f"DATA {str(data)!r} is neither a dataset name nor an existing folder; "
             f"use one of {', '.join(NAMED_DATASETS)}, or the path of a folder of images"
         )
-    return ImageFiles(find_images(path))
+    scan = scan_folder(path)
+    return ImageFiles(scan.images, max_pixels=max_pixels, skipped_folders=scan.skipped_folders)
 
 
 def mix_seed(*values: int) -> int:
@@ -606,61 +610,8 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
-BAD_IMAGE_POLICIES = ("skip", "error")
-# What decoding a broken file raises: decode_image turns every failure (PIL's OSError, ValueError, SyntaxError, ...,
-# our pixel limit) into BadImage.
-UNDECODABLE = (BadImage,)
-
-
-class TwoViewDataset(Dataset):
-    """Item (index, epoch) -> the two SimCLR views of image `index`, a pure function of (seed, epoch, index).
-
-    An image that cannot be decoded is, with `on_bad_image="skip"`, replaced by the next decodable one, so
-    every batch keeps its size (and every process its batch count); with "error" it stops the run, named.
-    """
-
-    def __init__(self, images: Dataset, transform: TwoViews, *, seed: int, on_bad_image: str = "skip") -> None:
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"on_bad_image {on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
-        self.images = images
-        self.transform = transform
-        self.seed = seed
-        self.on_bad_image = on_bad_image
-        self.reported: set[int] = set()  # per process: each bad file is named once by each worker
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        index, epoch = key
-        image = self._decodable(index)
-        # Seed only the CPU generator, inside a fork so the caller's (or worker's) RNG stream is untouched;
-        # the views then do not depend on which process or DataLoader worker draws them.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
-            return self.transform(image)
-
-    def _decodable(self, index: int) -> Image.Image:
-        for offset in range(len(self.images)):
-            candidate = (index + offset) % len(self.images)
-            try:
-                return self.images[candidate]
-            except UNDECODABLE as exc:
-                name = self._name(candidate)
-                if self.on_bad_image == "error":
-                    raise DataError(f"cannot decode {name} ({_one_line(exc)}); fix or remove it, or pass --on-bad-image skip") from exc
-                if candidate not in self.reported:
-                    self.reported.add(candidate)
-                    log.warning("skipping %s: %s", name, _one_line(exc))
-        raise DataError("none of the images can be decoded; check the files")
-
-    def _name(self, index: int) -> str:
-        paths = getattr(self.images, "paths", None)
-        return str(paths[index]) if paths is not None else f"image {index}"
-
-
 class EpochSampler(Sampler):
-    """Yields (index, epoch): a (seed, epoch)-seeded permutation in whole global batches, this rank's chunk of each.
+    """Yields dataset indices: a (seed, epoch)-seeded permutation in whole global batches, this rank's chunk of each.
 
     The ranks' chunks concatenated in rank order are exactly the one-process batch, so the batches do not
     depend on the number of processes; `start_batch` skips the epoch's first global batches (resume mid-epoch).
@@ -699,15 +650,14 @@ class EpochSampler(Sampler):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
         generator.manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         lo = self.rank * self.local_batch_size
         for batch in range(self.start_batch, self.batches_per_epoch):
             first = batch * self.global_batch_size + lo
-            for index in order[first : first + self.local_batch_size]:
-                yield index, self.epoch
+            yield from order[first : first + self.local_batch_size]
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.local_batch_size

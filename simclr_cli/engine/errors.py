@@ -40,6 +40,14 @@ class NonFiniteLoss(SimCLRError):
         self.step = step
 
 
+class Stopped(SimCLRError):
+    """A run stopped on request (SIGTERM, SIGINT) after saving a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, *, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
 class OutputError(SimCLRError):
     """A file that cannot be written because of the machine: disk full, over quota, read-only, no permission, I/O."""
 

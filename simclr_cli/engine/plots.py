@@ -85,7 +85,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             raise DataError(f"{path} line {number} is not a metrics record (no 'step'); the file is damaged")
         if "knn_top1" in record:
             knn.append(record)
-        elif "loss" in record:
+        elif record.get("loss") is not None:  # null: an update dropped by --on-nonfinite skip; events have none
             steps.append(record)
     return sorted(steps, key=lambda r: r["step"]), sorted(knn, key=lambda r: r["step"])
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,23 +19,23 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import checkpoint, distributed, features, knn, plots, rundir, weights
-from simclr_cli.engine.augment import AugmentConfig, TwoViews
+from simclr_cli.engine import badfiles, checkpoint, distributed, features, knn, memory, pipeline, plots, rundir, weights
+from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.data import (
-    BAD_IMAGE_POLICIES,
+    DEFAULT_MAX_PIXELS,
     NAMED_DATASETS,
     EpochSampler,
     LabelledSplits,
-    TwoViewDataset,
     labelled_splits,
     pretrain_dataset,
 )
 from simclr_cli.engine.device import Runtime, resolve_device, runtime
-from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
+from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer, lr_at, scaled_lr, warmup_steps_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
+from simclr_cli.engine.views import BatchViews
 
 log = logging.getLogger("simclr")
 
@@ -44,12 +47,27 @@ class DataConfig:
     download: bool = False
     workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
     on_bad_image: str = "skip"  # skip: use the next decodable image and name the bad one; error: stop, naming it
+    decode_side: int | None = None  # decoded images' short side is shrunk to at most this; None = 2x the view size
+    cache_gb: float | None = None  # memory for decoded images kept between epochs; None = half the free memory, 0 = off
+    max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
-        if self.on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+        if self.decode_side is not None and (isinstance(self.decode_side, bool) or not isinstance(self.decode_side, int)
+                                             or self.decode_side < 8):
+            raise ConfigError(f"data.decode_side {self.decode_side!r} must be a whole number of pixels >= 8, or unset for 2x the image size")
+        if self.cache_gb is not None and (isinstance(self.cache_gb, bool) or not isinstance(self.cache_gb, (int, float))
+                                          or not math.isfinite(self.cache_gb) or self.cache_gb < 0):
+            raise ConfigError(f"data.cache_gb {self.cache_gb!r} must be a number of GB >= 0 (0 turns the cache off), or unset")
+        badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
+        if self.on_bad_image not in badfiles.POLICIES:
+            raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
+
+
+NONFINITE_POLICIES = ("abort", "skip")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -67,6 +85,9 @@ class TrainConfig:
     sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
     init: str | None = None  # start from these weights (not their optimiser state); see engine/weights.py
     tensorboard: bool = False  # also log metrics as TensorBoard events in <run>/tensorboard (needs tensorboard)
+    compile: bool = False  # torch.compile the model: faster steps after a compile of a minute or more
+    on_nonfinite: str = "abort"  # abort: stop, saving nothing from the bad step on; skip: drop that update and go on
+    max_skips: int = 10  # with on_nonfinite=skip: stop after this many updates in a row were dropped
 
     def validate(self) -> None:
         for name in ("epochs", "log_every", "keep_checkpoints"):
@@ -78,6 +99,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(NONFINITE_POLICIES)}")
+        if self.max_skips < 1:
+            raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
 
@@ -116,13 +141,17 @@ class PretrainConfig:
         """Copy with every size-aware `auto` value filled in, so the saved config states what ran."""
         self.validate()
         augment = self.augment.resolved()
-        return replace(self, augment=augment, model=self.model.resolved(image_size=augment.image_size))
+        data = self.data
+        if data.decode_side is None:
+            data = replace(data, decode_side=pipeline.decode_side(augment.image_size))
+        return replace(self, data=data, augment=augment, model=self.model.resolved(image_size=augment.image_size))
 
 
 # Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = {
     "data.root", "data.workers", "data.download", "data.on_bad_image", "train.device", "train.log_every", "train.keep_checkpoints",
-    "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard",
+    "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard", "data.cache_gb", "train.compile",
+    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips",
 }
 
 
@@ -144,11 +173,17 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cpu" else 256
 
 
-def default_workers(device: torch.device) -> int:
-    """Worker processes for decoding and augmentation; on a small CPU-only machine the model needs the cores."""
+def default_workers(device: torch.device, *, decoding: bool) -> int:
+    """Worker processes for decoding (augmentation runs batched on the training device).
+
+    Cached or in-memory pixels need no workers on a CPU: a batch is a copy. On a GPU two keep batches pinned
+    and prefetched. A small CPU-only machine gives its cores to the model.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
-        return min(8, cpus)
+        return min(8, cpus) if decoding else min(2, cpus)
+    if not decoding:
+        return 0
     return 0 if cpus <= 2 else min(4, cpus // 2)
 
 
@@ -165,17 +200,28 @@ def run(
     world = distributed.from_environment()
     distributed.init(world, device_type=resolve_device(cfg.train.device).type)
     distributed.setup_logging_filter(world)
+    if not resume and restarted_by_torchrun() and rundir.RunDir(out).saved_checkpoints():
+        log.warning("torchrun restarted this run (attempt %s): resuming from its newest checkpoint",
+                    os.environ.get("TORCHELASTIC_RESTART_COUNT"))
+        resume, overwrite = True, False
     try:
-        return _run(cfg, world=world, out=out, resume=resume, overwrite=overwrite,
-                    progress=(progress or NoProgress()) if world.is_main else NoProgress())
+        with contextlib.ExitStack() as held:  # rank 0 keeps the run dir locked until the run ends, however it ends
+            return _run(cfg, world=world, out=out, resume=resume, overwrite=overwrite, held=held,
+                        progress=(progress or NoProgress()) if world.is_main else NoProgress())
     finally:
         distributed.shutdown()
 
 
+def restarted_by_torchrun() -> bool:
+    """True in a worker that torchrun (--max-restarts) started again after a failure: it should resume."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bool, overwrite: bool,
-         progress: Progress) -> PretrainResult:
+         held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
-    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download)
+    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
+                              max_pixels=cfg.data.max_image_pixels or None)
     batch = cfg.train.batch_size
     if batch is None:
         batch = min(default_batch_size(rt.device) * world.world_size, len(images))
@@ -193,7 +239,7 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
     monitor = _Monitor.open(cfg) if cfg.monitor.knn_data else None  # bad labelled data fails before any file is written
     if cfg.train.tensorboard:
         _event_writer_class()  # a missing package too
-    run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume, overwrite=overwrite), device=rt.device)
+    run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume, overwrite=overwrite, hold=held), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
     config_dict = _to_dict(cfg)
 
@@ -229,38 +275,49 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
     if world.world_size > 1:
         device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.train.compile:
+        model = torch.compile(model)  # compiles at the first step; `trained` stays the plain module that is saved
 
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
-    workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device)
-    loader = DataLoader(
-        TwoViewDataset(images, TwoViews(cfg.augment), seed=cfg.train.seed, on_bad_image=cfg.data.on_bad_image),
-        batch_size=batch // world.world_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=rt.device.type == "cuda",
-        drop_last=True,
-    )
+    bad = badfiles.BadFiles(on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction,
+                            max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
+    for folder, reason in getattr(images, "skipped_folders", ()):
+        bad.add_folder(folder, reason)
+    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
+    decode_workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device, decoding=True)
+    budget = pipeline.gigabytes(cfg.data.cache_gb)
+    if budget is None:
+        budget = pipeline.default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    pixels.cache = pipeline.build_cache(pixels, budget=budget, workers=decode_workers)
+    decoding = pixels.arrays is None and (pixels.cache is None or pixels.cache.count > int((pixels.cache.offsets >= 0).sum()))
+    workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device, decoding=decoding)
+    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=workers,
+                             pin_memory=rt.device.type == "cuda")
     log.info(
         "pretraining %s (width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
-        "peak lr %.4g, %s on %s, %d data workers%s",
+        "peak lr %.4g, %s on %s, %d data workers%s%s",
         cfg.model.arch, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
         total_steps, steps_per_epoch, peak_lr, rt.precision, rt.device, workers,
         f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
+        ", compiled" if cfg.train.compile else "",
     )
 
     trainer = _Trainer(
         cfg=cfg, config_dict=config_dict, rt=rt, world=world, model=model, trained=trained, optimizer=optimizer,
-        scaler=scaler, run_dir=run_dir,
+        scaler=scaler, run_dir=run_dir, bad=bad, num_images=len(images),
         progress=progress, peak_lr=peak_lr, warmup=warmup, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, elapsed_before=elapsed_before, monitor=monitor,
     )
     progress.start(total_steps=total_steps, completed=step, description="pretrain")
     try:
-        step = trainer.train(loader, sampler, start_step=step)
+        with stop_requests() as requested:
+            step = trainer.train(loader, sampler, start_step=step, stop=requested)
     finally:
         progress.stop()
         if trainer.events is not None:
             trainer.events.close()
+    if bad.files or bad.folders:
+        log.warning("%s", bad.summary())
     return PretrainResult(
         run_dir=run_dir.root,
         encoder=run_dir.encoder,
@@ -278,12 +335,16 @@ class _Trainer:
     """The step loop and its bookkeeping (logging, non-finite guard, checkpoints)."""
 
     def __init__(self, *, cfg: PretrainConfig, config_dict: dict[str, Any], rt: Runtime, world: distributed.World,
-                 model, trained, optimizer, scaler, run_dir: rundir.RunDir, progress: Progress, peak_lr: float, warmup: int, total_steps: int,
+                 model, trained, optimizer, scaler, run_dir: rundir.RunDir, bad: badfiles.BadFiles, num_images: int,
+                 progress: Progress, peak_lr: float, warmup: int, total_steps: int,
                  steps_per_epoch: int, elapsed_before: float, monitor: _Monitor | None):
         self.cfg, self.config_dict, self.rt, self.world = cfg, config_dict, rt, world
         self.model, self.trained, self.optimizer, self.scaler = model, trained, optimizer, scaler
         # each process compares its anchors with the keys of all processes (SIMCLR.md, Multi-GPU)
         self.loss_fn = nt_xent_distributed if world.world_size > 1 else nt_xent
+        self.views = BatchViews(cfg.augment, seed=cfg.train.seed)
+        self.bad, self.num_images, self.drawn = bad, num_images, 0
+        self.skips = 0  # updates dropped in a row (on_nonfinite=skip)
         self.run_dir, self.progress = run_dir, progress
         self.peak_lr, self.warmup, self.total_steps, self.steps_per_epoch = peak_lr, warmup, total_steps, steps_per_epoch
         self.started = time.perf_counter()
@@ -298,23 +359,36 @@ class _Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int) -> int:
+    def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int, stop: StopRequest) -> int:
         step = start_step
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         while step < self.total_steps:
             epoch = step // self.steps_per_epoch
             sampler.set_epoch(epoch, start_batch=step - epoch * self.steps_per_epoch)
-            for view1, view2 in loader:
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                try:
+                    batch = next(batches, None)  # the time spent here is the time the model waits for data
+                except RuntimeError:  # a worker ended by the same SIGTERM that asked us to stop
+                    if stop.signal is None:
+                        raise
+                    self.stop_here(stop, step=step, epoch=epoch)
+                window_wait += time.perf_counter() - waited
+                if batch is None:
+                    break
+                self.report_skipped(batch.skipped)
                 lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=self.warmup, total_steps=self.total_steps)
-                loss = self.step(view1, view2, lr=lr, step=step)
+                loss = self.step(batch, lr=lr, step=step, epoch=epoch)
                 step += 1
                 window_steps += 1
                 last = step == self.total_steps
                 if step % self.cfg.train.log_every == 0 or last or step % self.steps_per_epoch == 0:
                     now = time.perf_counter()
-                    rate = window_steps * self.cfg.train.batch_size / max(now - window_start, 1e-9)
-                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=rate)
-                    window_start, window_steps = now, 0
+                    seconds = max(now - window_start, 1e-9)
+                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=window_steps * self.cfg.train.batch_size / seconds,
+                             data_wait=min(1.0, window_wait / seconds))
+                    window_start, window_steps, window_wait = now, 0, 0.0
                 # the kNN check first, so the plots drawn when saving include it
                 if self.monitor and self.world.is_main and (last or step % (self.steps_per_epoch * self.cfg.monitor.every) == 0):
                     self.write_metrics(self.monitor.check(self, step=step, epoch=epoch))
@@ -322,28 +396,78 @@ class _Trainer:
                     self.save(step=step, epoch=epoch)
                 if last:
                     break
+                if self.stop_agreed(stop, step=step):
+                    self.stop_here(stop, step=step, epoch=epoch)
         return step
 
-    def step(self, view1: torch.Tensor, view2: torch.Tensor, *, lr: float, step: int) -> torch.Tensor:
+    def stop_agreed(self, stop: StopRequest, *, step: int) -> bool:
+        """Whether every process has been asked to stop. One process checks after every step; several check
+        at logging steps, which already wait for each other, so the step itself never waits on the host."""
+        if self.world.world_size == 1:
+            return stop.signal is not None
+        if step % self.cfg.train.log_every:
+            return False
+        flag = torch.tensor(0 if stop.signal is None else int(stop.signal), device=self.rt.device)
+        agreed = int(distributed.all_reduce_max(flag).item())
+        if agreed and stop.signal is None:
+            stop.signal = agreed
+        return bool(agreed)
+
+    def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
+        """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
+        if not self.checkpoint_due(step):
+            self.save(step=step, epoch=epoch)
+        name = signal.Signals(stop.signal).name
+        self.write_metrics({"step": step, "epoch": epoch, "event": f"stopped by {name}", "time": round(self.elapsed(), 3)})
+        raise Stopped(
+            f"stopped by {name} at step {step}/{self.total_steps}; saved {self.run_dir.checkpoint(step)}. "
+            f"Continue with: simclr pretrain --resume --out {self.run_dir.root}",
+            signal_number=stop.signal,
+        )
+
+    def report_skipped(self, skipped: list[pipeline.Skipped]) -> None:
+        """Name the images a batch replaced, and stop if most of what was drawn so far is unreadable."""
+        self.drawn += self.cfg.train.batch_size // self.world.world_size + len(skipped)
+        for item in skipped:
+            self.bad.add(item.path, item.reason)
+        if skipped:
+            self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
+
+    def step(self, batch: pipeline.PixelBatch, *, lr: float, step: int, epoch: int) -> torch.Tensor:
         """One optimisation step on a batch of N images; returns the loss without syncing the host."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
         # Both views through the encoder as one batch so BN statistics cover all 2N views (§2.2).
-        x = torch.cat([view1, view2]).to(self.rt.device, non_blocking=True, memory_format=memory_format)  # (2N, 3, S, S)
-        self.model.train()
-        with self.rt.autocast():
-            _, z = self.model(x)  # (2N, proj_dim)
-        z1, z2 = z.float().chunk(2)  # (N, proj_dim) each; the loss is computed in fp32
-        loss = self.loss_fn(z1, z2, self.cfg.train.temperature)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
+        x = x.contiguous(memory_format=memory_format)
+        loss = forward_backward(self.model, x, rt=self.rt, loss_fn=self.loss_fn, temperature=self.cfg.train.temperature,
+                                optimizer=self.optimizer, scaler=self.scaler)
+        if self.cfg.train.on_nonfinite == "skip" and not self.update_is_finite(loss, step=step):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        finite = torch.isfinite(loss.detach())
+        finite = torch.isfinite(loss)
         # numbered like metrics.jsonl: step k is the k-th update
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step + 1, device=self.rt.device), self.bad_step)
-        return loss.detach()
+        return loss
+
+    def update_is_finite(self, loss: torch.Tensor, *, step: int) -> bool:
+        """on_nonfinite=skip: every process checks its loss and gradients, and all drop the update if any is bad."""
+        grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        bad = int(distributed.all_reduce_max((~finite).to(torch.int64)).item())  # one host sync per step, in skip mode only
+        if not bad:
+            self.skips = 0
+            return True
+        self.skips += 1
+        log.warning("step %d: the loss or gradients are NaN/inf; update dropped (%d in a row, at most %d)",
+                    step + 1, self.skips, self.cfg.train.max_skips)
+        if self.skips >= self.cfg.train.max_skips:
+            raise NonFiniteLoss(step + 1, what=f"the loss or gradients ({self.skips} updates in a row)")
+        return False
 
     def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
         """What the encoder file says about the model being trained: architecture, eval transform, config."""
@@ -364,22 +488,26 @@ class _Trainer:
         if bad >= 0:
             raise NonFiniteLoss(bad)
 
-    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float) -> None:
+    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
         self.check_finite()
-        value = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
-        if self.first_loss is None:
+        value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
+        if not math.isfinite(value):
+            value = None  # a dropped update (on_nonfinite=skip); JSON has no NaN
+        elif self.first_loss is None:
             self.first_loss = value
-        self.last_loss = value
+        if value is not None:
+            self.last_loss = value
         record = {"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
-                  "images_per_s": round(images_per_s, 2)}
+                  "images_per_s": round(images_per_s, 2), "data_wait": round(data_wait, 4), "rss_mb": round(memory.resident_mb(), 1)}
         self.write_metrics(record)
         self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.total_steps, loss=value, lr=lr,
-                                       images_per_s=images_per_s))
+                                       images_per_s=images_per_s, data_wait=data_wait))
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if not self.world.is_main:
             return
-        with open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
+        with checkpoint.writing(self.run_dir.metrics, kept="the lines already logged are intact"), \
+                open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.events is not None:
             for key, value in record.items():
@@ -406,6 +534,55 @@ class _Trainer:
         log.debug("saved %s and %s", path, self.run_dir.encoder)
         if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
             plots.plot_run(self.run_dir.root)
+
+
+@dataclass
+class StopRequest:
+    """The stop signal received during training, if any (set by the handler, read at step boundaries)."""
+
+    signal: int | None = None
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGTERM and SIGINT ask for a stop at the next step boundary instead of killing the run.
+
+    A second signal of the same kind restores the default behaviour, so a user can still force an exit. Only the
+    main thread can install handlers; elsewhere (a thread in a test harness) training simply runs without them.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)  # a second request: stop now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        request.signal = signum
+        log.warning("%s received: stopping after this step, once a checkpoint is written", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def forward_backward(model, x: torch.Tensor, *, rt: Runtime, loss_fn, temperature: float, optimizer, scaler) -> torch.Tensor:
+    """NT-Xent of 2N ready views (views 1, then views 2) and its gradients; the update is the caller's."""
+    model.train()
+    with rt.autocast():
+        _, z = model(x)  # (2N, proj_dim)
+    z1, z2 = z.float().chunk(2)  # (N, proj_dim) each; the loss is computed in fp32
+    loss = loss_fn(z1, z2, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    return loss.detach()
 
 
 class _Monitor:
@@ -448,7 +625,8 @@ def _resume(run_dir: rundir.RunDir, *, cfg: dict[str, Any], model, optimizer, sc
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], *, source: Path) -> None:
     """Refuse to resume with settings that change what the run computes."""
     saved, current = _flatten(saved), _flatten(current)
-    for key in sorted((saved.keys() | current.keys()) - RESUMABLE_CHANGES):
+    # A key the saved config lacks was added by a later simclr; its default reproduces what the run did before.
+    for key in sorted(saved.keys() - RESUMABLE_CHANGES):
         was, now = saved.get(key), current.get(key)
         if was != now:
             raise ConfigError(
@@ -483,7 +661,8 @@ def _event_writer(run_dir: rundir.RunDir):
 def _start_files(run_dir: rundir.RunDir, config_dict: dict[str, Any], *, resumed_from: int | None) -> None:
     """Rank 0's bookkeeping before the first step: the config of a new run, or the metrics a resume replays."""
     if resumed_from is None:
-        run_dir.config.write_text(yaml.safe_dump(config_dict, sort_keys=False), encoding="utf-8")
+        text = yaml.safe_dump(config_dict, sort_keys=False)
+        checkpoint.atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     else:
         _truncate_metrics(run_dir.metrics, after_step=resumed_from)
     if run_dir.root.parent.name == rundir.RUNS.name:

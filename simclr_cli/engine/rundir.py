@@ -49,6 +49,10 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def bad_files(self, rank: int = 0) -> Path:
+        """The images a run skipped, one JSON line each; each process lists what it drew itself."""
+        return self.root / ("bad_files.jsonl" if rank == 0 else f"bad_files.rank{rank}.jsonl")
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:09d}.safetensors"
 
@@ -57,7 +61,7 @@ class RunDir:
         return sorted(self.checkpoints.glob(CHECKPOINT_GLOB), reverse=True)
 
     def owned(self) -> list[Path]:
-        return [self.config, self.metrics, self.encoder, self.checkpoints]
+        return [self.config, self.metrics, self.encoder, self.checkpoints, *sorted(self.root.glob("bad_files*.jsonl"))]
 
 
 def default_run_dir(base: Path = RUNS, *, prefix: str = "") -> Path:

@@ -1,0 +1,270 @@
+"""The pretraining input pipeline: images decoded at most once per epoch into uint8 pixels, kept in memory
+when they fit a budget, and delivered as padded uint8 batches for `views.BatchViews` to augment on the
+training device.
+
+Workers only decode (or copy cached pixels); every random choice is made later, on the device, from
+(seed, epoch, index), so the batches a run sees do not depend on how many workers made them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from simclr_cli.engine import memory
+from simclr_cli.engine.data import printable_path
+from simclr_cli.engine.errors import BadImage, DataError
+
+log = logging.getLogger("simclr")
+
+SAMPLE_FOR_ESTIMATE = 64  # images decoded to estimate what the whole dataset takes in memory
+DEFAULT_CACHE_FRACTION = 0.5  # of the memory available at start, shared by the processes on this machine
+BYTES_PER_GB = 1024**3
+
+
+def decode_side(image_size: int) -> int:
+    """Default bound on the decoded short side: twice the view size (448 px for 224 px views).
+
+    ImageNet's photos are mostly about this size already; larger photos are shrunk once, when decoded, so
+    a 12-megapixel folder costs what ImageNet costs per image, in decode time and in cache memory.
+    """
+    return 2 * image_size
+
+
+def to_pixels(image: Image.Image, *, max_side: int | None) -> Tensor:
+    """PIL RGB -> (3, H, W) uint8, the short side shrunk to at most `max_side` (antialiased, aspect kept)."""
+    width, height = image.size
+    short = min(width, height)
+    if max_side is not None and short > max_side:
+        scale = max_side / short
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)  # reducing_gap: fast box pre-shrink, exact enough
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+class PixelCache:
+    """Decoded images as one flat uint8 buffer in shared memory (forked workers read it without copies)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.chunks: list[Tensor] = []
+        self.offsets = torch.full((count,), -1, dtype=torch.int64)  # -1: not cached
+        self.shapes = torch.zeros((count, 2), dtype=torch.int64)
+        self.buffer: Tensor | None = None
+        self.nbytes = 0
+
+    def add(self, index: int, pixels: Tensor) -> None:
+        self.offsets[index] = self.nbytes
+        self.shapes[index] = torch.tensor(pixels.shape[1:])
+        self.chunks.append(pixels.reshape(-1))
+        self.nbytes += pixels.numel()
+
+    def seal(self) -> None:
+        """Join the pieces into one shared buffer: one allocation, one mapping for every worker."""
+        self.buffer = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.uint8)
+        self.buffer.share_memory_()
+        self.chunks = []
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self.offsets[index] >= 0)
+
+    def get(self, index: int) -> Tensor:
+        height, width = self.shapes[index].tolist()
+        start = int(self.offsets[index])
+        return self.buffer[start : start + 3 * height * width].view(3, height, width)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image that could not be decoded and was replaced, for the main process to report."""
+
+    index: int
+    path: str  # the file's path as the file system gives it (undecodable bytes as surrogates), or "image N"
+    reason: str
+
+
+class PixelDataset(Dataset):
+    """Item i: (uint8 (3, H, W), i, skipped) — image i's pixels, or the next decodable image's if i is bad.
+
+    With `on_bad_image="error"` a bad image stops the run instead, naming it. `arrays` (N, H, W, 3) uint8
+    serves datasets that are already pixels in memory (CIFAR, digits) without any decoding.
+    """
+
+    def __init__(self, images: Dataset, *, max_side: int | None, on_bad_image: str = "skip",
+                 cache: PixelCache | None = None) -> None:
+        self.images = images
+        self.max_side = max_side
+        self.on_bad_image = on_bad_image
+        self.cache = cache
+        self.arrays = _pixel_array(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, tuple[Skipped, ...]]:
+        skipped = []
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                return self.pixels(candidate), index, tuple(skipped)
+            except BadImage as exc:
+                path = self.path(candidate)
+                if self.on_bad_image == "error":
+                    raise DataError(f"cannot decode {printable_path(path)} ({exc.reason}); fix or remove it, "
+                                    "or pass --on-bad-image skip") from exc
+                skipped.append(Skipped(candidate, path, exc.reason))
+        raise DataError("none of the images can be decoded; check the files")
+
+    def pixels(self, index: int) -> Tensor:
+        if self.arrays is not None:
+            return torch.from_numpy(self.arrays[index]).permute(2, 0, 1)
+        if self.cache is not None and index in self.cache:
+            return self.cache.get(index)
+        return to_pixels(self.images[index], max_side=self.max_side)
+
+    def path(self, index: int) -> str:
+        paths = getattr(self.images, "paths", None)
+        return os.fspath(paths[index]) if paths is not None else f"image {index}"
+
+
+def _pixel_array(images: Dataset) -> np.ndarray | None:
+    """The (N, H, W, 3) uint8 array behind an in-memory dataset, if it has one."""
+    inner = getattr(images, "dataset", images)  # Unlabelled(named dataset)
+    array = getattr(inner, "images", None)
+    if isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 4 and array.shape[-1] == 3:
+        return array
+    return None
+
+
+@dataclass
+class PixelBatch:
+    """A padded uint8 batch: image b is pixels[b, :, :sizes[b, 0], :sizes[b, 1]] of dataset image indices[b]."""
+
+    pixels: Tensor  # (B, 3, H, W) uint8
+    sizes: Tensor  # (B, 2) int64 height, width
+    indices: Tensor  # (B,) int64
+    skipped: list[Skipped]
+
+    def pin_memory(self) -> PixelBatch:  # DataLoader(pin_memory=True) calls this in its pinning thread
+        return PixelBatch(self.pixels.pin_memory(), self.sizes, self.indices, self.skipped)
+
+
+def collate(items: Sequence[tuple[Tensor, int, tuple[Skipped, ...]]]) -> PixelBatch:
+    """Stack images into the top-left corners of one zero-padded (B, 3, H_max, W_max) batch."""
+    sizes = torch.tensor([pixels.shape[1:] for pixels, _, _ in items], dtype=torch.int64)  # (B, 2)
+    height, width = sizes.max(dim=0).values.tolist()
+    if bool((sizes == sizes[0]).all()):
+        batch = torch.stack([pixels for pixels, _, _ in items])  # the common case: one size (CIFAR, STL-10)
+    else:
+        batch = torch.zeros((len(items), 3, height, width), dtype=torch.uint8)
+        for b, (pixels, _, _) in enumerate(items):
+            batch[b, :, : pixels.shape[1], : pixels.shape[2]] = pixels
+    indices = torch.tensor([index for _, index, _ in items], dtype=torch.int64)
+    return PixelBatch(batch, sizes, indices, [s for _, _, skipped in items for s in skipped])
+
+
+def default_cache_bytes(*, local_processes: int) -> int:
+    """Half the memory available at start, split between the training processes on this machine."""
+    return int(memory.available() * DEFAULT_CACHE_FRACTION / max(1, local_processes))
+
+
+def build_cache(dataset: PixelDataset, *, budget: int, workers: int) -> PixelCache | None:
+    """Decode every image once into memory when the dataset fits `budget` bytes; None when it does not.
+
+    The size is estimated from a sample first; if the estimate was low, caching stops at the budget and the
+    rest is decoded each epoch. Bad images are left out (they are replaced and reported when drawn).
+    """
+    n = len(dataset)
+    if dataset.arrays is not None or budget <= 0 or n == 0:
+        return None
+    sample = np.linspace(0, n - 1, num=min(n, SAMPLE_FOR_ESTIMATE)).round().astype(int)
+    sizes = []
+    for index in sample:
+        try:
+            sizes.append(dataset.pixels(int(index)).numel())
+        except BadImage:
+            continue
+    estimate = (sum(sizes) / max(1, len(sizes))) * n
+    if estimate > budget:
+        log.info("not caching decoded images: about %.1f GB would exceed the %.1f GB budget (--cache-gb); decoding every epoch",
+                 estimate / BYTES_PER_GB, budget / BYTES_PER_GB)
+        return None
+    log.info("decoding %d images once into memory (about %s of the %.1f GB budget)", n, _size(estimate), budget / BYTES_PER_GB)
+    cache = PixelCache(n)
+    loader = DataLoader(_Decoder(dataset), batch_size=None, num_workers=workers)
+    for index, pixels in loader:
+        if pixels is None:
+            continue
+        if cache.nbytes + pixels.numel() > budget:
+            log.info("the decoded images outgrew the %.1f GB budget after %d images; the rest are decoded every epoch",
+                     budget / BYTES_PER_GB, index)
+            break
+        cache.add(index, pixels)
+    cache.seal()
+    return cache
+
+
+class _Decoder(Dataset):
+    """Item i: (i, image i's pixels or None when it cannot be decoded), for filling the cache."""
+
+    def __init__(self, dataset: PixelDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None]:
+        try:
+            return index, self.dataset.pixels(index)
+        except BadImage:
+            return index, None
+
+
+def loader(dataset: PixelDataset, sampler: Sampler, *, local_batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """Padded uint8 batches in the sampler's order; workers persist across epochs (no re-fork, caches stay warm)."""
+    return DataLoader(
+        dataset,
+        batch_size=local_batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_leave_stopping_to_the_main_process,
+    )
+
+
+def _leave_stopping_to_the_main_process(worker_id: int) -> None:
+    """Workers leave stopping to the main process, which saves a checkpoint first.
+
+    Ctrl-C reaches the whole process group: a worker ignores it and lives on until the main process shuts it
+    down. A SIGTERM (sent to every process by some schedulers, and by the DataLoader itself at shutdown) ends a
+    worker with exit code 0, which the main process does not treat as a crash.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / BYTES_PER_GB:.1f} GB" if nbytes >= BYTES_PER_GB / 10 else f"{nbytes / 1024**2:.1f} MB"
+
+
+def gigabytes(value: float | None) -> int | None:
+    """--cache-gb as bytes; None stays None (auto)."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"cache size {value!r} GB must be >= 0")
+    return int(value * BYTES_PER_GB)
