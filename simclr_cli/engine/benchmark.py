@@ -1,0 +1,281 @@
+"""`simclr benchmark`: how fast pretraining runs, against its own limits and against the common PIL pipeline.
+
+Four measurements of one pretraining config, each after `warmup` untimed steps:
+- model: the SimCLR step alone on ready tensors (the compute limit of this hardware and precision);
+- pretrain: the real `simclr pretrain` loop (decoding, cache, batched views, step) and its data-wait fraction;
+- data: the input pipeline alone, views per second on one CPU core (one thread, no workers);
+- baseline: the common peer setup on the same images — torchvision's PIL transforms one image at a time in
+  DataLoader workers, fp32, contiguous tensors — as a full step and as a data pipeline on one core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simclr_cli.engine import memory, pipeline, pretrain
+from simclr_cli.engine.augment import TwoViews
+from simclr_cli.engine.data import EpochSampler, pretrain_dataset
+from simclr_cli.engine.device import Runtime, runtime
+from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.loss import nt_xent
+from simclr_cli.engine.model import build_model
+from simclr_cli.engine.optim import build_optimizer, scaled_lr
+from simclr_cli.engine.views import BatchViews
+
+log = logging.getLogger("simclr")
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    arch: str
+    width: float
+    stem: str
+    image_size: int
+    batch_size: int
+    device: str
+    precision: str
+    compile: bool
+    steps: int
+    warmup: int
+    images: int  # in the dataset
+    model_images_per_s: float  # source images (2 views each) per second, model step on ready tensors
+    pretrain_images_per_s: float  # the real pretrain loop, steady state
+    pretrain_vs_model: float  # pretrain / model: how close the full loop gets to the compute limit
+    data_views_per_s_per_core: float  # the input pipeline alone, one thread, no workers
+    data_wait_fraction: float  # of the pretrain loop's time spent waiting for the next batch
+    peak_rss_mb: float  # the benchmark process (model, data, cache) before the baseline ran
+    rss_growth_mb: float  # resident memory at the end of the timed pretrain steps minus at their start
+    baseline_pretrain_images_per_s: float | None
+    baseline_data_views_per_s_per_core: float | None
+    baseline_workers: int | None
+    speedup_vs_baseline: float | None  # pretrain / baseline pretrain
+    data_speedup_per_core: float | None  # data / baseline data
+    machine: str
+    torch_version: str
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, baseline: bool = True,
+        report: Callable[[str], None] = log.info) -> BenchmarkResult:
+    """Measure `cfg` (a resolved pretraining config) over `steps` timed steps after `warmup` untimed ones."""
+    if steps < 1 or warmup < 1:
+        raise ConfigError(f"--steps {steps} and --warmup {warmup} must both be >= 1")
+    cfg = cfg.resolved()
+    rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
+    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
+                              max_pixels=cfg.data.max_image_pixels or None)
+    batch = cfg.train.batch_size or min(pretrain.default_batch_size(rt.device), len(images))
+    if batch > len(images):
+        raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
+
+    report(f"model step on ready tensors: {warmup} + {steps} steps of {batch} images")
+    model_rate = model_images_per_s(cfg, rt=rt, steps=steps, warmup=warmup)
+    report(f"input pipeline on one core: {warmup} + {steps} batches")
+    data_rate = data_views_per_s(cfg, images, rt=rt, steps=steps, warmup=warmup)
+    report(f"simclr pretrain: {warmup} + {steps} steps")
+    pretrain_rate, wait, growth = pretrain_images_per_s(cfg, steps=steps, warmup=warmup)
+    peak = max(memory.peak_resident_mb(), memory.peak_resident_mb(children=True))
+    base_rate = base_data = base_workers = None
+    if baseline:
+        base_workers = _cpus()
+        report(f"baseline (torchvision PIL transforms in {base_workers} DataLoader workers, fp32): {warmup} + {steps} steps")
+        base_rate = baseline_images_per_s(cfg, images, steps=steps, warmup=warmup, workers=base_workers)
+        report("baseline input pipeline on one core")
+        base_data = baseline_views_per_s(cfg, images, steps=steps, warmup=warmup)
+    return BenchmarkResult(
+        arch=cfg.model.arch, width=cfg.model.width, stem=cfg.model.stem, image_size=cfg.augment.image_size,
+        batch_size=batch, device=str(rt.device), precision=rt.precision, compile=cfg.train.compile, steps=steps,
+        warmup=warmup, images=len(images),
+        model_images_per_s=round(model_rate, 2), pretrain_images_per_s=round(pretrain_rate, 2),
+        pretrain_vs_model=round(pretrain_rate / model_rate, 3),
+        data_views_per_s_per_core=round(data_rate, 1), data_wait_fraction=round(wait, 4),
+        peak_rss_mb=round(peak, 1), rss_growth_mb=round(growth, 1),
+        baseline_pretrain_images_per_s=None if base_rate is None else round(base_rate, 2),
+        baseline_data_views_per_s_per_core=None if base_data is None else round(base_data, 1),
+        baseline_workers=base_workers,
+        speedup_vs_baseline=None if base_rate is None else round(pretrain_rate / base_rate, 2),
+        data_speedup_per_core=None if base_data is None else round(data_rate / base_data, 2),
+        machine=_machine(), torch_version=torch.__version__, threads=torch.get_num_threads(),
+    )
+
+
+def model_images_per_s(cfg: pretrain.PretrainConfig, *, rt: Runtime, steps: int, warmup: int) -> float:
+    """The SimCLR step (forward, NT-Xent, backward, update) on fixed random views: no data, no augmentation."""
+    batch, size = cfg.train.batch_size, cfg.augment.image_size
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(rt.device)
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling))
+    scaler = rt.grad_scaler()
+    forward = torch.compile(model) if cfg.train.compile else model
+    x = torch.randn(2 * batch, 3, size, size, device=rt.device).contiguous(memory_format=memory_format)  # (2N, 3, S, S)
+
+    def step() -> None:
+        pretrain.forward_backward(forward, x, rt=rt, loss_fn=nt_xent, temperature=cfg.train.temperature,
+                                  optimizer=optimizer, scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
+
+
+def data_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, rt: Runtime, steps: int, warmup: int) -> float:
+    """Views delivered by the pretrain input pipeline (cached pixels or decoding, then batched views) on one thread."""
+    batch = cfg.train.batch_size
+    dataset = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image="skip")
+    budget = pipeline.gigabytes(cfg.data.cache_gb)
+    dataset.cache = pipeline.build_cache(dataset, budget=pipeline.default_cache_bytes(local_processes=1) if budget is None
+                                         else budget, workers=0)
+    views = BatchViews(cfg.augment, seed=cfg.train.seed)
+    batches = _endless(dataset, batch, seed=cfg.train.seed, loader=lambda sampler: pipeline.loader(
+        dataset, sampler, local_batch_size=batch, workers=0, pin_memory=False))
+
+    def step() -> None:
+        epoch, pixels = next(batches)
+        views(pixels.pixels.to(rt.device), pixels.sizes, pixels.indices, epoch=epoch)
+
+    with _one_thread():
+        seconds = _timed(step, steps=steps, warmup=warmup, device=rt.device)
+    return 2 * batch * steps / seconds
+
+
+def pretrain_images_per_s(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int) -> tuple[float, float, float]:
+    """The real pretrain loop for warmup + steps steps in a scratch folder: (images/s, data-wait fraction, RSS growth MB)."""
+    total = warmup + steps
+    train = replace(cfg.train, max_steps=total, log_every=1, checkpoint_every=total + 1, tensorboard=False)
+    cfg = replace(cfg, train=replace(train, epochs=max(cfg.train.epochs, total)), monitor=pretrain.MonitorConfig())
+    with tempfile.TemporaryDirectory(prefix="simclr-benchmark-") as scratch:
+        out = Path(scratch) / "run"
+        pretrain.run(cfg, out=out)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    start, end = by_step[warmup], by_step[total]
+    timed = [by_step[s] for s in range(warmup + 1, total + 1)]
+    seconds = end["time"] - start["time"]
+    window = [cfg.train.batch_size / r["images_per_s"] for r in timed]  # each step's own seconds
+    wait = sum(r["data_wait"] * w for r, w in zip(timed, window)) / sum(window)
+    return cfg.train.batch_size * steps / seconds, wait, end["rss_mb"] - start["rss_mb"]
+
+
+def baseline_images_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps: int, warmup: int, workers: int) -> float:
+    """The common peer setup: PIL views made one image at a time in DataLoader workers, fp32, contiguous tensors."""
+    rt = Runtime(device=runtime(device=cfg.train.device, precision="fp32").device, precision="fp32")
+    batch = cfg.train.batch_size
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(rt.device)
+    optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling))
+    scaler = rt.grad_scaler()
+    batches = _endless(images, batch, seed=cfg.train.seed, loader=lambda sampler: DataLoader(
+        _PilViews(images, TwoViews(cfg.augment)), batch_size=batch, sampler=sampler, num_workers=workers,
+        pin_memory=rt.device.type == "cuda", drop_last=True, persistent_workers=workers > 0))
+
+    def step() -> None:
+        _, (view1, view2) = next(batches)
+        x = torch.cat([view1, view2]).to(rt.device, non_blocking=True)  # (2N, 3, S, S)
+        pretrain.forward_backward(model, x, rt=rt, loss_fn=nt_xent, temperature=cfg.train.temperature,
+                                  optimizer=optimizer, scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
+
+
+def baseline_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps: int, warmup: int) -> float:
+    """The PIL pipeline alone on one thread: decode and two PIL views per image, every epoch."""
+    batch = cfg.train.batch_size
+    batches = _endless(images, batch, seed=cfg.train.seed, loader=lambda sampler: DataLoader(
+        _PilViews(images, TwoViews(cfg.augment)), batch_size=batch, sampler=sampler, num_workers=0, drop_last=True))
+    with _one_thread():
+        seconds = _timed(lambda: next(batches), steps=steps, warmup=warmup, device=torch.device("cpu"))
+    return 2 * batch * steps / seconds
+
+
+class _PilViews(Dataset):
+    """Item i: the two PIL-pipeline views of image i (decoded here, as peers do, every time it is drawn)."""
+
+    def __init__(self, images: Dataset, transform: TwoViews) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index])
+
+
+def _endless(dataset: Dataset, batch: int, *, seed: int, loader: Callable) -> Iterator:
+    """(epoch, batch) pairs from the pretraining sampler, epoch after epoch."""
+    sampler = EpochSampler(len(dataset), global_batch_size=batch, seed=seed)
+    batches = loader(sampler)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for item in batches:
+            yield epoch, item
+        epoch += 1
+
+
+def _timed(step: Callable[[], object], *, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {_cpus()} cores"
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
