@@ -152,6 +152,7 @@ def benchmark(
     compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Measure with torch.compile (the first steps compile).")] = None,
     steps: Annotated[int, typer.Option(help="Timed steps of each measurement.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps before each measurement (allocator, caches, compilation).")] = 2,
+    repeats: Annotated[int, typer.Option(help="Rounds of all measurements, interleaved; each figure is the median.")] = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also measure the common peer setup (PIL transforms in "
                                            "DataLoader workers, fp32) on the same images.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
@@ -176,7 +177,7 @@ def benchmark(
             "data.root": str(data_root) if data_root else None,
         }
         cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=None)
-        result = task.run(cfg, steps=steps, warmup=warmup, baseline=baseline,
+        result = task.run(cfg, steps=steps, warmup=warmup, repeats=repeats, baseline=baseline,
                           report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -198,7 +199,7 @@ def benchmark(
                 ("baseline input pipeline, one core",
                  f"{r.baseline_data_views_per_s_per_core:,.0f} views/s — simclr is {r.data_speedup_per_core:.2f}x"),
             ]
-        show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each", rows)
+        show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each, median of {r.repeats} round(s)", rows)
 
 
 def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):

@@ -30,9 +30,10 @@ def test_benchmark_json_reports_every_figure(image_folder):
 
 
 def test_benchmark_table_without_baseline(image_folder):
-    result = CliRunner().invoke(app, ["benchmark", str(image_folder), *TINY, "--no-baseline"])
+    result = CliRunner().invoke(app, ["benchmark", str(image_folder), *TINY, "--no-baseline", "--repeats", "2"])
     assert result.exit_code == 0, result.output
     assert "model step (ready tensors)" in result.output and "baseline step" not in result.output
+    assert "median of 2 round(s)" in result.output and "(round 2/2)" in result.output
 
 
 def test_benchmark_refuses_zero_steps(image_folder):

@@ -641,3 +641,11 @@ def test_labelled_splits_errors(tmp_path, layout, kwargs, message):
         labelled_splits(data)
     with pytest.raises(DataError, match="pass both --train DIR and --val DIR"):
         labelled_splits(None, train=folder)
+
+
+def test_a_bad_labelled_image_is_an_error_naming_the_file(tmp_path):
+    write_image(tmp_path / "cats" / "a.png", size=(8, 8), seed=0)
+    (tmp_path / "cats" / "broken.png").write_bytes(b"")
+    dataset = labelled_folder(tmp_path)
+    with pytest.raises(DataError, match=r"cannot decode .*broken\.png \(empty file \(0 bytes\)\); fix or remove it"):
+        dataset[1]

@@ -361,3 +361,13 @@ def test_on_bad_image_error_stops_naming_the_file(image_folder, tmp_path):
     cfg.data.on_bad_image = "error"
     with pytest.raises(DataError, match=r"cannot decode .*(zero\.jpg|fake\.png|truncated\.png).*--on-bad-image skip"):
         task.run(cfg, out=tmp_path / "run")
+
+
+@pytest.mark.benchmark  # compiling takes a minute or two on a CPU: run with `pytest -m benchmark`
+def test_compile_trains_the_same_model(image_folder, tmp_path):
+    plain = task.run(tiny_config(image_folder, max_steps=3), out=tmp_path / "plain")
+    compiled = task.run(tiny_config(image_folder, max_steps=3, compile=True), out=tmp_path / "compiled")
+    assert compiled.steps == 3
+    assert compiled.last_loss == pytest.approx(plain.last_loss, rel=1e-3)
+    a, b = encoder_weights(tmp_path / "plain"), encoder_weights(tmp_path / "compiled")
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)

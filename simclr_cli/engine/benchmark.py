@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,13 +50,14 @@ class BenchmarkResult:
     compile: bool
     steps: int
     warmup: int
+    repeats: int  # each figure is the median over this many interleaved rounds
     images: int  # in the dataset
     model_images_per_s: float  # source images (2 views each) per second, model step on ready tensors
     pretrain_images_per_s: float  # the real pretrain loop, steady state
     pretrain_vs_model: float  # pretrain / model: how close the full loop gets to the compute limit
     data_views_per_s_per_core: float  # the input pipeline alone, one thread, no workers
     data_wait_fraction: float  # of the pretrain loop's time spent waiting for the next batch
-    peak_rss_mb: float  # the benchmark process (model, data, cache) before the baseline ran
+    peak_rss_mb: float  # the benchmark process (model, data, cache) and its workers, the baseline's included
     rss_growth_mb: float  # resident memory at the end of the timed pretrain steps minus at their start
     baseline_pretrain_images_per_s: float | None
     baseline_data_views_per_s_per_core: float | None
@@ -73,11 +75,15 @@ class BenchmarkResult:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, baseline: bool = True,
+def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int = 1, baseline: bool = True,
         report: Callable[[str], None] = log.info) -> BenchmarkResult:
-    """Measure `cfg` (a resolved pretraining config) over `steps` timed steps after `warmup` untimed ones."""
-    if steps < 1 or warmup < 1:
-        raise ConfigError(f"--steps {steps} and --warmup {warmup} must both be >= 1")
+    """Measure `cfg` over `steps` timed steps after `warmup` untimed ones, `repeats` times in turn; medians.
+
+    The rounds interleave the measurements (model, data, pretrain, baseline, model, ...), so a neighbour's
+    load on a shared machine falls on all of them rather than on one.
+    """
+    if steps < 1 or warmup < 1 or repeats < 1:
+        raise ConfigError(f"--steps {steps}, --warmup {warmup} and --repeats {repeats} must all be >= 1")
     cfg = cfg.resolved()
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
     images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
@@ -87,24 +93,33 @@ def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, baseline: bool
         raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
     cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
 
-    report(f"model step on ready tensors: {warmup} + {steps} steps of {batch} images")
-    model_rate = model_images_per_s(cfg, rt=rt, steps=steps, warmup=warmup)
-    report(f"input pipeline on one core: {warmup} + {steps} batches")
-    data_rate = data_views_per_s(cfg, images, rt=rt, steps=steps, warmup=warmup)
-    report(f"simclr pretrain: {warmup} + {steps} steps")
-    pretrain_rate, wait, growth = pretrain_images_per_s(cfg, steps=steps, warmup=warmup)
-    peak = max(memory.peak_resident_mb(), memory.peak_resident_mb(children=True))
-    base_rate = base_data = base_workers = None
-    if baseline:
-        base_workers = _cpus()
-        report(f"baseline (torchvision PIL transforms in {base_workers} DataLoader workers, fp32): {warmup} + {steps} steps")
-        base_rate = baseline_images_per_s(cfg, images, steps=steps, warmup=warmup, workers=base_workers)
-        report("baseline input pipeline on one core")
-        base_data = baseline_views_per_s(cfg, images, steps=steps, warmup=warmup)
+    rounds: dict[str, list[float]] = {}
+    base_workers = _cpus() if baseline else None
+    peak = 0.0
+    for round_ in range(1, repeats + 1):
+        of = f" (round {round_}/{repeats})" if repeats > 1 else ""
+        report(f"model step on ready tensors: {warmup} + {steps} steps of {batch} images{of}")
+        rounds.setdefault("model", []).append(model_images_per_s(cfg, rt=rt, steps=steps, warmup=warmup))
+        report(f"input pipeline on one core: {warmup} + {steps} batches{of}")
+        rounds.setdefault("data", []).append(data_views_per_s(cfg, images, rt=rt, steps=steps, warmup=warmup))
+        report(f"simclr pretrain: {warmup} + {steps} steps{of}")
+        rate, wait, growth = pretrain_images_per_s(cfg, steps=steps, warmup=warmup)
+        for key, value in (("pretrain", rate), ("wait", wait), ("growth", growth)):
+            rounds.setdefault(key, []).append(value)
+        peak = max(peak, memory.peak_resident_mb(), memory.peak_resident_mb(children=True))
+        if baseline:
+            report(f"baseline (torchvision PIL transforms in {base_workers} DataLoader workers, fp32): {warmup} + {steps} steps{of}")
+            rounds.setdefault("base", []).append(baseline_images_per_s(cfg, images, steps=steps, warmup=warmup, workers=base_workers))
+            report(f"baseline input pipeline on one core{of}")
+            rounds.setdefault("base_data", []).append(baseline_views_per_s(cfg, images, steps=steps, warmup=warmup))
+    model_rate, data_rate, pretrain_rate = (statistics.median(rounds[k]) for k in ("model", "data", "pretrain"))
+    wait, growth = statistics.median(rounds["wait"]), statistics.median(rounds["growth"])
+    base_rate = statistics.median(rounds["base"]) if baseline else None
+    base_data = statistics.median(rounds["base_data"]) if baseline else None
     return BenchmarkResult(
         arch=cfg.model.arch, width=cfg.model.width, stem=cfg.model.stem, image_size=cfg.augment.image_size,
         batch_size=batch, device=str(rt.device), precision=rt.precision, compile=cfg.train.compile, steps=steps,
-        warmup=warmup, images=len(images),
+        warmup=warmup, repeats=repeats, images=len(images),
         model_images_per_s=round(model_rate, 2), pretrain_images_per_s=round(pretrain_rate, 2),
         pretrain_vs_model=round(pretrain_rate / model_rate, 3),
         data_views_per_s_per_core=round(data_rate, 1), data_wait_fraction=round(wait, 4),

@@ -370,7 +370,10 @@ class LabelledImages(Dataset):
         image, label = self.samples[index]
         if isinstance(image, Image.Image):
             return (image if image.mode == "RGB" else image.convert("RGB")), self.targets[index]
-        return decode_image(image), self.targets[index]
+        try:
+            return decode_image(image), self.targets[index]
+        except BadImage as exc:  # a labelled set is not skipped silently: the score would be over other images
+            raise DataError(f"cannot decode {printable_path(image)} ({exc.reason}); fix or remove it from the labelled data") from exc
 
 
 def labelled_folder(root: Path) -> LabelledImages:
