@@ -95,3 +95,8 @@ MaxImagePixels = Annotated[
     typer.Option("--max-image-pixels", help="Refuse an image with more pixels than this, read from its header before decoding "
                  "(decompression-bomb guard; default 178956970, about 13,400 x 13,400). 0 turns the limit off."),
 ]
+Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.")]
+Width = Annotated[float | None, typer.Option(help="Channel multiplier for every layer (SimCLR's R50 2x is --width 2).")]
+ImageSize = Annotated[int | None, typer.Option(help="Training resolution. <= 64 px uses the CIFAR stem, weaker colour jitter and no blur.")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model: faster steps after a compile of a "
+                                              "minute or more; worth it for long runs.")]

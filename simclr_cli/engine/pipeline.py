@@ -75,6 +75,11 @@ class PixelCache:
         self.buffer.share_memory_()
         self.chunks = []
 
+    @property
+    def complete(self) -> bool:
+        """Every image is cached: batches need no decoding."""
+        return bool((self.offsets >= 0).all())
+
     def __contains__(self, index: int) -> bool:
         return bool(self.offsets[index] >= 0)
 

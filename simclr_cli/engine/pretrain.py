@@ -283,16 +283,7 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
                             max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
     for folder, reason in getattr(images, "skipped_folders", ()):
         bad.add_folder(folder, reason)
-    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
-    decode_workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device, decoding=True)
-    budget = pipeline.gigabytes(cfg.data.cache_gb)
-    if budget is None:
-        budget = pipeline.default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    pixels.cache = pipeline.build_cache(pixels, budget=budget, workers=decode_workers)
-    decoding = pixels.arrays is None and (pixels.cache is None or pixels.cache.count > int((pixels.cache.offsets >= 0).sum()))
-    workers = cfg.data.workers if cfg.data.workers is not None else default_workers(rt.device, decoding=decoding)
-    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=workers,
-                             pin_memory=rt.device.type == "cuda")
+    loader, workers = _input_pipeline(cfg, images, sampler, rt=rt, world=world)
     log.info(
         "pretraining %s (width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
         "peak lr %.4g, %s on %s, %d data workers%s%s",
@@ -329,6 +320,23 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
         resumed_from=resumed_from,
         named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
     )
+
+
+def _input_pipeline(cfg: PretrainConfig, images, sampler: EpochSampler, *, rt: Runtime,
+                    world: distributed.World) -> tuple[DataLoader, int]:
+    """Padded uint8 batches of this process's share, decoded once into the cache when it fits; and the worker count."""
+    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
+    chosen = cfg.data.workers
+    budget = pipeline.gigabytes(cfg.data.cache_gb)
+    if budget is None:
+        budget = pipeline.default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    pixels.cache = pipeline.build_cache(pixels, budget=budget,
+                                        workers=chosen if chosen is not None else default_workers(rt.device, decoding=True))
+    decoding = pixels.arrays is None and (pixels.cache is None or not pixels.cache.complete)
+    workers = chosen if chosen is not None else default_workers(rt.device, decoding=decoding)
+    loader = pipeline.loader(pixels, sampler, local_batch_size=cfg.train.batch_size // world.world_size, workers=workers,
+                             pin_memory=rt.device.type == "cuda")
+    return loader, workers
 
 
 class _Trainer:
@@ -451,7 +459,7 @@ class _Trainer:
         self.scaler.update()
         finite = torch.isfinite(loss)
         # numbered like metrics.jsonl: step k is the k-th update
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step + 1, device=self.rt.device), self.bad_step)
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step + 1, self.bad_step)  # no host round trip
         return loss
 
     def update_is_finite(self, loss: torch.Tensor, *, step: int) -> bool:

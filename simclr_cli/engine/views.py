@@ -59,7 +59,8 @@ def uniforms(*, seed: int, epoch: int, indices: np.ndarray, view: int, n: int = 
 
 @dataclass(frozen=True)
 class ViewParams:
-    """Every random choice of B views; tensors on the CPU, moved with `to`."""
+    """Every random choice of B views, on the CPU: which images each op touches is decided there, so applying
+    them on a GPU never waits for the device to say how many."""
 
     crops: Tensor  # (B, 4) int64 top, left, height, width in source pixels
     flip: Tensor  # (B,) bool
@@ -69,9 +70,6 @@ class ViewParams:
     gray: Tensor  # (B,) bool
     blur: Tensor  # (B,) bool
     sigma: Tensor  # (B,) float32 blur sigma
-
-    def to(self, device: torch.device) -> ViewParams:
-        return ViewParams(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 
 
 def crop_boxes(u: np.ndarray, sizes: np.ndarray, *, scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
@@ -222,7 +220,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift[:, None, None]) % 1.0  # (B, H, W)
     # back to RGB: channel n in (R, G, B) uses k = (n' + 6h) mod 6 with n' = 5, 3, 1
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None]
+    offsets = _to(torch.tensor([5.0, 3.0, 1.0]), x.device)[None, :, None, None]
     k = (offsets + 6 * hue[:, None]) % 6  # (B, 3, H, W)
     ramp = torch.minimum(k, 4 - k).clamp(0.0, 1.0)
     return (value[:, None] - value[:, None] * saturation[:, None] * ramp).clamp(0.0, 1.0)
@@ -232,12 +230,13 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
-    """Apply the four colour ops to each image in its own order: op order[b, k] at position k."""
+    """Apply the four colour ops to each image in its own order: op order[b, k] at position k (`order` on the CPU)."""
     for position in range(4):
         for op_index, op in enumerate(JITTER_OPS):
             chosen = (order[:, position] == op_index).nonzero().squeeze(1)
             if len(chosen):
-                x[chosen] = op(x[chosen], factors[chosen, op_index])
+                rows = _to(chosen, x.device)
+                x[rows] = op(x[rows], factors[rows, op_index])
     return x
 
 
@@ -255,19 +254,28 @@ def gaussian_blur(x: Tensor, sigma: Tensor, *, kernel: int) -> Tensor:
 
 
 def apply(cfg: AugmentConfig, images: Tensor, params: ViewParams) -> Tensor:
-    """The views of a padded uint8 batch (B, 3, H, W) under `params`: (B, 3, S, S) float32, normalised."""
-    x = resized_crop(images, params.crops, size=cfg.image_size, interpolation=cfg.interpolation)
-    x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
-    jittered = params.jitter.nonzero().squeeze(1)
+    """The views of a padded uint8 batch (B, 3, H, W) under `params` (on the CPU): (B, 3, S, S) float32, normalised."""
+    device = images.device
+    x = resized_crop(images, _to(params.crops, device), size=cfg.image_size, interpolation=cfg.interpolation)
+    x = torch.where(_to(params.flip, device)[:, None, None, None], x.flip(-1), x)
+    jittered = params.jitter.nonzero().squeeze(1)  # on the CPU, like every choice of which images an op touches
     if len(jittered):
-        x[jittered] = color_jitter(x[jittered], params.factors[jittered], params.order[jittered])
-    x = torch.where(params.gray[:, None, None, None], grayscale(x).expand_as(x), x)
+        rows = _to(jittered, device)
+        x[rows] = color_jitter(x[rows], _to(params.factors[jittered], device), params.order[jittered])
+    x = torch.where(_to(params.gray, device)[:, None, None, None], grayscale(x).expand_as(x), x)
     blurred = params.blur.nonzero().squeeze(1)
     if len(blurred):
-        x[blurred] = gaussian_blur(x[blurred], params.sigma[blurred], kernel=cfg.blur_kernel)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)[None, :, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32, device=x.device)[None, :, None, None]
+        rows = _to(blurred, device)
+        x[rows] = gaussian_blur(x[rows], _to(params.sigma[blurred], device), kernel=cfg.blur_kernel)
+    mean = _to(torch.tensor(cfg.mean, dtype=torch.float32), device)[None, :, None, None]
+    std = _to(torch.tensor(cfg.std, dtype=torch.float32), device)[None, :, None, None]
     return (x - mean) / std
+
+
+def _to(tensor: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on `device` without waiting: a blocking copy to a GPU would first wait for every kernel
+    already queued (the previous step's backward), stalling the host once per op."""
+    return tensor.to(device, non_blocking=True)
 
 
 class BatchViews:
@@ -289,5 +297,5 @@ class BatchViews:
         views = []
         for view in (0, 1):
             params = draw(self.cfg, seed=self.seed, epoch=epoch, indices=indices_np, view=view, sizes=sizes_np)
-            views.append(apply(self.cfg, images, params.to(images.device)))
+            views.append(apply(self.cfg, images, params))
         return torch.cat(views)
