@@ -318,7 +318,7 @@ def _pretraining_dataset(encoder) -> str | None:
 def _workers(workers: int | None, rt) -> int:
     from simclr_cli.engine.pretrain import default_workers
 
-    return workers if workers is not None else default_workers(rt.device)
+    return workers if workers is not None else default_workers(rt.device, decoding=True)  # eval decodes with PIL
 
 
 def _finish_eval(result, *, data: str, out_dir: Path, title: str, rows: list[tuple[str, str]]) -> None:

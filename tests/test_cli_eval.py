@@ -65,6 +65,13 @@ def test_knn_reports_fractions_and_writes_results(encoder_file, labelled, tmp_pa
     assert saved["checkpoint"] == str(encoder_file) and saved["data"] == str(labelled)
 
 
+def test_eval_commands_choose_their_workers_when_none_are_given(encoder_file, labelled, tmp_path):
+    no_workers = [a for a in COMMON if a not in ("--workers", "0")]
+    result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", *no_workers,
+                                 "--out", str(tmp_path / "knn")])
+    assert result.exit_code == 0, result.output
+
+
 def test_linear_eval_separates_colours_and_saves_the_classifier(encoder_file, labelled, tmp_path):
     result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON,
                                  "--out", str(tmp_path / "lin")])
