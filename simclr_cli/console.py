@@ -95,7 +95,7 @@ class RichProgress:
         loss = "-" if stats.loss is None else f"{stats.loss:.4f}"
         self._bar.update(
             self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}",
-            wait=f"{stats.data_wait:.0%}",
+            wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
         )
 
     def stop(self) -> None:

@@ -204,3 +204,21 @@ def test_a_bad_image_in_a_worker_is_still_a_one_line_error(image_folder, tmp_pat
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "cannot decode" in errors[0] and "fake.png" in errors[0]
     assert "Original Traceback" not in result.output
+
+
+@pytest.mark.parametrize("data_wait", [None, 0.25])
+def test_progress_bar_shows_images_per_second_and_data_wait(data_wait, monkeypatch):
+    from rich.console import Console
+
+    from simclr_cli import console as ui
+    from simclr_cli.engine.report import StepStats
+
+    screen = Console(record=True, force_terminal=True, width=200)
+    monkeypatch.setattr(ui, "console", screen)
+    bar = ui.RichProgress()
+    bar.start(total_steps=10, completed=0, description="pretrain")
+    bar.update(StepStats(step=3, epoch=0, total_steps=10, loss=5.25, lr=0.1, images_per_s=123.4, data_wait=data_wait))
+    bar.stop()
+    text = screen.export_text()
+    assert "123.4 img/s" in text and "loss 5.2500" in text
+    assert ("data wait 25%" if data_wait else "data wait -") in text

@@ -16,7 +16,7 @@ class StepStats:
     loss: float | None
     lr: float
     images_per_s: float
-    data_wait: float = 0.0  # fraction of the time since the last update spent waiting for the next batch
+    data_wait: float | None = None  # fraction of the time since the last update spent waiting for the next batch
 
 
 class Progress(Protocol):
