@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from simclr_cli.engine import seeds
 from simclr_cli.engine.errors import BadImage, DataError
 
 if TYPE_CHECKING:
@@ -121,7 +122,6 @@ CIFAR_BINARY = {
         num_classes=100,
     ),
 }
-_MASK64 = (1 << 64) - 1
 
 log = logging.getLogger("simclr")
 
@@ -601,18 +601,6 @@ def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bo
     return ImageFiles(scan.images, max_pixels=max_pixels, skipped_folders=scan.skipped_folders)
 
 
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed mixing several ints (SplitMix64 finaliser), stable across processes unlike hash()."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (int(value) & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1
-
-
 class EpochSampler(Sampler):
     """Yields dataset indices: a (seed, epoch)-seeded permutation in whole global batches, this rank's chunk of each.
 
@@ -655,7 +643,7 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
-        generator.manual_seed(mix_seed(self.seed, self.epoch))
+        generator.manual_seed(seeds.mix(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         lo = self.rank * self.local_batch_size
         for batch in range(self.start_batch, self.batches_per_epoch):

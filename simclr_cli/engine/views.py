@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simclr_cli.engine import seeds
 from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import ConfigError
 
@@ -33,27 +34,18 @@ DRAWS = _SIGMA + 9
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 CHUNK_PIXELS = 1 << 24  # views resampled together are capped at this many padded source pixels (bounds memory)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S11 = (np.uint64(s) for s in (30, 27, 31, 11))
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    return x ^ (x >> _S31)
+_S11 = np.uint64(11)  # a uint64 keeps its top 53 bits as a float64 in [0, 1)
 
 
 def uniforms(*, seed: int, epoch: int, indices: np.ndarray, view: int, n: int = DRAWS) -> np.ndarray:
     """(B, n) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, column)."""
+    key = seeds.splitmix64(np.full(1, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
+    key = seeds.splitmix64(key ^ np.uint64(epoch))
+    key = seeds.splitmix64(key ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))  # (B,)
+    key = seeds.splitmix64(key ^ np.uint64(view))
     with np.errstate(over="ignore"):
-        key = _splitmix(np.full(1, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
-        key = _splitmix(key ^ np.uint64(epoch))
-        key = _splitmix(key ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))  # (B,)
-        key = _splitmix(key ^ np.uint64(view))
-        bits = _splitmix(key[:, None] + np.arange(n, dtype=np.uint64)[None, :] * _GOLDEN)  # (B, n)
+        counters = key[:, None] + np.arange(n, dtype=np.uint64)[None, :] * seeds.GOLDEN  # (B, n)
+    bits = seeds.splitmix64(counters)
     return (bits >> _S11).astype(np.float64) * 2.0**-53
 
 
