@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import statistics
 import tempfile
@@ -27,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.engine import memory, pipeline, pretrain
 from simclr_cli.engine.augment import TwoViews
-from simclr_cli.engine.data import EpochSampler, pretrain_dataset
-from simclr_cli.engine.device import Runtime, runtime
+from simclr_cli.engine.data import EpochSampler
+from simclr_cli.engine.device import Runtime, available_cpus, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.loss import nt_xent
 from simclr_cli.engine.model import build_model
@@ -71,9 +70,6 @@ class BenchmarkResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int = 1, baseline: bool = True,
         report: Callable[[str], None] = log.info) -> BenchmarkResult:
@@ -86,15 +82,14 @@ def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int =
         raise ConfigError(f"--steps {steps}, --warmup {warmup} and --repeats {repeats} must all be >= 1")
     cfg = cfg.resolved()
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
-    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
-                              max_pixels=cfg.data.max_image_pixels or None)
+    images = pretrain.source_images(cfg)
     batch = cfg.train.batch_size or min(pretrain.default_batch_size(rt.device), len(images))
     if batch > len(images):
         raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
     cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
 
     rounds: dict[str, list[float]] = {}
-    base_workers = _cpus() if baseline else None
+    base_workers = available_cpus() if baseline else None
     peak = 0.0
     for round_ in range(1, repeats + 1):
         of = f" (round {round_}/{repeats})" if repeats > 1 else ""
@@ -136,31 +131,17 @@ def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int =
 def model_images_per_s(cfg: pretrain.PretrainConfig, *, rt: Runtime, steps: int, warmup: int) -> float:
     """The SimCLR step (forward, NT-Xent, backward, update) on fixed random views: no data, no augmentation."""
     batch, size = cfg.train.batch_size, cfg.augment.image_size
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(rt.device)
+    update = _Update(cfg, rt, channels_last=rt.channels_last)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling))
-    scaler = rt.grad_scaler()
-    forward = torch.compile(model) if cfg.train.compile else model
     x = torch.randn(2 * batch, 3, size, size, device=rt.device).contiguous(memory_format=memory_format)  # (2N, 3, S, S)
-
-    def step() -> None:
-        pretrain.forward_backward(forward, x, rt=rt, loss_fn=nt_xent, temperature=cfg.train.temperature,
-                                  optimizer=optimizer, scaler=scaler)
-        scaler.step(optimizer)
-        scaler.update()
-
-    return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
+    return batch * steps / _timed(lambda: update(x), steps=steps, warmup=warmup, device=rt.device)
 
 
 def data_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, rt: Runtime, steps: int, warmup: int) -> float:
     """Views delivered by the pretrain input pipeline (cached pixels or decoding, then batched views) on one thread."""
     batch = cfg.train.batch_size
     dataset = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image="skip")
-    budget = pipeline.gigabytes(cfg.data.cache_gb)
-    dataset.cache = pipeline.build_cache(dataset, budget=pipeline.default_cache_bytes(local_processes=1) if budget is None
-                                         else budget, workers=0)
+    dataset.cache = pipeline.build_cache(dataset, budget=pipeline.cache_budget(cfg.data.cache_gb), workers=0)
     views = BatchViews(cfg.augment, seed=cfg.train.seed)
     batches = _endless(dataset, batch, seed=cfg.train.seed, loader=lambda sampler: pipeline.loader(
         dataset, sampler, local_batch_size=batch, workers=0, pin_memory=False))
@@ -196,21 +177,14 @@ def baseline_images_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, step
     """The common peer setup: PIL views made one image at a time in DataLoader workers, fp32, contiguous tensors."""
     rt = Runtime(device=runtime(device=cfg.train.device, precision="fp32").device, precision="fp32")
     batch = cfg.train.batch_size
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(rt.device)
-    optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling))
-    scaler = rt.grad_scaler()
+    update = _Update(replace(cfg, train=replace(cfg.train, compile=False)), rt, channels_last=False)  # peers' defaults
     batches = _endless(images, batch, seed=cfg.train.seed, loader=lambda sampler: DataLoader(
         _PilViews(images, TwoViews(cfg.augment)), batch_size=batch, sampler=sampler, num_workers=workers,
         pin_memory=rt.device.type == "cuda", drop_last=True, persistent_workers=workers > 0))
 
     def step() -> None:
         _, (view1, view2) = next(batches)
-        x = torch.cat([view1, view2]).to(rt.device, non_blocking=True)  # (2N, 3, S, S)
-        pretrain.forward_backward(model, x, rt=rt, loss_fn=nt_xent, temperature=cfg.train.temperature,
-                                  optimizer=optimizer, scaler=scaler)
-        scaler.step(optimizer)
-        scaler.update()
+        update(torch.cat([view1, view2]).to(rt.device, non_blocking=True))  # (2N, 3, S, S)
 
     return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
 
@@ -223,6 +197,26 @@ def baseline_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps
     with _one_thread():
         seconds = _timed(lambda: next(batches), steps=steps, warmup=warmup, device=torch.device("cpu"))
     return 2 * batch * steps / seconds
+
+
+class _Update:
+    """One SimCLR update of `cfg`'s model on given views, as pretrain makes it: forward, NT-Xent, backward, step."""
+
+    def __init__(self, cfg: pretrain.PretrainConfig, rt: Runtime, *, channels_last: bool) -> None:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model).to(rt.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+        self.optimizer, self.scaler = build_optimizer(model, cfg.optim, lr=lr), rt.grad_scaler()
+        self.model = torch.compile(model) if cfg.train.compile else model
+        self.rt, self.temperature = rt, cfg.train.temperature
+
+    def __call__(self, x: torch.Tensor) -> None:
+        pretrain.forward_backward(self.model, x, rt=self.rt, loss_fn=nt_xent, temperature=self.temperature,
+                                  optimizer=self.optimizer, scaler=self.scaler)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 class _PilViews(Dataset):
@@ -278,10 +272,6 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _machine() -> str:
     name = platform.processor() or platform.machine()
     try:
@@ -289,8 +279,4 @@ def _machine() -> str:
             name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, {_cpus()} cores"
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None
+    return f"{name}, {available_cpus()} cores"

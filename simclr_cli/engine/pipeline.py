@@ -9,7 +9,6 @@ Workers only decode (or copy cached pixels); every random choice is made later, 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 from collections.abc import Sequence
@@ -266,10 +265,9 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / BYTES_PER_GB:.1f} GB" if nbytes >= BYTES_PER_GB / 10 else f"{nbytes / 1024**2:.1f} MB"
 
 
-def gigabytes(value: float | None) -> int | None:
-    """--cache-gb as bytes; None stays None (auto)."""
-    if value is None:
-        return None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"cache size {value!r} GB must be >= 0")
-    return int(value * BYTES_PER_GB)
+def cache_budget(cache_gb: float | None) -> int:
+    """Bytes for the cache: --cache-gb (already validated) or, unset, the default split between this machine's
+    training processes (torchrun's LOCAL_WORLD_SIZE)."""
+    if cache_gb is not None:
+        return int(cache_gb * BYTES_PER_GB)
+    return default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

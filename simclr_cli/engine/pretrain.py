@@ -29,7 +29,7 @@ from simclr_cli.engine.data import (
     labelled_splits,
     pretrain_dataset,
 )
-from simclr_cli.engine.device import Runtime, resolve_device, runtime
+from simclr_cli.engine.device import Runtime, available_cpus, resolve_device, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
 from simclr_cli.engine.model import ModelConfig, build_model
@@ -179,7 +179,7 @@ def default_workers(device: torch.device, *, decoding: bool) -> int:
     Cached or in-memory pixels need no workers on a CPU: a batch is a copy. On a GPU two keep batches pinned
     and prefetched. A small CPU-only machine gives its cores to the model.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cpus()
     if device.type == "cuda":
         return min(8, cpus) if decoding else min(2, cpus)
     if not decoding:
@@ -220,8 +220,7 @@ def restarted_by_torchrun() -> bool:
 def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bool, overwrite: bool,
          held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
-    images = pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
-                              max_pixels=cfg.data.max_image_pixels or None)
+    images = source_images(cfg)
     batch = cfg.train.batch_size
     if batch is None:
         batch = min(default_batch_size(rt.device) * world.world_size, len(images))
@@ -322,15 +321,18 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
     )
 
 
+def source_images(cfg: PretrainConfig):
+    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit)."""
+    return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
+                            max_pixels=cfg.data.max_image_pixels or None)
+
+
 def _input_pipeline(cfg: PretrainConfig, images, sampler: EpochSampler, *, rt: Runtime,
                     world: distributed.World) -> tuple[DataLoader, int]:
     """Padded uint8 batches of this process's share, decoded once into the cache when it fits; and the worker count."""
     pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
     chosen = cfg.data.workers
-    budget = pipeline.gigabytes(cfg.data.cache_gb)
-    if budget is None:
-        budget = pipeline.default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    pixels.cache = pipeline.build_cache(pixels, budget=budget,
+    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
                                         workers=chosen if chosen is not None else default_workers(rt.device, decoding=True))
     decoding = pixels.arrays is None and (pixels.cache is None or not pixels.cache.complete)
     workers = chosen if chosen is not None else default_workers(rt.device, decoding=decoding)
