@@ -59,7 +59,7 @@ TrainDir = Annotated[Path | None, typer.Option("--train", help="A class-per-subf
 ValDir = Annotated[Path | None, typer.Option("--val", help="A class-per-subfolder evaluation folder (with --train).")]
 RandomInit = Annotated[
     bool,
-    typer.Option("--random-init", help="Evaluate an untrained encoder of the same architecture: the baseline that shows what pretraining bought."),
+    typer.Option("--random-init", help="Evaluate an untrained encoder of the same architecture with torchvision's standard init (He-normal convs, every BN gamma 1): the baseline that shows what pretraining bought."),
 ]
 Layer = Annotated[
     str | None,

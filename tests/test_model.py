@@ -155,8 +155,8 @@ def test_simclr_refuses_unresolved_config() -> None:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_residual_branch_last_bn_gamma_starts_at_zero(arch: str) -> None:
-    encoder = ResNet(arch=arch, width=0.25, stem="small")
+def test_residual_branch_last_bn_gamma_starts_at_zero_when_asked(arch: str) -> None:
+    encoder = ResNet(arch=arch, width=0.25, stem="small", zero_init_residual=True)
     blocks = [m for m in encoder.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     assert len(blocks) == (8 if arch == "resnet18" else 16)
     last = "bn2" if arch == "resnet18" else "bn3"
@@ -167,6 +167,25 @@ def test_residual_branch_last_bn_gamma_starts_at_zero(arch: str) -> None:
         if block.downsample is not None:
             assert torch.all(block.downsample[1].weight == 1)
     assert torch.all(encoder.bn1.weight == 1)
+
+
+def test_default_init_is_torchvision_s() -> None:
+    """Every BN gamma starts at 1 and every conv is He-normal (fan_out), as torchvision's ResNet(zero_init_residual=False)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet50", width=0.25).resolved(image_size=32))
+    for name, module in model.encoder.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+        if isinstance(module, torch.nn.Conv2d):
+            fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+            std = float(module.weight.detach().std())
+            # He normal: std = sqrt(2 / fan_out); the sample std of >= 64 draws is within 35% of it
+            assert abs(std / (2 / fan_out) ** 0.5 - 1) < 0.35, (name, std)
+
+
+def test_zero_init_residual_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        ModelConfig(zero_init_residual="yes").validate()
 
 
 # ---------------------------------------------------------------------------- gradients

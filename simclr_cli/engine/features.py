@@ -55,7 +55,9 @@ def open_encoder(checkpoint: Path, *, random_init: bool = False, seed: int = 0) 
         if not random_init:
             return Encoder(model=model.eval(), info=info, source=Path(checkpoint))
         torch.default_generator.manual_seed(seed)
-        model = build_model(info.model)
+        # The baseline people mean: a standard untrained ResNet (torchvision's init), whatever init the file's run
+        # started from; zero-initialised residual branches would make it a far weaker straw man.
+        model = build_model(dataclasses.replace(info.model, zero_init_residual=False))
     model.eval()
     # Nothing of the file's training survives except the architecture and the input transform.
     info = dataclasses.replace(info, epoch=0, step=0, extra={}, extra_tensors={})

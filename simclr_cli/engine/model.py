@@ -28,6 +28,9 @@ class ModelConfig:
     stem: str | None = None  # None = auto from the image size; "small" (3x3 s1, no max-pool) or "standard"
     head_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLRv2 head (v2 §2)
     proj_dim: int = 128  # z dimension (SimCLR §B.4)
+    # Start each residual branch's last BN gamma at 0 (official SimCLR code, Goyal et al. 2017). Off by default:
+    # with it, runs of a few hundred steps barely move the residual branches (BENCHMARKS.md, "Quality").
+    zero_init_residual: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and the fix."""
@@ -50,6 +53,11 @@ class ModelConfig:
         if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
             raise ConfigError(
                 f"model.proj_dim {self.proj_dim!r} is not valid; use a whole number >= 1 (SimCLR uses 128)"
+            )
+        if not isinstance(self.zero_init_residual, bool):
+            raise ConfigError(
+                f"model.zero_init_residual {self.zero_init_residual!r} is not valid; use true (the official code's "
+                "init) or false (torchvision's, the default)"
             )
 
     def resolved(self, *, image_size: int) -> ModelConfig:
@@ -142,7 +150,7 @@ _SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int
 class ResNet(nn.Module):
     """ResNet encoder f without fc; module names match torchvision so width-1 weights load both ways."""
 
-    def __init__(self, *, arch: str, width: float = 1.0, stem: str = "standard"):
+    def __init__(self, *, arch: str, width: float = 1.0, stem: str = "standard", zero_init_residual: bool = False):
         super().__init__()
         if arch not in _SPECS:
             raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
@@ -177,10 +185,10 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # Each residual block starts as the identity (Goyal et al. 2017; SimCLR official code).
-        for m in self.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_bn.weight)
+        if zero_init_residual:  # each residual block starts as the identity (Goyal et al. 2017; SimCLR official code)
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn.weight)
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, *, stride: int
@@ -251,7 +259,7 @@ class SimCLR(nn.Module):
         if cfg.stem is None:
             raise ValueError("ModelConfig.stem is None; pass cfg.resolved(image_size=...) to SimCLR")
         self.cfg = cfg
-        self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem)
+        self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem, zero_init_residual=cfg.zero_init_residual)
         self.head = ProjectionHead(in_dim=self.encoder.out_dim, out_dim=cfg.proj_dim, layers=cfg.head_layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
