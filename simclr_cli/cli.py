@@ -96,7 +96,8 @@ def pretrain(
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config
-        from simclr_cli.engine import pretrain as task, rundir
+        from simclr_cli.engine import rundir
+        from simclr_cli.engine.tasks import pretrain as task
         from simclr_cli.engine.errors import ConfigError
 
         flags = {
@@ -168,7 +169,7 @@ def benchmark(
     with errors_as_messages(verbose=verbose):
         import json
 
-        from simclr_cli.engine import benchmark as task
+        from simclr_cli.engine.tasks import benchmark as task
 
         flags = {
             "model.arch": arch, "model.width": width, "augment.image_size": image_size, "train.batch_size": batch_size,
@@ -207,7 +208,7 @@ def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
     from simclr_cli import config
     from simclr_cli.engine import rundir
     from simclr_cli.engine.errors import ConfigError
-    from simclr_cli.engine.pretrain import PretrainConfig
+    from simclr_cli.engine.tasks.pretrain import PretrainConfig
 
     resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
     if resolved_file:  # a worker started by --gpus
@@ -224,10 +225,10 @@ def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
 def _plot_embedding(result, *, method: str) -> None:
     import numpy as np
 
-    from simclr_cli.engine import embed, plots
+    from simclr_cli.engine import index, plots
 
     vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)
-    names = embed.read_paths(result.paths_file)
+    names = index.read_paths(result.paths_file)
     # images in subfolders are coloured by their top-level folder (a class-per-folder tree shows its classes)
     labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
     path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
@@ -292,7 +293,7 @@ def _open_for_eval(
     data_root: Path | None, download: bool, device: str | None, precision: str | None,
 ):
     """The pieces every evaluation needs: the encoder (or its random-init twin), labelled splits, the runtime."""
-    from simclr_cli.engine import data as datasets, device as devices, features, rundir
+    from simclr_cli.engine import datasets, device as devices, features, rundir
 
     path = rundir.resolve_checkpoint(checkpoint)
     console.print(f"checkpoint: {path}{' (architecture only: --random-init)' if random_init else ''}")
@@ -306,7 +307,7 @@ def _open_for_eval(
 
 def _pretraining_dataset(encoder) -> str | None:
     """The named dataset the encoder was pretrained on: the natural default for evaluating it."""
-    from simclr_cli.engine.data import NAMED_DATASETS
+    from simclr_cli.engine.datasets import NAMED_DATASETS
 
     source = (encoder.info.config.get("data") or {}).get("source")
     if source in NAMED_DATASETS:
@@ -316,7 +317,7 @@ def _pretraining_dataset(encoder) -> str | None:
 
 
 def _workers(workers: int | None, rt) -> int:
-    from simclr_cli.engine.pretrain import default_workers
+    from simclr_cli.engine.tasks.pretrain import default_workers
 
     return workers if workers is not None else default_workers(rt.device, decoding=True)  # eval decodes with PIL
 
@@ -361,7 +362,8 @@ def linear_eval(
     with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
         if world is None:
             return
-        from simclr_cli.engine import linear_eval as task, rundir
+        from simclr_cli.engine import rundir
+        from simclr_cli.engine.tasks import linear_eval as task
 
         path, encoder, splits, rt = _open_for_eval(
             checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
@@ -413,7 +415,9 @@ def knn(
     with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
         if world is None:
             return
-        from simclr_cli.engine import knn as task, rundir
+        from simclr_cli.engine import rundir
+        from simclr_cli.engine import neighbours
+        from simclr_cli.engine.tasks import knn as task
         from simclr_cli.engine.errors import ConfigError
 
         ks = _parse_ks(k)
@@ -429,7 +433,7 @@ def knn(
             checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
             data_root=data_root, download=bool(download), device=device, precision=precision,
         )
-        cfg = task.KnnConfig(k=ks or (task.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
+        cfg = task.KnnConfig(k=ks or (neighbours.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
                              batch_size=batch_size or 256, workers=_workers(workers, rt))
         out_dir = out or rundir.default_eval_dir(path, "knn")
         result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress() if world.is_main else None)
@@ -453,9 +457,10 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
 
 def _retrieve(checkpoint, *, index: Path, query: Path, k: int, layer, batch_size, device, precision, workers, out) -> None:
     """Embed the query images with the index's encoder and layer, then list each one's nearest indexed images."""
-    from simclr_cli.engine import device as devices, features, retrieval, rundir
+    from simclr_cli.engine import device as devices, features, index as vectors, rundir
+    from simclr_cli.engine.tasks import retrieval
 
-    meta = retrieval.index_metadata(index)
+    meta = vectors.read_metadata(index)
     path = checkpoint or (Path(meta["checkpoint"]) if meta.get("checkpoint") else rundir.resolve_checkpoint(None))
     encoder = features.open_encoder(path)
     rt = devices.runtime(device=device or "auto", precision=precision or "auto")
@@ -499,7 +504,8 @@ def finetune(
     """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
-        from simclr_cli.engine import finetune as task, rundir
+        from simclr_cli.engine import rundir
+        from simclr_cli.engine.tasks import finetune as task
 
         path, encoder, splits, rt = _open_for_eval(
             checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
@@ -551,7 +557,8 @@ def embed(
     with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
         if world is None:
             return
-        from simclr_cli.engine import badfiles, data, device as devices, embed as task, features, retrieval, rundir
+        from simclr_cli.engine import badfiles, images, device as devices, features, index as vectors, rundir
+        from simclr_cli.engine.tasks import embed as task
 
         path = rundir.resolve_checkpoint(checkpoint)
         console.print(f"checkpoint: {path}")
@@ -562,11 +569,11 @@ def embed(
             workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None, overwrite=overwrite,
             on_bad_image=on_bad_image or "skip",
             max_bad_fraction=badfiles.DEFAULT_MAX_BAD_FRACTION if max_bad_fraction is None else max_bad_fraction,
-            max_image_pixels=data.DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
+            max_image_pixels=images.DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
         )
         if not world.is_main:
             return
-        retrieval.write_index_metadata(result)
+        vectors.write_metadata(result.out, result.to_dict())
         if plot:
             _plot_embedding(result, method=plot_method)
         show_table(f"embedded {folder}", [
@@ -588,7 +595,7 @@ def export(
     """Export the encoder's weights for use outside simclr (torchvision, plain safetensors, ONNX)."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
-        from simclr_cli.engine import export as task
+        from simclr_cli.engine.tasks import export as task
 
         result = task.export(checkpoint, to=to, out=out or task.default_out(checkpoint, to=to), overwrite=overwrite,
                              include_fc=include_fc)
@@ -610,7 +617,9 @@ def info(
     with errors_as_messages(verbose=verbose):
         import json
 
-        from simclr_cli.engine import info as task, rundir
+        from simclr_cli.engine import rundir
+
+        from simclr_cli.engine.tasks import info as task
 
         described = task.describe(rundir.resolve_checkpoint(checkpoint))
         if as_json:

@@ -193,7 +193,7 @@ def resolve_pretrain(
 
     `saved` (a resumed run's own config) replaces defaults and preset, so a resume changes only what is typed.
     """
-    from simclr_cli.engine.pretrain import PretrainConfig  # lazy: keeps `simclr --help` free of torch
+    from simclr_cli.engine.tasks.pretrain import PretrainConfig  # lazy: keeps `simclr --help` free of torch
 
     if saved is not None:
         if preset is not None:

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import benchmark
+from simclr_cli.engine.tasks import benchmark
 
 KEYS = {"model_images_per_s", "pretrain_images_per_s", "data_views_per_s_per_core", "data_wait_fraction", "peak_rss_mb"}
 TINY = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--device", "cpu",

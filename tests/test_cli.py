@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import pretrain as task
+from simclr_cli.engine.tasks import pretrain as task
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import ModelConfig
 from simclr_cli.engine.optim import OptimConfig
-from simclr_cli.engine.pretrain import PretrainConfig
+from simclr_cli.engine.tasks.pretrain import PretrainConfig
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 SHIPPED = ["cifar10", "demo", "imagenet", "stl10"]

@@ -11,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import checkpoint, features, finetune
+from simclr_cli.engine import checkpoint, features
+
+from simclr_cli.engine.tasks import finetune
 from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
-from simclr_cli.engine.data import LabelledImages, labelled_folder
+from simclr_cli.engine.datasets import LabelledImages, labelled_folder
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
-from simclr_cli.engine.finetune import FinetuneConfig, class_balanced_subset, label_file_subset, load_finetuned
+from simclr_cli.engine.tasks.finetune import FinetuneConfig, class_balanced_subset, label_file_subset, load_finetuned
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.supervised import evaluate, eval_loader
 

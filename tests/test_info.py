@@ -10,7 +10,7 @@ import torch
 
 from simclr_cli.engine.checkpoint import EncoderInfo, save, save_encoder
 from simclr_cli.engine.errors import CheckpointError
-from simclr_cli.engine.info import describe, find_evaluations
+from simclr_cli.engine.tasks.info import describe, find_evaluations
 from simclr_cli.engine.model import ModelConfig, build_model
 
 CONFIG = {"model": {"arch": "resnet18"}, "train": {"epochs": 3, "global_batch_size": 64}, "data": {"source": "digits"}}

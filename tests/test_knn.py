@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import features, knn
+from simclr_cli.engine import features, neighbours
+
+from simclr_cli.engine.tasks import knn
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
-from simclr_cli.engine.data import LabelledImages
+from simclr_cli.engine.datasets import LabelledImages
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import ModelConfig, build_model
@@ -45,7 +47,7 @@ BANK_LABELS = (0, 0, 1, 1, 2)
 def test_votes_match_a_hand_computed_example():
     bank = torch.cat([at(0, radius=2.0), at(30), at(90, radius=0.5), at(60, radius=3.0), at(180)])
     queries = at(40, 170)
-    scores = knn.knn_predict(bank, list(BANK_LABELS), queries, k=[1, 3, 5], temperature=0.1, num_classes=3)
+    scores = neighbours.knn_predict(bank, list(BANK_LABELS), queries, k=[1, 3, 5], temperature=0.1, num_classes=3)
     T = 0.1
     # Query at 40 deg: similarities 30 deg -> cos 10 (c0), 60 -> cos 20 (c1), 0 -> cos 40 (c0), 90 -> cos 50 (c1),
     # 180 -> cos 140 (c2), in that order.
@@ -87,7 +89,7 @@ def test_temperature_decides_between_one_close_and_two_farther_neighbours():
         class0 = math.exp(cos_deg(5) / T)
         class1 = math.exp(cos_deg(45) / T) + math.exp(cos_deg(55) / T)
         assert (0 if class0 > class1 else 1) == winner  # the hand computation itself
-        scores = knn.knn_predict(bank, labels, query, k=[3], temperature=T, num_classes=2)[3]
+        scores = neighbours.knn_predict(bank, labels, query, k=[3], temperature=T, num_classes=2)[3]
         assert scores.argmax(dim=1).item() == winner
         torch.testing.assert_close(normalised(scores.double()), normalised(torch.tensor([[class0, class1]], dtype=torch.float64)))
 
@@ -117,33 +119,33 @@ def random_problem():
 def test_matches_a_naive_loop_on_random_features(random_problem):
     bank, labels, queries = random_problem
     for T in (0.1, 0.5):
-        scores = knn.knn_predict(bank, labels, queries, k=[7], temperature=T, num_classes=4)[7]
+        scores = neighbours.knn_predict(bank, labels, queries, k=[7], temperature=T, num_classes=4)[7]
         expected = naive_knn(bank, labels, queries, k=7, T=T, C=4)
         torch.testing.assert_close(normalised(scores.double()), normalised(expected), rtol=1e-5, atol=1e-7)
 
 
 def test_several_k_in_one_pass_equal_separate_calls(random_problem):
     bank, labels, queries = random_problem
-    together = knn.knn_predict(bank, labels, queries, k=[20, 1, 5], num_classes=4)
+    together = neighbours.knn_predict(bank, labels, queries, k=[20, 1, 5], num_classes=4)
     assert list(together) == [20, 1, 5]
     for k in (1, 5, 20):
-        alone = knn.knn_predict(bank, labels, queries, k=[k], num_classes=4)[k]
+        alone = neighbours.knn_predict(bank, labels, queries, k=[k], num_classes=4)[k]
         torch.testing.assert_close(together[k], alone)
 
 
 @pytest.mark.parametrize(("chunk", "bank_chunk"), [(1, 1), (3, 3), (1, 10_000), (10_000, 3), (4, 7)])
 def test_chunked_equals_unchunked(random_problem, chunk, bank_chunk):
     bank, labels, queries = random_problem
-    whole = knn.knn_predict(bank, labels, queries, k=[1, 5, 12], num_classes=4, chunk_size=10_000, bank_chunk_size=10_000)
-    parts = knn.knn_predict(bank, labels, queries, k=[1, 5, 12], num_classes=4, chunk_size=chunk, bank_chunk_size=bank_chunk)
+    whole = neighbours.knn_predict(bank, labels, queries, k=[1, 5, 12], num_classes=4, chunk_size=10_000, bank_chunk_size=10_000)
+    parts = neighbours.knn_predict(bank, labels, queries, k=[1, 5, 12], num_classes=4, chunk_size=chunk, bank_chunk_size=bank_chunk)
     for k in (1, 5, 12):
         torch.testing.assert_close(parts[k], whole[k])
 
 
 def test_k_is_capped_at_the_number_of_training_samples(random_problem):
     bank, labels, queries = random_problem
-    capped = knn.knn_predict(bank[:4], labels[:4], queries, k=[10], num_classes=4)[10]
-    exact = knn.knn_predict(bank[:4], labels[:4], queries, k=[4], num_classes=4)[4]
+    capped = neighbours.knn_predict(bank[:4], labels[:4], queries, k=[10], num_classes=4)[10]
+    exact = neighbours.knn_predict(bank[:4], labels[:4], queries, k=[4], num_classes=4)[4]
     torch.testing.assert_close(capped, exact)
     torch.testing.assert_close(normalised(capped.double()), normalised(naive_knn(bank[:4], labels[:4], queries, k=4, T=0.1, C=4)))
 
@@ -152,18 +154,18 @@ def test_topk_accuracy_by_hand():
     scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.06], [0.2, 0.3, 0.5]])
     labels = torch.tensor([2, 0, 0])
     # top-1 predictions 1, 0, 2: only row 1 is right; top-2 sets {1,2}, {0,2}, {2,1}: rows 0 and 1.
-    assert knn.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
-    assert knn.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
-    assert knn.topk_accuracy(scores, labels, 3) == 1.0
+    assert neighbours.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+    assert neighbours.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+    assert neighbours.topk_accuracy(scores, labels, 3) == 1.0
     with pytest.raises(ValueError, match="at least k classes"):
-        knn.topk_accuracy(scores, labels, 4)
+        neighbours.topk_accuracy(scores, labels, 4)
 
 
 def test_nearest_finds_a_query_already_in_the_index_first(tmp_path):
     rng = np.random.default_rng(0)
     index = rng.normal(size=(20, 8)).astype(np.float32)
     queries = torch.from_numpy(index[[3, 17]] * 5.0)  # scaled copies: cosine similarity 1
-    sims, rows = knn.nearest(index, queries, k=4)
+    sims, rows = neighbours.nearest(index, queries, k=4)
     assert sims.shape == rows.shape == (2, 4)
     assert rows[:, 0].tolist() == [3, 17]
     torch.testing.assert_close(sims[:, 0], torch.ones(2))
@@ -174,12 +176,12 @@ def test_nearest_finds_a_query_already_in_the_index_first(tmp_path):
 
     np.save(tmp_path / "index.npy", index)  # a memory-mapped index read in small blocks gives the same answer
     mapped = np.load(tmp_path / "index.npy", mmap_mode="r")
-    sims2, rows2 = knn.nearest(mapped, queries, k=4, chunk_size=1, bank_chunk_size=3)
+    sims2, rows2 = neighbours.nearest(mapped, queries, k=4, chunk_size=1, bank_chunk_size=3)
     assert rows2.tolist() == rows.tolist()
     torch.testing.assert_close(sims2, sims)
-    assert knn.nearest(index, queries, k=99)[1].shape == (2, 20)  # capped at the index size
+    assert neighbours.nearest(index, queries, k=99)[1].shape == (2, 20)  # capped at the index size
     with pytest.raises(ConfigError, match="same checkpoint and --layer"):
-        knn.nearest(index, torch.zeros(1, 5), k=1)
+        neighbours.nearest(index, torch.zeros(1, 5), k=1)
 
 
 @pytest.mark.parametrize(
@@ -234,6 +236,6 @@ def test_run_reports_accuracy_settings_and_counts(tmp_path, caplog):
 
 
 def test_default_k_is_200_or_20_for_small_training_sets():
-    from simclr_cli.engine.knn import default_k
+    from simclr_cli.engine.neighbours import default_k
 
     assert (default_k(9_999), default_k(10_000), default_k(1_281_167)) == (20, 200, 200)

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import checkpoint, features, linear_eval
+from simclr_cli.engine import checkpoint, features
+
+from simclr_cli.engine.tasks import linear_eval
 from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
-from simclr_cli.engine.data import LabelledImages
+from simclr_cli.engine.datasets import LabelledImages
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
-from simclr_cli.engine.linear_eval import LinearEvalConfig, fit_linear, load_classifier
+from simclr_cli.engine.tasks.linear_eval import LinearEvalConfig, fit_linear, load_classifier
 from simclr_cli.engine.model import ModelConfig, build_model
 
 RT = runtime(device="cpu", precision="fp32")

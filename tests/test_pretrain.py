@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import write_images
 from simclr_cli.engine import checkpoint, rundir
-from simclr_cli.engine import pretrain as task
+from simclr_cli.engine.tasks import pretrain as task
 from simclr_cli.engine.errors import ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.report import NoProgress, StepStats
 

@@ -65,3 +65,16 @@ class OutputError(SimCLRError):
         cause, fix = self.CAUSES[code]
         super().__init__(f"cannot write {path}: {cause}; {fix} ({kept})")
         self.path, self.errno = path, code
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def is_whole_number(value: object) -> bool:
+    """An int (NumPy's too) that is not a bool: what a config's counts and sizes must be."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

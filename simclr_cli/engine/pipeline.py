@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simclr_cli.engine import memory
-from simclr_cli.engine.data import printable_path
+from simclr_cli.engine.images import printable_path
 from simclr_cli.engine.errors import BadImage, DataError
 
 log = logging.getLogger("simclr")

@@ -62,6 +62,10 @@ class LinearClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.fc((h.float() - self.mean) / self.std)  # (B, num_classes)
 
+# A fine-tuned encoder file keeps its linear head as these extra tensors (read by finetune and export).
+CLASSIFIER_WEIGHT = "classifier.weight"
+CLASSIFIER_BIAS = "classifier.bias"
+
 
 class Classifier(nn.Module):
     """features(x) -> linear head. With `frozen`, the features stay in eval mode and get no gradient, whatever

@@ -19,16 +19,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import badfiles, checkpoint, distributed, features, knn, memory, pipeline, plots, rundir, weights
+from simclr_cli.engine import badfiles, checkpoint, distributed, features, files, neighbours, memory, pipeline, plots, rundir, weights
+
+from simclr_cli.engine.tasks import knn
 from simclr_cli.engine.augment import AugmentConfig
-from simclr_cli.engine.data import (
-    DEFAULT_MAX_PIXELS,
-    NAMED_DATASETS,
-    EpochSampler,
-    LabelledSplits,
-    labelled_splits,
-    pretrain_dataset,
-)
+from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledSplits, labelled_splits, pretrain_dataset
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS
+from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.device import Runtime, available_cpus, resolve_device, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
@@ -516,7 +513,7 @@ class _Trainer:
     def write_metrics(self, record: dict[str, Any]) -> None:
         if not self.world.is_main:
             return
-        with checkpoint.writing(self.run_dir.metrics, kept="the lines already logged are intact"), \
+        with files.writing(self.run_dir.metrics, kept="the lines already logged are intact"), \
                 open(self.run_dir.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.events is not None:
@@ -600,7 +597,7 @@ class _Monitor:
 
     def __init__(self, cfg: PretrainConfig, splits: LabelledSplits):
         self.splits = splits
-        self.knn = knn.KnnConfig(k=(cfg.monitor.k or knn.default_k(len(splits.train)),), batch_size=256, workers=0)
+        self.knn = knn.KnnConfig(k=(cfg.monitor.k or neighbours.default_k(len(splits.train)),), batch_size=256, workers=0)
 
     @classmethod
     def open(cls, cfg: PretrainConfig) -> _Monitor:
@@ -672,7 +669,7 @@ def _start_files(run_dir: rundir.RunDir, config_dict: dict[str, Any], *, resumed
     """Rank 0's bookkeeping before the first step: the config of a new run, or the metrics a resume replays."""
     if resumed_from is None:
         text = yaml.safe_dump(config_dict, sort_keys=False)
-        checkpoint.atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        files.atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     else:
         _truncate_metrics(run_dir.metrics, after_step=resumed_from)
     if run_dir.root.parent.name == rundir.RUNS.name:
@@ -684,7 +681,7 @@ def _truncate_metrics(path: Path, *, after_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= after_step]
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
+    files.atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
 
 
 def _to_dict(cfg: PretrainConfig) -> dict[str, Any]:

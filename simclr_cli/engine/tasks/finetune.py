@@ -36,6 +36,8 @@ from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.engine.optim import LARS, scaled_lr
 from simclr_cli.engine.report import NoProgress, Progress
 from simclr_cli.engine.supervised import (
+    CLASSIFIER_BIAS,
+    CLASSIFIER_WEIGHT,
     Backbone,
     Classifier,
     LinearClassifier,
@@ -52,8 +54,6 @@ log = logging.getLogger("simclr")
 
 OPTIMIZERS = ("sgd", "lars")
 FINETUNED_FILE = "finetuned.safetensors"
-CLASSIFIER_WEIGHT = "classifier.weight"
-CLASSIFIER_BIAS = "classifier.bias"
 BASE_LR = {"sgd": 0.05, "lars": 0.005}  # v1 Appendix B.6 (x B/256); v2 (x sqrt(B))
 LR_SCALING = {"sgd": "linear", "lars": "sqrt"}
 

@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_cli.engine import memory, pipeline, pretrain
+from simclr_cli.engine import memory, pipeline
+
+from simclr_cli.engine.tasks import pretrain
 from simclr_cli.engine.augment import TwoViews
-from simclr_cli.engine.data import EpochSampler
+from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.device import Runtime, available_cpus, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.loss import nt_xent

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from simclr_cli.engine.checkpoint import EncoderInfo, atomic_write
+from simclr_cli.engine.checkpoint import EncoderInfo
+from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.features import open_encoder
-from simclr_cli.engine.finetune import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
+from simclr_cli.engine.supervised import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
 from simclr_cli.engine.model import ResNet
 
 log = logging.getLogger("simclr")
