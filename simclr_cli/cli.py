@@ -6,7 +6,6 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +45,7 @@ def pretrain(
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
+    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default, and for now the only one).")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
     image_size: options.ImageSize = None,
@@ -96,14 +96,13 @@ def pretrain(
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config
-        from simclr_cli.engine import rundir
-        from simclr_cli.engine.tasks import pretrain as task
         from simclr_cli.engine.errors import ConfigError
+        from simclr_cli.engine.tasks import pretrain as task
 
         flags = {
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
             "augment.image_size": image_size,
-            "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
+            "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
             "train.device": device, "train.precision": precision,
@@ -115,26 +114,21 @@ def pretrain(
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
-            out = (out or rundir.RUNS / rundir.LATEST).resolve()
-        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
+            out = config.resumed_run_folder(out)
+        cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
         procs = gpus or 1
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
             raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
-            cfg.resolved()  # report a bad config once, here, not once per worker
-            _check_gpu_count(cfg.train.device, procs)
-            out = (out or rundir.default_run_dir()).resolve()
-            command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
-                       *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
-            code = launcher.launch(command, config=config.to_dict(cfg), procs=procs, nodes=nodes, node_rank=node_rank,
-                                   master_addr=master_addr, master_port=master_port)
+            config.check_pretrain(cfg)  # report a bad config once, here, not once per worker
+            code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
+                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                                            say=console.print)
             if code:
                 raise typer.Exit(code)
             return
-        if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("pass --out when you start the processes yourself (torchrun, srun), so every process writes to one folder")
-        result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
-        if os.environ.get("RANK", "0") == "0":
+        result = task.run(cfg, out=out, resume=resume, overwrite=overwrite, progress=RichProgress())
+        if result is not None:  # the main process reports
             _report_pretrain(result)
 
 
@@ -169,6 +163,7 @@ def benchmark(
     with errors_as_messages(verbose=verbose):
         import json
 
+        from simclr_cli import config
         from simclr_cli.engine.tasks import benchmark as task
 
         flags = {
@@ -176,7 +171,7 @@ def benchmark(
             "train.compile": compile_, "train.device": device, "train.precision": precision, "data.workers": workers,
             "data.root": str(data_root) if data_root else None,
         }
-        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=None)
+        cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags)
         result = task.run(cfg, steps=steps, warmup=warmup, repeats=repeats, baseline=baseline,
                           report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
         if as_json:
@@ -200,26 +195,6 @@ def benchmark(
                  f"{r.baseline_data_views_per_s_per_core:,.0f} views/s — simclr is {r.data_speedup_per_core:.2f}x"),
             ]
         show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each, median of {r.repeats} round(s)", rows)
-
-
-def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
-    """The run's config: the one a --gpus parent resolved, or defaults < preset < --set < flags (a resumed
-    run's own config replacing defaults and preset)."""
-    from simclr_cli import config
-    from simclr_cli.engine import rundir
-    from simclr_cli.engine.errors import ConfigError
-    from simclr_cli.engine.tasks.pretrain import PretrainConfig
-
-    resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
-    if resolved_file:  # a worker started by --gpus
-        return config.from_dict(PretrainConfig, config.load_yaml(Path(resolved_file)))
-    saved = None
-    if resume_from is not None:
-        saved_file = rundir.RunDir(resume_from).config
-        if not saved_file.is_file():
-            raise ConfigError(f"{resume_from} has no config.yaml, so it is not a run folder to resume; check --out")
-        saved = config.load_yaml(saved_file)
-    return config.resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
 
 
 def _plot_embedding(result, *, method: str) -> None:
@@ -248,7 +223,7 @@ def _workers_or_group(gpus: int | None, device: str | None):
     if procs < 1:
         raise ConfigError(f"--gpus {procs} must be >= 1")
     if procs > 1 and not launcher.launched_externally():
-        _check_gpu_count(device or "auto", procs)
+        launcher.check_gpu_count(device or "auto", procs, say=console.print)
         code = launcher.launch(sys.argv[1:], procs=procs)
         if code:
             raise typer.Exit(code)
@@ -261,17 +236,6 @@ def _workers_or_group(gpus: int | None, device: str | None):
         yield world
     finally:
         distributed.shutdown()
-
-
-def _check_gpu_count(device: str, procs: int) -> None:
-    import torch
-
-    from simclr_cli.engine.errors import ConfigError
-
-    if device in ("auto", "cuda") and torch.cuda.is_available() and procs > torch.cuda.device_count():
-        raise ConfigError(f"--gpus {procs} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many")
-    if device == "auto" and not torch.cuda.is_available():
-        console.print(f"no GPU found: starting {procs} CPU processes (gloo)")
 
 
 def _report_pretrain(result) -> None:
@@ -317,9 +281,9 @@ def _pretraining_dataset(encoder) -> str | None:
 
 
 def _workers(workers: int | None, rt) -> int:
-    from simclr_cli.engine.tasks.pretrain import default_workers
+    from simclr_cli.engine.defaults import resolve_workers
 
-    return workers if workers is not None else default_workers(rt.device, decoding=True)  # eval decodes with PIL
+    return resolve_workers(workers, rt.device)  # eval decodes with PIL
 
 
 def _finish_eval(result, *, data: str, out_dir: Path, title: str, rows: list[tuple[str, str]]) -> None:
@@ -627,6 +591,7 @@ def info(
             return
         rows = [
             ("kind", described.kind),
+            ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
                              f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),

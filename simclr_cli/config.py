@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.plain import to_plain
 
 T = TypeVar("T")
 
@@ -110,15 +111,6 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain, YAML/JSON-ready data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -166,9 +158,6 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-# Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
-NATIVE_IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
-DEFAULT_IMAGE_SIZE = 224
 DEMO_PRESET = "demo"
 
 
@@ -193,15 +182,15 @@ def resolve_pretrain(
 
     `saved` (a resumed run's own config) replaces defaults and preset, so a resume changes only what is typed.
     """
-    from simclr_cli.engine.tasks.pretrain import PretrainConfig  # lazy: keeps `simclr --help` free of torch
+    from simclr_cli.engine import defaults
+    from simclr_cli.engine.configs import PretrainConfig  # lazy: keeps `simclr --help` free of torch
 
     if saved is not None:
         if preset is not None:
             raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its own config")
         base = saved
     else:
-        base = to_dict(PretrainConfig())
-        base["augment"]["image_size"] = NATIVE_IMAGE_SIZES.get(data or "digits", DEFAULT_IMAGE_SIZE)
+        base = merge(to_plain(PretrainConfig()), defaults.for_data(data))
         if preset is None and data is None:
             preset = DEMO_PRESET
         if preset is not None:
@@ -210,3 +199,37 @@ def resolve_pretrain(
     if data is not None:
         merged = merge(merged, {"data": {"source": data}})
     return from_dict(PretrainConfig, merged)
+
+
+def pretrain_config(*, data: str | None, preset: str | None, sets: list[str] | None, flags: dict[str, Any],
+                    resume_from: Path | None = None):
+    """The run's config: the one a --gpus parent resolved, or defaults < preset < --set < flags (a resumed
+    run's own config replacing defaults and preset)."""
+    from simclr_cli import launcher
+    from simclr_cli.engine.configs import PretrainConfig
+    from simclr_cli.engine.rundir import RunDir
+
+    resolved_file = launcher.resolved_config_file()
+    if resolved_file is not None:  # a worker started by --gpus
+        return from_dict(PretrainConfig, load_yaml(resolved_file))
+    saved = None
+    if resume_from is not None:
+        saved_file = RunDir(resume_from).config
+        if not saved_file.is_file():
+            raise ConfigError(f"{resume_from} has no config.yaml, so it is not a run folder to resume; check --out")
+        saved = load_yaml(saved_file)
+    return resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
+
+
+def resumed_run_folder(out: Path | None) -> Path:
+    """The run folder --resume continues: --out, or runs/latest."""
+    from simclr_cli.engine import rundir
+
+    return (out or rundir.RUNS / rundir.LATEST).resolve()
+
+
+def check_pretrain(cfg) -> None:
+    """Raise the ConfigError a pretraining run would, without running it (what needs no machine or data)."""
+    from simclr_cli.engine import defaults
+
+    defaults.resolve_sizes(cfg)

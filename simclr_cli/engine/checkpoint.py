@@ -220,11 +220,13 @@ class EncoderInfo:
     config: dict[str, Any]
     epoch: int
     step: int
+    method: str = "simclr"  # the pretraining method that trained it (files from before methods existed: SimCLR)
     extra: dict[str, Any] = field(default_factory=dict)  # what a later stage added (e.g. fine-tuning's classifier)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 EXTRA = "extra/"
+METHOD_STATE = "method/"  # a training state's tensors beyond the modules' own (a queue's position, say)
 
 
 def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
@@ -235,6 +237,7 @@ def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
         "config": info.config,
         "epoch": info.epoch,
         "step": info.step,
+        "method": info.method,
         "extra": info.extra,
     }
     tensors = dict(model.state_dict())
@@ -277,6 +280,7 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
             config=meta["config"],
             epoch=meta["epoch"],
             step=meta["step"],
+            method=meta.get("method", "simclr"),
             extra=dict(meta.get("extra", {})),
             extra_tensors={k.removeprefix(EXTRA): v for k, v in loaded.tensors.items() if k.startswith(EXTRA)},
         )
@@ -286,6 +290,8 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
             value = getattr(info, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} {value!r} is not a whole number >= 0")
+        if not isinstance(info.method, str):
+            raise TypeError(f"method is a {type(info.method).__name__}, not text")
         if not isinstance(info.config, dict):
             raise TypeError(f"config is a {type(info.config).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
@@ -305,22 +311,27 @@ def save_train_state(
     epoch: int,
     config: dict[str, Any],
     elapsed: float,
+    method: str = "simclr",
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything `--resume` needs to continue exactly where this step left off."""
+    """Everything `--resume` needs to continue exactly where this step left off; `extra` is the method's own state."""
     names = {param: name for name, param in model.named_parameters()}
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"{METHOD_STATE}{k}": v for k, v in (extra or {}).items()})
     tensors.update(optimizer_tensors(optimizer, names))
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "epoch": epoch, "elapsed": elapsed, "config": config, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+    meta = {"step": step, "epoch": epoch, "elapsed": elapsed, "method": method, "config": config, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
     save(path, tensors, kind=TRAIN_STATE, meta=meta)
 
 
 def load_train_state(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config).
+    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config), with the
+    method's own state (checked against `extra`, the state it has now) under "extra".
 
     Everything is checked before anything is changed: a file refused here leaves model, optimiser, scaler and
     RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly.
@@ -334,8 +345,10 @@ def load_train_state(
             raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
     weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
     check_state_dict(model.state_dict(), weights, source=path)
+    method_state = {k.removeprefix(METHOD_STATE): v for k, v in loaded.tensors.items() if k.startswith(METHOD_STATE)}
+    check_state_dict(dict(extra or {}), method_state, source=path)
     buffers = {k: v for k, v in loaded.tensors.items() if k.startswith("optim/")}
-    check_finite({**weights, **buffers}, source=path)
+    check_finite({**weights, **buffers, **method_state}, source=path)
     rng = {name: loaded.tensors.get(f"rng/{name}") for name in ("torch", "cuda")}
     _check_rng_state(rng["torch"], torch.get_rng_state(), name="rng/torch", source=path)
     if torch.cuda.is_available():
@@ -360,7 +373,7 @@ def load_train_state(
         torch.cuda.set_rng_state(rng["cuda"])
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
-    return meta
+    return {**meta, "extra": method_state}
 
 
 def _check_rng_state(state: torch.Tensor | None, current: torch.Tensor, *, name: str, source: Path) -> None:

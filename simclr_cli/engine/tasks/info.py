@@ -44,6 +44,7 @@ class EvalRecord:
 class CheckpointInfo:
     path: Path
     kind: str  # "encoder" or "fine-tuned" (info.extra says task finetune)
+    method: str  # the pretraining method that trained the encoder
     architecture: str
     width: float
     stem: str
@@ -72,6 +73,7 @@ class CheckpointInfo:
         return {
             "path": str(self.path),
             "kind": self.kind,
+            "method": self.method,
             "architecture": self.architecture,
             "width": self.width,
             "stem": self.stem,
@@ -106,6 +108,7 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     return CheckpointInfo(
         path=checkpoint,
         kind=FINE_TUNED if fine_tuned else ENCODER,
+        method=info.method,
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),

@@ -1,0 +1,393 @@
+"""The method-agnostic pretraining loop: data in, the method's loss, the optimiser step, and the run's bookkeeping
+(logging, the non-finite guard, stop signals, the kNN monitor, checkpoints). SimCLR §2.1, Algorithm 1, with the
+method (engine/methods/) supplying the views it needs, the modules it trains and its loss.
+
+`fit` assembles a run from a resolved config; `Trainer` runs its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, pipeline, plots, resume, rundir, weights
+from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import ConfigError, NonFiniteLoss, Stopped
+from simclr_cli.engine.methods.base import Crops, Method
+from simclr_cli.engine.metrics import MetricsLog, require_tensorboard
+from simclr_cli.engine.monitor import Monitor
+from simclr_cli.engine.optim import Schedule, build_optimizer, scaled_lr
+from simclr_cli.engine.plain import to_plain
+from simclr_cli.engine.report import Progress, StepStats
+from simclr_cli.engine.sampler import EpochSampler
+from simclr_cli.engine.signals import StopRequest, stop_requests
+from simclr_cli.engine.views import BatchViews
+
+log = logging.getLogger("simclr")
+
+NONFINITE_POLICIES = ("abort", "skip")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "simclr"  # the pretraining method (engine/methods/): the views, modules and loss the trainer runs
+    batch_size: int | None = None  # the GLOBAL batch N (2N views a step); None = 256 on a GPU, 64 on a CPU, at most the dataset
+    epochs: int = 100
+    max_steps: int | None = None  # stop (and end the schedule) after this many steps
+    temperature: float = 0.1  # tau (SimCLR Table 5: 0.1 at batch 4096 on ImageNet, 0.5 on CIFAR)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int | None = None  # steps between checkpoints; None = at the end of every epoch
+    keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
+    log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
+    sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
+    init: str | None = None  # start from these weights (not their optimiser state); see engine/weights.py
+    tensorboard: bool = False  # also log metrics as TensorBoard events in <run>/tensorboard (needs tensorboard)
+    compile: bool = False  # torch.compile the model: faster steps after a compile of a minute or more
+    on_nonfinite: str = "abort"  # abort: stop, saving nothing from the bad step on; skip: drop that update and go on
+    max_skips: int = 10  # with on_nonfinite=skip: stop after this many updates in a row were dropped
+
+    def validate(self) -> None:
+        methods.check_name(self.method)
+        for name in ("epochs", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} {getattr(self, name)} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ConfigError("train.batch_size must be >= 2: NT-Xent needs other images in the batch as negatives")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(NONFINITE_POLICIES)}")
+        if self.max_skips < 1:
+            raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_dir: Path
+    encoder: Path
+    steps: int
+    epochs_done: float
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    resumed_from: int | None
+    named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
+
+
+def source_images(cfg):
+    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit)."""
+    return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
+                            max_pixels=cfg.data.max_image_pixels or None)
+
+
+def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
+        held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
+    """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
+    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
+    images = source_images(cfg)
+    cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
+    batch = cfg.train.batch_size
+    monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
+    if cfg.train.tensorboard:
+        require_tensorboard()  # a missing package too
+    run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
+    run_dir = run_dir or rundir.RunDir(out)
+    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
+    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
+                                        workers=defaults.resolve_workers(cfg.data.workers, rt.device))
+    workers = defaults.resolve_workers(cfg.data.workers, rt.device, decoding=pixels.decoding)
+    cfg = replace(cfg, data=replace(cfg.data, workers=workers))
+    config_dict = to_plain(cfg)
+
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
+    method = methods.build(cfg, processes=world.world_size)
+    _check_views(method.crops(), image_size=cfg.augment.image_size, method=method.name)
+    if cfg.train.init and not resume_run:  # a resumed run's weights come from its checkpoint
+        report = weights.init_encoder(method.network, Path(cfg.train.init).expanduser())
+        log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
+                 ", projection head included" if report.head_loaded else "")
+        if report.note:
+            log.warning("%s", report.note)
+    method.modules = method.modules.to(rt.device)
+    if world.world_size > 1 and cfg.train.sync_bn:
+        method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)
+    if rt.channels_last:
+        method.modules = method.modules.to(memory_format=torch.channels_last)
+    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
+    optimizer = build_optimizer(method.modules, cfg.optim, lr=peak_lr)
+    scaler = rt.grad_scaler()
+    schedule = Schedule.fit(peak_lr=peak_lr, steps_per_epoch=len(images) // batch, epochs=cfg.train.epochs,
+                            max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
+
+    step, elapsed_before, resumed_from = 0, 0.0, None
+    if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
+        meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler)
+        step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
+    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
+    net = method.modules  # what the step runs through; `method.modules` stays the plain module that is saved
+    if world.world_size > 1:
+        device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=device_ids)
+    if cfg.train.compile:
+        net = torch.compile(net)  # compiles at the first step
+
+    sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
+    bad = badfiles.BadFiles(on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction,
+                            max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
+    for folder, reason in getattr(images, "skipped_folders", ()):
+        bad.add_folder(folder, reason)
+    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=workers,
+                             pin_memory=rt.device.type == "cuda")
+    log.info(
+        "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
+        "peak lr %.4g, %s on %s, %d data workers%s%s",
+        cfg.model.arch, method.name, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
+        schedule.total_steps, schedule.steps_per_epoch, peak_lr, rt.precision, rt.device, workers,
+        f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
+        ", compiled" if cfg.train.compile else "",
+    )
+    info = checkpoint.EncoderInfo(model=cfg.model, image_size=cfg.augment.image_size, mean=cfg.augment.mean,
+                                  std=cfg.augment.std, interpolation=cfg.augment.interpolation, config=config_dict,
+                                  epoch=0, step=0, method=method.name)
+    metrics = None
+    if world.is_main:
+        metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
+    trainer = Trainer(
+        cfg.train, method=method, net=net, views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer,
+        scaler=scaler, schedule=schedule, rt=rt, world=world, run_dir=run_dir, info=info, metrics=metrics,
+        monitor=monitor, bad=bad, num_images=len(images), progress=progress, elapsed_before=elapsed_before,
+    )
+    progress.start(total_steps=schedule.total_steps, completed=step, description="pretrain")
+    try:
+        with stop_requests() as requested:
+            step = trainer.train(loader, sampler, start_step=step, stop=requested)
+    finally:
+        progress.stop()
+        if metrics is not None:
+            metrics.close()
+    if bad.files or bad.folders:
+        log.warning("%s", bad.summary())
+    return PretrainResult(
+        run_dir=run_dir.root, encoder=run_dir.encoder, steps=step, epochs_done=step / schedule.steps_per_epoch,
+        first_loss=trainer.first_loss, last_loss=trainer.last_loss, seconds=trainer.elapsed(), resumed_from=resumed_from,
+        named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
+    )
+
+
+def _check_views(crops: tuple[Crops, ...], *, image_size: int, method: str) -> None:
+    """The batched views make two crops of every image at augment.image_size; a method asking for others needs more."""
+    if crops != (Crops(count=2, size=image_size),):
+        raise ConfigError(f"method {method} asks for views {crops}; the view pipeline makes 2 crops at {image_size} px")
+
+
+def forward_backward(method: Method, net, views: list[torch.Tensor], *, rt: Runtime, optimizer, scaler) -> torch.Tensor:
+    """The method's loss on ready views and its gradients; the update is the caller's."""
+    net.train()
+    loss = method.loss(net, views, rt=rt)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    return loss.detach()
+
+
+class Trainer:
+    """The step loop and its bookkeeping (logging, non-finite guard, monitor, checkpoints, stop requests)."""
+
+    def __init__(self, cfg: TrainConfig, *, method: Method, net, views: BatchViews, optimizer, scaler, schedule: Schedule,
+                 rt: Runtime, world: distributed.World, run_dir: rundir.RunDir, info: checkpoint.EncoderInfo,
+                 metrics: MetricsLog | None, monitor: Monitor | None, bad: badfiles.BadFiles, num_images: int,
+                 progress: Progress, elapsed_before: float = 0.0):
+        self.cfg, self.method, self.net, self.views = cfg, method, net, views
+        self.optimizer, self.scaler, self.schedule = optimizer, scaler, schedule
+        self.rt, self.world, self.run_dir, self.info = rt, world, run_dir, info
+        self.metrics, self.monitor, self.progress = metrics, monitor, progress
+        self.bad, self.num_images, self.drawn = bad, num_images, 0
+        self.skips = 0  # updates dropped in a row (on_nonfinite=skip)
+        self.started, self.elapsed_before = time.perf_counter(), elapsed_before
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        # First step whose loss was not finite, kept on the device so the step never waits on the host.
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int, stop: StopRequest) -> int:
+        step, per_epoch, total = start_step, self.schedule.steps_per_epoch, self.schedule.total_steps
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        while step < total:
+            epoch = step // per_epoch
+            sampler.set_epoch(epoch, start_batch=step - epoch * per_epoch)
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                try:
+                    batch = next(batches, None)  # the time spent here is the time the model waits for data
+                except RuntimeError:  # a worker ended by the same SIGTERM that asked us to stop
+                    if stop.signal is None:
+                        raise
+                    self.stop_here(stop, step=step, epoch=epoch)
+                window_wait += time.perf_counter() - waited
+                if batch is None:
+                    break
+                self.report_skipped(batch.skipped)
+                lr = self.schedule.lr(step)
+                loss = self.step(batch, lr=lr, step=step, epoch=epoch)
+                step += 1
+                window_steps += 1
+                last = step == total
+                if step % self.cfg.log_every == 0 or last or step % per_epoch == 0:
+                    now = time.perf_counter()
+                    seconds = max(now - window_start, 1e-9)
+                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=window_steps * self.cfg.batch_size / seconds,
+                             data_wait=min(1.0, window_wait / seconds))
+                    window_start, window_steps, window_wait = now, 0, 0.0
+                # the kNN check first, so the plots drawn when saving include it
+                if self.monitor and self.world.is_main and self.monitor.due(step, steps_per_epoch=per_epoch, last=last):
+                    record = self.monitor.check(self.method.network, self.encoder_info(step=step, epoch=epoch), rt=self.rt)
+                    self.write_metrics({"step": step, "epoch": epoch, **record, "time": round(self.elapsed(), 3)})
+                if self.checkpoint_due(step) or last:
+                    self.save(step=step, epoch=epoch)
+                if last:
+                    break
+                if self.stop_agreed(stop, step=step):
+                    self.stop_here(stop, step=step, epoch=epoch)
+        return step
+
+    def step(self, batch: pipeline.PixelBatch, *, lr: float, step: int, epoch: int) -> torch.Tensor:
+        """One optimisation step on a batch of N images; returns the loss without syncing the host."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
+        x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
+        x = x.contiguous(memory_format=memory_format)
+        loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
+        if self.cfg.on_nonfinite == "skip" and not self.update_is_finite(loss, step=step):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(step=step + 1)
+        finite = torch.isfinite(loss)
+        # numbered like metrics.jsonl: step k is the k-th update
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step + 1, self.bad_step)  # no host round trip
+        return loss
+
+    def update_is_finite(self, loss: torch.Tensor, *, step: int) -> bool:
+        """on_nonfinite=skip: every process checks its loss and gradients, and all drop the update if any is bad."""
+        grads = [p.grad for p in self.method.modules.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        bad = int(distributed.all_reduce_max((~finite).to(torch.int64)).item())  # one host sync per step, in skip mode only
+        if not bad:
+            self.skips = 0
+            return True
+        self.skips += 1
+        log.warning("step %d: the loss or gradients are NaN/inf; update dropped (%d in a row, at most %d)",
+                    step + 1, self.skips, self.cfg.max_skips)
+        if self.skips >= self.cfg.max_skips:
+            raise NonFiniteLoss(step + 1, what=f"the loss or gradients ({self.skips} updates in a row)")
+        return False
+
+    def report_skipped(self, skipped: list[pipeline.Skipped]) -> None:
+        """Name the images a batch replaced, and stop if most of what was drawn so far is unreadable."""
+        self.drawn += self.cfg.batch_size // self.world.world_size + len(skipped)
+        for item in skipped:
+            self.bad.add(item.path, item.reason)
+        if skipped:
+            self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
+
+    def stop_agreed(self, stop: StopRequest, *, step: int) -> bool:
+        """Whether every process has been asked to stop. One process checks after every step; several check
+        at logging steps, which already wait for each other, so the step itself never waits on the host."""
+        if self.world.world_size == 1:
+            return stop.signal is not None
+        if step % self.cfg.log_every:
+            return False
+        flag = torch.tensor(0 if stop.signal is None else int(stop.signal), device=self.rt.device)
+        agreed = int(distributed.all_reduce_max(flag).item())
+        if agreed and stop.signal is None:
+            stop.signal = agreed
+        return bool(agreed)
+
+    def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
+        """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
+        if not self.checkpoint_due(step):
+            self.save(step=step, epoch=epoch)
+        name = signal.Signals(stop.signal).name
+        self.write_metrics({"step": step, "epoch": epoch, "event": f"stopped by {name}", "time": round(self.elapsed(), 3)})
+        raise Stopped(
+            f"stopped by {name} at step {step}/{self.schedule.total_steps}; saved {self.run_dir.checkpoint(step)}. "
+            f"Continue with: simclr pretrain --resume --out {self.run_dir.root}",
+            signal_number=stop.signal,
+        )
+
+    def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
+        """What the encoder file says about the network being trained: architecture, eval transform, config, method."""
+        return replace(self.info, step=step, epoch=epoch)
+
+    def check_finite(self) -> None:
+        """Stop if any rank saw a non-finite loss; every rank calls this at the same steps, so all stop together."""
+        bad = int(distributed.all_reduce_max(self.bad_step).item())
+        if bad >= 0:
+            raise NonFiniteLoss(bad)
+
+    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
+        self.check_finite()
+        value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
+        if not math.isfinite(value):
+            value = None  # a dropped update (on_nonfinite=skip); JSON has no NaN
+        elif self.first_loss is None:
+            self.first_loss = value
+        if value is not None:
+            self.last_loss = value
+        self.write_metrics({"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
+                            "images_per_s": round(images_per_s, 2), "data_wait": round(data_wait, 4),
+                            "rss_mb": round(memory.resident_mb(), 1)})
+        self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.schedule.total_steps, loss=value, lr=lr,
+                                       images_per_s=images_per_s, data_wait=data_wait))
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint_every
+        return step % every == 0 if every else step % self.schedule.steps_per_epoch == 0
+
+    def save(self, *, step: int, epoch: int) -> None:
+        """Training state for --resume, then the encoder file the other commands read; never non-finite."""
+        self.check_finite()
+        if not self.world.is_main:
+            return  # every rank holds the same weights; one writes them
+        path = self.run_dir.checkpoint(step)
+        checkpoint.save_train_state(
+            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            config=self.info.config, elapsed=self.elapsed(), method=self.method.name, extra=self.method.extra_state(),
+        )
+        for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        log.debug("saved %s and %s", path, self.run_dir.encoder)
+        if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
+            plots.plot_run(self.run_dir.root)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
