@@ -5,7 +5,6 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -197,45 +196,21 @@ def benchmark(
         show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each, median of {r.repeats} round(s)", rows)
 
 
-def _plot_embedding(result, *, method: str) -> None:
-    import numpy as np
-
-    from simclr_cli.engine import index, plots
-
-    vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)
-    names = index.read_paths(result.paths_file)
-    # images in subfolders are coloured by their top-level folder (a class-per-folder tree shows its classes)
-    labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
-    path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
-                                thumbnails=[result.folder / name for name in names], method=method)
-    console.print(f"map: {path}")
-
-
-@contextlib.contextmanager
-def _workers_or_group(gpus: int | None, device: str | None):
-    """With --gpus N (and no launcher around us), start N workers running this same command and yield None;
-    otherwise join the process group the environment describes (none for one process) and yield its World."""
-    from simclr_cli.engine import distributed
-    from simclr_cli.engine.device import resolve_device
+def _launched(gpus: int | None, device: str | None) -> bool:
+    """With --gpus N (and no launcher around us), run this same command in N worker processes and return True;
+    otherwise False: this process does the work (joining the process group the environment describes)."""
     from simclr_cli.engine.errors import ConfigError
 
     procs = gpus or 1
     if procs < 1:
         raise ConfigError(f"--gpus {procs} must be >= 1")
-    if procs > 1 and not launcher.launched_externally():
-        launcher.check_gpu_count(device or "auto", procs, say=console.print)
-        code = launcher.launch(sys.argv[1:], procs=procs)
-        if code:
-            raise typer.Exit(code)
-        yield None
-        return
-    world = distributed.from_environment()
-    distributed.init(world, device_type=resolve_device(device or "auto").type)
-    distributed.setup_logging_filter(world)
-    try:
-        yield world
-    finally:
-        distributed.shutdown()
+    if procs == 1 or launcher.launched_externally():
+        return False
+    launcher.check_gpu_count(device or "auto", procs, say=console.print)
+    code = launcher.launch(sys.argv[1:], procs=procs)
+    if code:
+        raise typer.Exit(code)
+    return True
 
 
 def _report_pretrain(result) -> None:
@@ -252,50 +227,21 @@ def _report_pretrain(result) -> None:
         console.print(f"  simclr {command}", highlight=False, soft_wrap=True)
 
 
-def _open_for_eval(
-    checkpoint: Path | None, *, random_init: bool, seed: int, data: str | None, train: Path | None, val: Path | None,
-    data_root: Path | None, download: bool, device: str | None, precision: str | None,
-):
-    """The pieces every evaluation needs: the encoder (or its random-init twin), labelled splits, the runtime."""
-    from simclr_cli.engine import datasets, device as devices, features, rundir
-
-    path = rundir.resolve_checkpoint(checkpoint)
-    console.print(f"checkpoint: {path}{' (architecture only: --random-init)' if random_init else ''}")
-    encoder = features.open_encoder(path, random_init=random_init, seed=seed)
-    if data is None and train is None:
-        data = _pretraining_dataset(encoder)
-    splits = datasets.labelled_splits(data, train=train, val=val, root=data_root, download=download)
-    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-    return path, encoder, splits, rt
-
-
-def _pretraining_dataset(encoder) -> str | None:
-    """The named dataset the encoder was pretrained on: the natural default for evaluating it."""
-    from simclr_cli.engine.datasets import NAMED_DATASETS
-
-    source = (encoder.info.config.get("data") or {}).get("source")
-    if source in NAMED_DATASETS:
-        console.print(f"data: {source} (the encoder's pretraining data; pass --data to choose)")
-        return source
-    return None
-
-
-def _workers(workers: int | None, rt) -> int:
-    from simclr_cli.engine.defaults import resolve_workers
-
-    return resolve_workers(workers, rt.device)  # eval decodes with PIL
-
-
-def _finish_eval(result, *, data: str, out_dir: Path, title: str, rows: list[tuple[str, str]]) -> None:
-    from simclr_cli.engine.results import write_results
-
-    path = write_results(out_dir, {**result.to_dict(), "data": data})
+def _show_evaluation(done, *, title: str, rows: list[tuple[str, str]]) -> None:
     show_table(title, rows)
-    console.print(f"results: {path}")
+    console.print(f"results: {done.results_file}")
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _eval_flags(*, data, train, val, data_root, download, random_init, batch_size, workers, seed, device, precision) -> dict:
+    """The options every labelled evaluation shares, as config keys (None: not given)."""
+    return {"data": data, "train": str(train) if train else None, "val": str(val) if val else None,
+            "data_root": str(data_root) if data_root else None, "download": download,
+            "random_init": random_init or None, "batch_size": batch_size, "workers": workers, "seed": seed,
+            "device": device, "precision": precision}
 
 
 @app.command("linear-eval")
@@ -304,12 +250,13 @@ def linear_eval(
     data: options.Data = None,
     train: options.TrainDir = None,
     val: options.ValDir = None,
-    protocol: Annotated[str, typer.Option(help="cached: a linear layer trained to convergence (L-BFGS) on features computed once (fast, standard). "
-                                          "paper: SimCLR's protocol, SGD with crop + flip for 90/100 epochs.")] = "cached",
+    protocol: Annotated[str | None, typer.Option(help="cached (default): a linear layer trained to convergence (L-BFGS) on features "
+                                                 "computed once (fast, standard). paper: SimCLR's protocol, SGD with crop + flip "
+                                                 "for 90/100 epochs.")] = None,
     layer: options.Layer = None,
     epochs: options.Epochs = None,
     lr: options.Lr = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.LinearEvalBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -317,35 +264,32 @@ def linear_eval(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: options.EvalOut = None,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Linear evaluation: a linear classifier on the frozen encoder's features; reports top-1/top-5 on val."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import rundir
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
         from simclr_cli.engine.tasks import linear_eval as task
 
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        cfg = task.LinearEvalConfig(protocol=protocol, layer=layer or "encoder", epochs=epochs, seed=seed or 0,
-                                    batch_size=batch_size or 256, workers=_workers(workers, rt))
-        if lr is not None:
-            cfg.lr = lr
-        out_dir = out or rundir.default_eval_dir(path, "linear-eval")
-        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
-                          out_dir=out_dir, progress=RichProgress() if world.is_main else None)
-        if not world.is_main:
+        flags = {"protocol": protocol, "layer": layer, "epochs": epochs, "lr": lr, **_eval_flags(
+            data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("linear_eval", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"linear eval ({result.protocol}) on {splits.name}", rows=[
-            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
-            ("train / val images", f"{result.train_images} / {result.val_images}"), ("classifier", str(result.classifier)),
-            ("confusion matrix", str(result.confusion_plot or "in results.json (install matplotlib for a picture)")),
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        _show_evaluation(done, title=f"linear eval ({r.protocol}) on {done.data}", rows=[
+            ("top-1", _pct(r.top1)), ("top-5", _pct(r.top5)),
+            ("train / val images", f"{r.train_images} / {r.val_images}"), ("classifier", str(r.classifier)),
+            ("confusion matrix", str(r.confusion_plot or "in results.json (install matplotlib for a picture)")),
         ])
 
 
@@ -357,11 +301,11 @@ def knn(
     val: options.ValDir = None,
     k: Annotated[str | None, typer.Option("-k", "--k", help="Neighbours, one or several in one pass: -k 10,20,200. "
                                           "Default 200 (20 below 10,000 training images), or 5 for retrieval.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = 0.1,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = None,
     index: Annotated[Path | None, typer.Option("--index", help="Retrieval mode: a .npy written by `simclr embed`.")] = None,
     query: Annotated[Path | None, typer.Option("--query", help="Retrieval mode: an image or a folder of images to look up in --index.")] = None,
     layer: options.Layer = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.ExtractBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -369,6 +313,8 @@ def knn(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Evaluation: results folder (default <checkpoint folder>/eval/knn-<timestamp>/). "
                                              "Retrieval: a .csv or .json file for the matches (default: a table).")] = None,
     gpus: options.Procs = None,
@@ -376,36 +322,43 @@ def knn(
 ) -> None:
     """Weighted kNN accuracy of the encoder's features (Wu et al. 2018), or nearest-image retrieval with --index/--query."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import rundir
-        from simclr_cli.engine import neighbours
-        from simclr_cli.engine.tasks import knn as task
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
         from simclr_cli.engine.errors import ConfigError
 
         ks = _parse_ks(k)
         if (index is None) != (query is None):
             raise ConfigError("retrieval needs both --index VECS.npy and --query IMAGE_OR_DIR")
         if index is not None:
-            if world.world_size > 1:
-                raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
-            _retrieve(checkpoint, index=index, query=query, k=ks[0] if ks else 5, layer=layer, batch_size=batch_size,
-                      device=device, precision=precision, workers=workers, out=out)
+            from simclr_cli.engine.tasks import retrieval
+
+            flags = {"k": ks[0] if ks else None, "layer": layer, "batch_size": batch_size, "workers": workers,
+                     "device": device, "precision": precision}
+            cfg = config.resolve_task("retrieval", preset=preset, sets=set_, flags=flags)
+            if _launched(gpus, cfg.device):
+                return
+            matches = retrieval.run(cfg, index=index, query=query, checkpoint=checkpoint, out=out)
+            if out is not None:
+                console.print(f"matches: {out}")
+                return
+            for match in matches:
+                show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
             return
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        cfg = task.KnnConfig(k=ks or (neighbours.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
-                             batch_size=batch_size or 256, workers=_workers(workers, rt))
-        out_dir = out or rundir.default_eval_dir(path, "knn")
-        result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress() if world.is_main else None)
-        if not world.is_main:
+        from simclr_cli.engine.tasks import knn as task
+
+        flags = {"k": ks or None, "temperature": temperature, "layer": layer, **_eval_flags(
+            data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("knn", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in result.scores]
-        rows.append(("train / val images", f"{result.train_images} / {result.val_images}"))
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"kNN (T={temperature}) on {splits.name}", rows=rows)
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in r.scores]
+        rows.append(("train / val images", f"{r.train_images} / {r.val_images}"))
+        _show_evaluation(done, title=f"kNN (T={r.temperature}) on {done.data}", rows=rows)
 
 
 def _parse_ks(text: str | None) -> tuple[int, ...]:
@@ -419,42 +372,23 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
         raise ConfigError(f"-k {text!r} is not a list of whole numbers; write e.g. -k 20 or -k 10,20,200") from None
 
 
-def _retrieve(checkpoint, *, index: Path, query: Path, k: int, layer, batch_size, device, precision, workers, out) -> None:
-    """Embed the query images with the index's encoder and layer, then list each one's nearest indexed images."""
-    from simclr_cli.engine import device as devices, features, index as vectors, rundir
-    from simclr_cli.engine.tasks import retrieval
-
-    meta = vectors.read_metadata(index)
-    path = checkpoint or (Path(meta["checkpoint"]) if meta.get("checkpoint") else rundir.resolve_checkpoint(None))
-    encoder = features.open_encoder(path)
-    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-    matches = retrieval.search(
-        encoder, index=index, query=query, k=k, layer=layer or meta.get("layer", "encoder"), batch_size=batch_size or 256,
-        workers=_workers(workers, rt), rt=rt,
-    )
-    if out is not None:
-        retrieval.write_matches(matches, out)
-        console.print(f"matches: {out}")
-        return
-    for match in matches:
-        show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
-
-
 @app.command()
 def finetune(
     checkpoint: options.Checkpoint = None,
     data: options.Data = None,
     train: options.TrainDir = None,
     val: options.ValDir = None,
-    label_fraction: Annotated[float, typer.Option(help="Class-balanced fraction of the training labels: 0.01 and 0.1 are the paper's settings.")] = 1.0,
+    label_fraction: Annotated[float | None, typer.Option(help="Class-balanced fraction of the training labels: 0.01 and 0.1 are "
+                                                         "the paper's settings (default 1).")] = None,
     label_file: Annotated[Path | None, typer.Option(help="Train only on the images this file lists (one path a line, relative to the train "
                                                    "folder), e.g. the published ImageNet 1%/10% subsets.")] = None,
-    from_head_layer: Annotated[int, typer.Option(help="0: fine-tune from h (v1); 1: through the first projection-head layer (SimCLRv2).")] = 0,
-    optimizer: Annotated[str, typer.Option(help="sgd (v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = "sgd",
+    from_head_layer: Annotated[int | None, typer.Option(help="0 (default): fine-tune from h (v1); 1: through the first projection-head "
+                                                        "layer (SimCLRv2).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd (default; v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = None,
     init: options.Init = None,
     epochs: options.Epochs = None,
     lr: options.Lr = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.FinetuneBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -462,36 +396,31 @@ def finetune(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: options.EvalOut = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
-        from simclr_cli.engine import rundir
+        from simclr_cli import config
         from simclr_cli.engine.tasks import finetune as task
 
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        if init is not None:  # the checkpoint gives the architecture and transform, --init the starting weights
-            from simclr_cli.engine import weights
-
-            report = weights.init_encoder(encoder.model, init)
-            console.print(f"initialised from {report.source} ({report.layout}): {report.loaded} tensors")
-            if report.note:
-                console.print(f"[yellow]note:[/] {report.note}", highlight=False)
-        cfg = task.FinetuneConfig(label_fraction=label_fraction, label_file=label_file, from_head_layer=from_head_layer,
-                                  epochs=epochs, batch_size=batch_size or 256, optimizer=optimizer, lr=lr, seed=seed or 0,
-                                  workers=_workers(workers, rt))
-        out_dir = out or rundir.default_eval_dir(path, "finetune")
-        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
-                          out_dir=out_dir, progress=RichProgress(), train_root=train)
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"fine-tuning on {splits.name}", rows=[
-            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
-            ("labelled / train images", f"{result.labelled_images} / {result.train_images}"),
-            ("val images", str(result.val_images)), ("model", str(result.finetuned)),
+        flags = {"label_fraction": label_fraction, "label_file": str(label_file) if label_file else None,
+                 "from_head_layer": from_head_layer, "optimizer": optimizer, "init": str(init) if init else None,
+                 "epochs": epochs, "lr": lr, **_eval_flags(
+                     data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+                     batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("finetune", preset=preset, sets=set_, flags=flags)
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        _show_evaluation(done, title=f"fine-tuning on {done.data}", rows=[
+            ("top-1", _pct(r.top1)), ("top-5", _pct(r.top5)),
+            ("labelled / train images", f"{r.labelled_images} / {r.train_images}"),
+            ("val images", str(r.val_images)), ("model", str(r.finetuned)),
         ])
 
 
@@ -501,48 +430,44 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = False,
-    batch_size: options.BatchSize = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = None,
+    batch_size: options.ExtractBatchSize = None,
     device: options.Device = None,
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
-    plot_method: Annotated[str, typer.Option(help="pca | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = "pca",
+    plot: Annotated[bool | None, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = None,
+    plot_method: Annotated[str | None, typer.Option(help="pca (default) | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and
     listed in VECS.bad_files.jsonl)."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import badfiles, images, device as devices, features, index as vectors, rundir
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
         from simclr_cli.engine.tasks import embed as task
 
-        path = rundir.resolve_checkpoint(checkpoint)
-        console.print(f"checkpoint: {path}")
-        encoder = features.open_encoder(path)
-        rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-        result = task.run(
-            encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
-            workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None, overwrite=overwrite,
-            on_bad_image=on_bad_image or "skip",
-            max_bad_fraction=badfiles.DEFAULT_MAX_BAD_FRACTION if max_bad_fraction is None else max_bad_fraction,
-            max_image_pixels=images.DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
-        )
-        if not world.is_main:
+        flags = {"layer": layer, "normalize": normalize, "batch_size": batch_size, "workers": workers, "device": device,
+                 "precision": precision, "plot": plot, "plot_method": plot_method, "on_bad_image": on_bad_image,
+                 "max_bad_fraction": max_bad_fraction, "max_image_pixels": max_image_pixels}
+        cfg = config.resolve_task("embed", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        vectors.write_metadata(result.out, result.to_dict())
-        if plot:
-            _plot_embedding(result, method=plot_method)
+        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        if done.map is not None:
+            console.print(f"map: {done.map}")
         show_table(f"embedded {folder}", [
-            ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),
-            ("skipped files", str(len(result.skipped))),
+            ("rows x dim", f"{r.rows} x {r.dim}"), ("vectors", str(r.out)), ("paths", str(r.paths_file)),
+            ("skipped files", str(len(r.skipped))),
         ])
 
 
@@ -559,10 +484,12 @@ def export(
     """Export the encoder's weights for use outside simclr (torchvision, plain safetensors, ONNX)."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.configs import ExportConfig
         from simclr_cli.engine.tasks import export as task
 
-        result = task.export(checkpoint, to=to, out=out or task.default_out(checkpoint, to=to), overwrite=overwrite,
-                             include_fc=include_fc)
+        cfg = config.typed(ExportConfig, {"to": to, "include_fc": include_fc}, where="export")
+        result = task.run(cfg, checkpoint=checkpoint, out=out, overwrite=overwrite)
         show_table(f"exported {result.architecture} ({result.target})", [
             ("file", str(result.out)), ("tensors", str(result.tensors)), ("parameters", f"{result.parameters:,}"),
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
@@ -581,11 +508,9 @@ def info(
     with errors_as_messages(verbose=verbose):
         import json
 
-        from simclr_cli.engine import rundir
-
         from simclr_cli.engine.tasks import info as task
 
-        described = task.describe(rundir.resolve_checkpoint(checkpoint))
+        described = task.run(checkpoint)
         if as_json:
             typer.echo(json.dumps(described.to_dict(), indent=2, default=str))
             return

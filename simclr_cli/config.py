@@ -126,6 +126,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: one or more
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(args[0], v, key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' must be a list of {len(args)} numbers, got {_describe(value)}")
@@ -194,7 +198,7 @@ def resolve_pretrain(
         if preset is None and data is None:
             preset = DEMO_PRESET
         if preset is not None:
-            base = merge(base, load_yaml(preset_path(preset)))
+            base = merge(base, _pretraining_sections(load_yaml(preset_path(preset))))
     merged = merge(merge(base, parse_sets(sets)), nest(flags))
     if data is not None:
         merged = merge(merged, {"data": {"source": data}})
@@ -233,3 +237,41 @@ def check_pretrain(cfg) -> None:
     from simclr_cli.engine import defaults
 
     defaults.resolve_sizes(cfg)
+
+
+def resolve_task(section: str, *, preset: str | None, sets: list[str] | None, flags: dict[str, Any]):
+    """An evaluation or inference command's config (configs.TASK_CONFIGS[section]), validated: defaults < the preset's
+    `<section>:` mapping < `--set <section>.KEY=VALUE` < flags (keyed without the section)."""
+    from simclr_cli.engine.configs import TASK_CONFIGS, PretrainConfig  # lazy: keeps `simclr --help` free of torch
+
+    cls = TASK_CONFIGS[section]
+    base = to_plain(cls())
+    if preset is not None:
+        recipe = load_yaml(preset_path(preset))
+        known = {f.name for f in dataclasses.fields(PretrainConfig)} | set(TASK_CONFIGS)
+        unknown = sorted(set(recipe) - known)
+        if unknown:  # a typo is an error for every command, not only for the one that reads that section
+            raise ConfigError(f"unknown config key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+        base = merge(base, recipe.get(section) or {})
+    overrides = parse_sets(sets)
+    other = sorted(set(overrides) - {section})
+    if other:
+        raise ConfigError(f"unknown config key '{other[0]}'; this command's keys are {section}.* (e.g. --set {section}.batch_size=128)")
+    merged = merge(merge(base, overrides.get(section) or {}), nest(flags))
+    cfg = from_dict(cls, merged, where=section)
+    cfg.validate()
+    return cfg
+
+
+def _pretraining_sections(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A preset without the sections other commands read (knn:, linear_eval:, ...); those commands check them."""
+    from simclr_cli.engine.configs import TASK_CONFIGS
+
+    return {key: value for key, value in recipe.items() if key not in TASK_CONFIGS}
+
+
+def typed(cls: type[T], flags: dict[str, Any], *, where: str) -> T:
+    """A command's config from its flags alone (no preset, no --set: `export` has nothing to tune), validated."""
+    cfg = from_dict(cls, nest(flags), where=where)
+    cfg.validate()
+    return cfg

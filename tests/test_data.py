@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine.datasets import CIFAR_BINARY, NAMED_DATASETS, LabelledImages, digits, digits_split_indices, labelled_folder, named_dataset, pretrain_dataset
+from simclr_cli.engine.cifar import CIFAR_BINARY
+from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledImages, digits, digits_split_indices, labelled_folder, named_dataset, pretrain_dataset
 
 from simclr_cli.engine.images import IMAGE_EXTENSIONS, ImageFiles, decode_image, find_images, printable_path, scan_folder
 

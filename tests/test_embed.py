@@ -68,7 +68,7 @@ def folder(tmp_path) -> Path:
 
 def run(encoder, folder, out, **kwargs):
     kwargs.setdefault("batch_size", 2)
-    return embed.run(encoder, folder, out=out, layer=kwargs.pop("layer", "encoder"), rt=CPU, **kwargs)
+    return embed.embed_folder(encoder, folder, out=out, layer=kwargs.pop("layer", "encoder"), rt=CPU, **kwargs)
 
 
 def expected_rows(encoder, folder: Path, names: list[str]) -> torch.Tensor:
@@ -214,9 +214,9 @@ def _two_rank_worker(world, checkpoint: str, jobs: str) -> None:
     for job in json.loads(jobs):
         if job["expected"] is None:  # nothing decodable: every rank stops with the one-process error
             with pytest.raises(DataError, match="2 of 2 images could not be decoded"):
-                embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+                embed.embed_folder(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
             continue
-        result = embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+        result = embed.embed_folder(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
         got = result.to_dict()
         for key in ("rows", "dim", "layer", "normalize", "checkpoint", "skipped", "skipped_folders"):
             assert got[key] == job["expected"][key], key  # on every rank, not only the one that wrote the files

@@ -15,6 +15,7 @@ from simclr_cli.engine import features, neighbours
 
 from simclr_cli.engine.tasks import knn
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
+from simclr_cli.engine.configs import KnnConfig
 from simclr_cli.engine.datasets import LabelledImages
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError
@@ -199,7 +200,7 @@ def test_nearest_finds_a_query_already_in_the_index_first(tmp_path):
     ],
 )
 def test_config_validation(field, value, message):
-    cfg = knn.KnnConfig()
+    cfg = KnnConfig()
     cfg.validate()
     setattr(cfg, field, value)
     with pytest.raises(ConfigError, match=message):
@@ -221,9 +222,9 @@ def test_run_reports_accuracy_settings_and_counts(tmp_path, caplog):
     data = LabelledImages(samples, ["a", "b", "c"])
     path = tiny_checkpoint(tmp_path / "enc.safetensors")
     encoder = features.open_encoder(path)
-    cfg = knn.KnnConfig(k=(1, 50), batch_size=4)
+    cfg = KnnConfig(k=(1, 50), batch_size=4)
     with caplog.at_level(logging.WARNING, logger="simclr"):
-        result = knn.run(cfg, encoder, data, data, rt=CPU)
+        result = knn.evaluate(cfg, encoder, data, data, rt=CPU)
     assert "k=50 is more than the 9 training images" in caplog.text
     assert result.top1 == 1.0  # k=1 and val == train: every image's nearest neighbour is itself
     d = result.to_dict()

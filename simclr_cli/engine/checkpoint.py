@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,9 +220,15 @@ class EncoderInfo:
     config: dict[str, Any]
     epoch: int
     step: int
-    method: str = "simclr"  # the pretraining method that trained it (files from before methods existed: SimCLR)
     extra: dict[str, Any] = field(default_factory=dict)  # what a later stage added (e.g. fine-tuning's classifier)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """The pretraining method that trained the encoder, as its config names it (`train.method`); files written
+        before methods had names were trained with SimCLR."""
+        train = self.config.get("train") if isinstance(self.config, dict) else None
+        return str(train.get("method", "simclr")) if isinstance(train, dict) else "simclr"
 
 
 EXTRA = "extra/"
@@ -237,7 +243,6 @@ def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
         "config": info.config,
         "epoch": info.epoch,
         "step": info.step,
-        "method": info.method,
         "extra": info.extra,
     }
     tensors = dict(model.state_dict())
@@ -280,7 +285,6 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
             config=meta["config"],
             epoch=meta["epoch"],
             step=meta["step"],
-            method=meta.get("method", "simclr"),
             extra=dict(meta.get("extra", {})),
             extra_tensors={k.removeprefix(EXTRA): v for k, v in loaded.tensors.items() if k.startswith(EXTRA)},
         )
@@ -290,8 +294,6 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
             value = getattr(info, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} {value!r} is not a whole number >= 0")
-        if not isinstance(info.method, str):
-            raise TypeError(f"method is a {type(info.method).__name__}, not text")
         if not isinstance(info.config, dict):
             raise TypeError(f"config is a {type(info.config).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
@@ -311,7 +313,6 @@ def save_train_state(
     epoch: int,
     config: dict[str, Any],
     elapsed: float,
-    method: str = "simclr",
     extra: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Everything `--resume` needs to continue exactly where this step left off; `extra` is the method's own state."""
@@ -322,16 +323,16 @@ def save_train_state(
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "epoch": epoch, "elapsed": elapsed, "method": method, "config": config, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+    meta = {"step": step, "epoch": epoch, "elapsed": elapsed, "config": config, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
     save(path, tensors, kind=TRAIN_STATE, meta=meta)
 
 
 def load_train_state(
     path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    extra: Mapping[str, torch.Tensor] | None = None,
+    extra: Mapping[str, torch.Tensor] | None = None, restore_extra: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config), with the
-    method's own state (checked against `extra`, the state it has now) under "extra".
+    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config). The method's own
+    state is checked against `extra` (the state it has now) and handed to `restore_extra`.
 
     Everything is checked before anything is changed: a file refused here leaves model, optimiser, scaler and
     RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly.
@@ -373,7 +374,9 @@ def load_train_state(
         torch.cuda.set_rng_state(rng["cuda"])
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
-    return {**meta, "extra": method_state}
+    if restore_extra is not None:
+        restore_extra(method_state)
+    return meta
 
 
 def _check_rng_state(state: torch.Tensor | None, current: torch.Tensor, *, name: str, source: Path) -> None:

@@ -27,12 +27,11 @@ def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, s
     for path in run_dir.saved_checkpoints():
         try:
             meta = checkpoint.load_train_state(path, model=method.modules, optimizer=optimizer, scaler=scaler,
-                                               extra=method.extra_state())
+                                               extra=method.extra_state(), restore_extra=method.load_extra_state)
         except CheckpointError as exc:
             log.warning("skipping %s: %s", path.name, exc)
             continue
         check_same_run(meta.get("config", {}), config, source=path)
-        method.load_extra_state(meta["extra"])
         log.info("resuming from %s (step %d)", path, meta["step"])
         return meta
     raise CheckpointError(f"no valid checkpoint to resume in {run_dir.checkpoints}; start a new run with --overwrite")

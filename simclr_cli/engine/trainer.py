@@ -165,7 +165,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     )
     info = checkpoint.EncoderInfo(model=cfg.model, image_size=cfg.augment.image_size, mean=cfg.augment.mean,
                                   std=cfg.augment.std, interpolation=cfg.augment.interpolation, config=config_dict,
-                                  epoch=0, step=0, method=method.name)
+                                  epoch=0, step=0)
     metrics = None
     if world.is_main:
         metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
@@ -379,7 +379,7 @@ class Trainer:
         path = self.run_dir.checkpoint(step)
         checkpoint.save_train_state(
             path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
-            config=self.info.config, elapsed=self.elapsed(), method=self.method.name, extra=self.method.extra_state(),
+            config=self.info.config, elapsed=self.elapsed(), extra=self.method.extra_state(),
         )
         for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)

@@ -33,14 +33,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import distributed, index
+from simclr_cli.engine import defaults, distributed, index, plots, rundir
+from simclr_cli.engine.configs import EmbedConfig
 from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
 from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
-from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError
 from simclr_cli.engine.index import LINE_BREAK, relative_name
-from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, prepare, transform_for
+from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, open_encoder, prepare, transform_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -81,7 +82,48 @@ class EmbedResult:
         }
 
 
-def run(
+@dataclass(frozen=True)
+class Embedded:
+    """What `simclr embed` shows: the rows written, and the 2-D map when one was drawn."""
+
+    result: EmbedResult
+    map: Path | None
+
+
+def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, overwrite: bool = False,
+        progress: Progress | None = None) -> Embedded | None:
+    """Embed every image under `folder` with the encoder in `checkpoint` (default runs/latest/encoder.safetensors) into
+    the index `out` (VECS.npy, VECS.paths.txt, VECS.json); with `cfg.plot` also a map, VECS.png. Returns what to show
+    on the main process, None on the others."""
+    cfg.validate()
+    with distributed.context(device=cfg.device) as world:
+        path = rundir.resolve_checkpoint(checkpoint)
+        log.info("checkpoint: %s", path)
+        encoder = open_encoder(path)
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        result = embed_folder(
+            encoder, folder, out=out, layer=cfg.layer, normalize=cfg.normalize, batch_size=cfg.batch_size,
+            workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt, progress=progress if world.is_main else None,
+            overwrite=overwrite, on_bad_image=cfg.on_bad_image, max_bad_fraction=cfg.max_bad_fraction,
+            max_image_pixels=cfg.max_image_pixels,
+        )
+        if not world.is_main:
+            return None
+        index.write_metadata(result.out, result.to_dict())
+        return Embedded(result=result, map=_plot(result, method=cfg.plot_method) if cfg.plot else None)
+
+
+def _plot(result: EmbedResult, *, method: str) -> Path:
+    """A 2-D map of the rows with image thumbnails; images in subfolders are coloured by their top-level folder
+    (a class-per-folder tree shows its classes)."""
+    vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)  # (N, D)
+    names = index.read_paths(result.paths_file)
+    labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
+    return plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
+                                thumbnails=[result.folder / name for name in names], method=method)
+
+
+def embed_folder(
     encoder: Encoder,
     folder: Path,
     *,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simclr_cli.engine import rundir
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.results import RESULTS_FILE
 
@@ -97,6 +98,11 @@ class CheckpointInfo:
             "file_bytes": self.file_bytes,
             "evaluations": [record.to_dict() for record in self.evaluations],
         }
+
+
+def run(checkpoint: Path | None) -> CheckpointInfo:
+    """Describe `checkpoint` (default runs/latest/encoder.safetensors); `info` has nothing to configure."""
+    return describe(rundir.resolve_checkpoint(checkpoint))
 
 
 def describe(checkpoint: Path) -> CheckpointInfo:

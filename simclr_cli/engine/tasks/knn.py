@@ -6,53 +6,22 @@ The maths (cosine search, votes, top-k) is `neighbours`; this task extracts the 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from simclr_cli.engine import neighbours
+from simclr_cli.engine import defaults, evaluation, neighbours
+from simclr_cli.engine.configs import KnnConfig
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import ConfigError, DataError, is_whole_number
-from simclr_cli.engine.features import LAYERS, Encoder, check_layer, extract, labels_of, num_classes_of
-from simclr_cli.engine.neighbours import DEFAULT_K, DEFAULT_TEMPERATURE, KnnScore
+from simclr_cli.engine.errors import DataError
+from simclr_cli.engine.features import Encoder, check_layer, extract, labels_of, num_classes_of
+from simclr_cli.engine.neighbours import KnnScore
 from simclr_cli.engine.report import Progress
 
 log = logging.getLogger("simclr")
-
-
-@dataclass
-class KnnConfig:
-    k: tuple[int, ...] = (DEFAULT_K,)  # several values share one neighbour search; the first is the headline
-    temperature: float = DEFAULT_TEMPERATURE
-    layer: str = "encoder"  # which representation votes (features.LAYERS)
-    batch_size: int = 256  # images per forward pass
-    workers: int = 0  # DataLoader worker processes
-    chunk_size: int = 1024  # queries per similarity block
-    bank_chunk_size: int = 65536  # training features per similarity block
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad field, its value and the fix."""
-        ks = tuple(self.k) if isinstance(self.k, (tuple, list)) else ()
-        if not ks or not all(is_whole_number(k) and k >= 1 for k in ks):
-            raise ConfigError(f"knn.k {self.k!r} is not valid; give one or more whole numbers >= 1 (e.g. 200, or 20 for small sets)")
-        if len(set(ks)) != len(ks):
-            raise ConfigError(f"knn.k {self.k!r} repeats a value; list each k once")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-            math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise ConfigError(f"knn.temperature {self.temperature!r} must be a number > 0; the protocol uses 0.1")
-        if self.layer not in LAYERS:
-            raise ConfigError(f"knn.layer {self.layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
-        for name in ("batch_size", "chunk_size", "bank_chunk_size"):
-            value = getattr(self, name)
-            if not is_whole_number(value) or value < 1:
-                raise ConfigError(f"knn.{name} {value!r} must be a whole number >= 1")
-        if not is_whole_number(self.workers) or self.workers < 0:
-            raise ConfigError(f"knn.workers {self.workers!r} must be a whole number >= 0; use 0 to load in the main process")
 
 
 @dataclass(frozen=True)
@@ -96,11 +65,22 @@ class KnnResult:
         }
 
 
-def run(
+def run(cfg: KnnConfig, *, checkpoint: Path | None, out: Path | None = None,
+        progress: Progress | None = None) -> evaluation.Evaluated | None:
+    """kNN accuracy of the encoder in `checkpoint` on the labelled data `cfg` names; writes results.json in `out`
+    (default: beside the checkpoint). Returns what to show on the main process, None on the others."""
+    return evaluation.run(cfg, checkpoint=checkpoint, out=out, command="knn", progress=progress,
+                          evaluate=lambda opened, _, shown: evaluate(
+                              opened.cfg, opened.encoder, opened.splits.train, opened.splits.val, rt=opened.rt, progress=shown))
+
+
+def evaluate(
     cfg: KnnConfig, encoder: Encoder, train: Dataset, val: Dataset, *, rt: Runtime, progress: Progress | None = None
 ) -> KnnResult:
     """kNN top-1/top-5 on `val` with `train` as the neighbour bank; both yield (PIL, label)."""
     cfg.validate()
+    cfg = replace(cfg, k=cfg.k or (neighbours.default_k(len(train)),),
+                  workers=defaults.resolve_workers(cfg.workers, rt.device))
     check_layer(encoder, cfg.layer)
     started = time.perf_counter()
     if len(train) == 0 or len(val) == 0:

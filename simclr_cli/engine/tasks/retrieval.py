@@ -11,9 +11,11 @@ from pathlib import Path
 
 from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.images import ImageFiles, find_images
-from simclr_cli.engine.device import Runtime
+from simclr_cli.engine import defaults, distributed, rundir
+from simclr_cli.engine.configs import RetrievalConfig
+from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
-from simclr_cli.engine.features import Encoder, extract
+from simclr_cli.engine.features import Encoder, extract, open_encoder
 from simclr_cli.engine.index import open_index, read_metadata
 from simclr_cli.engine.neighbours import nearest
 
@@ -28,6 +30,24 @@ class Neighbour:
 class Match:
     query: str
     neighbours: tuple[Neighbour, ...]
+
+
+def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | None, out: Path | None = None) -> list[Match]:
+    """Each query image's `cfg.k` nearest images in `index`, embedded with the index's own encoder and layer unless
+    `checkpoint`/`cfg.layer` say otherwise; written to `out` (.csv or .json) when given."""
+    cfg.validate()
+    with distributed.context(device=cfg.device) as world:
+        if world.world_size > 1:
+            raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
+        made_with = read_metadata(index)
+        path = checkpoint or (Path(made_with["checkpoint"]) if made_with.get("checkpoint") else rundir.resolve_checkpoint(None))
+        encoder = open_encoder(path)
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        matches = search(encoder, index=index, query=query, k=cfg.k, layer=cfg.layer or made_with.get("layer", "encoder"),
+                         batch_size=cfg.batch_size, workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt)
+        if out is not None:
+            write_matches(matches, out)
+        return matches
 
 
 def search(
