@@ -153,21 +153,38 @@ def check_finite(tensors: Mapping[str, torch.Tensor], *, source: Path) -> None:
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], *, source: Path) -> None:
     """Raise naming exactly which keys are missing or extra and which shapes or dtypes differ."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
+    problems = state_dict_problems(expected, found)
+    if problems:
+        raise CheckpointError(f"{source} does not match the model it describes: {'; '.join(problems[:4])}")
+
+
+def state_dict_problems(
+    expected: Mapping[str, torch.Tensor],
+    found: Mapping[str, torch.Tensor],
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+    foreign: Callable[[str], bool] = lambda key: True,
+    cast_ok: Callable[[torch.Tensor, torch.Tensor], bool] = lambda want, got: want.dtype == got.dtype,
+    unexpected_note: str = "",
+    shape_hint: Callable[[str, torch.Tensor, torch.Tensor], str] = lambda name, want, got: "",
+) -> list[str]:
+    """What keeps `found` from loading strictly into a module whose state dict is `expected`: the missing keys
+    (except `optional` ones), the unexpected keys (those `foreign` claims for this module), and every tensor of
+    another shape, or of a dtype `cast_ok` refuses. The one strict key check of checkpoints and --init weights."""
+    missing = sorted(k for k in expected if k not in found and not optional(k))
+    extra = sorted(k for k in found if k not in expected and foreign(k))
     problems = []
     if missing:
         problems.append(f"missing {few(missing)}")
     if extra:
-        problems.append(f"unexpected {few(extra)}")
+        problems.append(f"unexpected {few(extra)}{unexpected_note}")
     for name in sorted(set(expected) & set(found)):
         want, got = expected[name], found[name]
         if want.shape != got.shape:
-            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        elif want.dtype != got.dtype:
+            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}{shape_hint(name, want, got)}")
+        elif not cast_ok(want, got):
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model it describes: {'; '.join(problems[:4])}")
+    return problems
 
 
 def few(names: list[str]) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from simclr_cli.engine import badfiles
 from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, AugmentConfig
-from simclr_cli.engine.errors import ConfigError, is_whole_number
+from simclr_cli.engine.errors import ConfigError, is_finite_number, is_whole_number
 from simclr_cli.engine.features import LAYERS
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS
 from simclr_cli.engine.model import ModelConfig
@@ -21,7 +21,6 @@ from simclr_cli.engine.neighbours import DEFAULT_TEMPERATURE
 from simclr_cli.engine.monitor import MonitorConfig
 from simclr_cli.engine.optim import OptimConfig
 from simclr_cli.engine.pipeline import DataConfig
-from simclr_cli.engine.supervised import is_finite_number
 from simclr_cli.engine.trainer import TrainConfig
 
 

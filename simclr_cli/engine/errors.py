@@ -1,6 +1,8 @@
-"""Errors the CLI shows as one line naming the problem and the fix (no traceback)."""
+"""Errors the CLI shows as one line naming the problem and the fix (no traceback), and the checks behind them."""
 
 import errno
+import math
+import numbers
 
 
 class SimCLRError(Exception):
@@ -75,6 +77,9 @@ def one_line(exc: BaseException) -> str:
 
 def is_whole_number(value: object) -> bool:
     """An int (NumPy's too) that is not a bool: what a config's counts and sizes must be."""
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite: what a config's rates and fractions must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

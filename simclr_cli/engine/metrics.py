@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,28 @@ class MetricsLog:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+
+
+class Throughput:
+    """Images per second and the fraction of the time spent waiting for data, over the steps since the last `take`."""
+
+    def __init__(self, *, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def take(self) -> tuple[float, float]:
+        """(images/s, data-wait fraction) of the window, which starts again."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        rates = self.steps * self.images_per_step / seconds, min(1.0, self.wait / seconds)
+        self.start, self.steps, self.wait = now, 0, 0.0
+        return rates
 
 
 def truncate(path: Path, *, after_step: int) -> None:

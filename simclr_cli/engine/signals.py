@@ -9,6 +9,10 @@ import signal
 import threading
 from dataclasses import dataclass
 
+import torch
+
+from simclr_cli.engine import distributed
+
 log = logging.getLogger("simclr")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -19,6 +23,19 @@ class StopRequest:
     """The stop signal received during training, if any (set by the handler, read at step boundaries)."""
 
     signal: int | None = None
+
+    def agreed(self, world: distributed.World, *, step: int, every: int, device: torch.device) -> bool:
+        """Whether every process has been asked to stop. One process checks after every step; several check every
+        `every` steps (the logging steps, which already wait for each other), so a step never waits on the host."""
+        if world.world_size == 1:
+            return self.signal is not None
+        if step % every:
+            return False
+        flag = torch.tensor(0 if self.signal is None else int(self.signal), device=device)
+        agreed = int(distributed.all_reduce_max(flag).item())
+        if agreed and self.signal is None:
+            self.signal = agreed
+        return bool(agreed)
 
 
 @contextlib.contextmanager

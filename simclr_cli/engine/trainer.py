@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader
 from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, pipeline, plots, resume, rundir, weights
 from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import ConfigError, NonFiniteLoss, Stopped
+from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.methods.base import Crops, Method
-from simclr_cli.engine.metrics import MetricsLog, require_tensorboard
+from simclr_cli.engine.metrics import MetricsLog, Throughput, require_tensorboard
 from simclr_cli.engine.monitor import Monitor
+from simclr_cli.engine.nonfinite import NonFiniteGuard
 from simclr_cli.engine.optim import Schedule, build_optimizer, scaled_lr
 from simclr_cli.engine.plain import to_plain
 from simclr_cli.engine.report import Progress, StepStats
@@ -103,63 +104,39 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
     images = source_images(cfg)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
-    batch = cfg.train.batch_size
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
     if cfg.train.tensorboard:
         require_tensorboard()  # a missing package too
     run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
-    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
-    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
-                                        workers=defaults.resolve_workers(cfg.data.workers, rt.device))
-    workers = defaults.resolve_workers(cfg.data.workers, rt.device, decoding=pixels.decoding)
-    cfg = replace(cfg, data=replace(cfg.data, workers=workers))
-    config_dict = to_plain(cfg)
+    pixels, cfg = _pixels(cfg, images, rt=rt)
+    config_dict = to_plain(cfg)  # resolved: what config.yaml and every checkpoint record
 
-    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
-    method = methods.build(cfg, processes=world.world_size)
-    _check_views(method.crops(), image_size=cfg.augment.image_size, method=method.name)
-    if cfg.train.init and not resume_run:  # a resumed run's weights come from its checkpoint
-        report = weights.init_encoder(method.network, Path(cfg.train.init).expanduser())
-        log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
-                 ", projection head included" if report.head_loaded else "")
-        if report.note:
-            log.warning("%s", report.note)
-    method.modules = method.modules.to(rt.device)
-    if world.world_size > 1 and cfg.train.sync_bn:
-        method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)
-    if rt.channels_last:
-        method.modules = method.modules.to(memory_format=torch.channels_last)
+    method = _method(cfg, world=world, rt=rt, init=not resume_run)
+    batch = cfg.train.batch_size
     peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
     optimizer = build_optimizer(method.modules, cfg.optim, lr=peak_lr)
     scaler = rt.grad_scaler()
     schedule = Schedule.fit(peak_lr=peak_lr, steps_per_epoch=len(images) // batch, epochs=cfg.train.epochs,
                             max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
-
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
     distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
-    net = method.modules  # what the step runs through; `method.modules` stays the plain module that is saved
-    if world.world_size > 1:
-        device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=device_ids)
-    if cfg.train.compile:
-        net = torch.compile(net)  # compiles at the first step
 
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
+    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=cfg.data.workers,
+                             pin_memory=rt.device.type == "cuda")
     bad = badfiles.BadFiles(on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction,
                             max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
     for folder, reason in getattr(images, "skipped_folders", ()):
         bad.add_folder(folder, reason)
-    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=workers,
-                             pin_memory=rt.device.type == "cuda")
     log.info(
         "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
         "peak lr %.4g, %s on %s, %d data workers%s%s",
         cfg.model.arch, method.name, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
-        schedule.total_steps, schedule.steps_per_epoch, peak_lr, rt.precision, rt.device, workers,
+        schedule.total_steps, schedule.steps_per_epoch, peak_lr, rt.precision, rt.device, cfg.data.workers,
         f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
         ", compiled" if cfg.train.compile else "",
     )
@@ -170,9 +147,10 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     if world.is_main:
         metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
     trainer = Trainer(
-        cfg.train, method=method, net=net, views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer,
-        scaler=scaler, schedule=schedule, rt=rt, world=world, run_dir=run_dir, info=info, metrics=metrics,
-        monitor=monitor, bad=bad, num_images=len(images), progress=progress, elapsed_before=elapsed_before,
+        cfg.train, method=method, net=_wrap(method.modules, world=world, rt=rt, compile=cfg.train.compile),
+        views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer, scaler=scaler, schedule=schedule,
+        rt=rt, world=world, run_dir=run_dir, info=info, metrics=metrics, monitor=monitor, bad=bad,
+        num_images=len(images), progress=progress, elapsed_before=elapsed_before,
     )
     progress.start(total_steps=schedule.total_steps, completed=step, description="pretrain")
     try:
@@ -191,6 +169,48 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     )
 
 
+def _pixels(cfg, images, *, rt: Runtime):
+    """The uint8 pixels of `images`, decoded once into the cache when it fits; and `cfg` with the DataLoader workers
+    resolved, now that it is known whether batches decode (the cache fills with the workers a decode needs)."""
+    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
+    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
+                                        workers=defaults.resolve_workers(cfg.data.workers, rt.device))
+    workers = defaults.resolve_workers(cfg.data.workers, rt.device, decoding=pixels.decoding)
+    return pixels, replace(cfg, data=replace(cfg.data, workers=workers))
+
+
+def _method(cfg, *, world: distributed.World, rt: Runtime, init: bool) -> Method:
+    """The method `cfg` names, its modules built from the seed (the same weights on every rank), initialised from
+    `train.init` when `init` (a resumed run's weights come from its checkpoint), and placed on the device."""
+    torch.manual_seed(cfg.train.seed)
+    method = methods.build(cfg, processes=world.world_size)
+    _check_views(method.crops(), image_size=cfg.augment.image_size, method=method.name)
+    if cfg.train.init and init:
+        report = weights.init_encoder(method.network, Path(cfg.train.init).expanduser())
+        log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
+                 ", projection head included" if report.head_loaded else "")
+        if report.note:
+            log.warning("%s", report.note)
+    method.modules = method.modules.to(rt.device)
+    if world.world_size > 1 and cfg.train.sync_bn:
+        method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)
+    if rt.channels_last:
+        method.modules = method.modules.to(memory_format=torch.channels_last)
+    return method
+
+
+def _wrap(modules: torch.nn.Module, *, world: distributed.World, rt: Runtime, compile: bool):
+    """What the step runs through: DDP over several processes, compiled on request; `modules` stays the plain
+    module that is saved and monitored."""
+    net = modules
+    if world.world_size > 1:
+        device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=device_ids)
+    if compile:
+        net = torch.compile(net)  # compiles at the first step
+    return net
+
+
 def _check_views(crops: tuple[Crops, ...], *, image_size: int, method: str) -> None:
     """The batched views make two crops of every image at augment.image_size; a method asking for others needs more."""
     if crops != (Crops(count=2, size=image_size),):
@@ -207,7 +227,7 @@ def forward_backward(method: Method, net, views: list[torch.Tensor], *, rt: Runt
 
 
 class Trainer:
-    """The step loop and its bookkeeping (logging, non-finite guard, monitor, checkpoints, stop requests)."""
+    """The step loop and its bookkeeping (logging, the non-finite guard, monitor, checkpoints, stop requests)."""
 
     def __init__(self, cfg: TrainConfig, *, method: Method, net, views: BatchViews, optimizer, scaler, schedule: Schedule,
                  rt: Runtime, world: distributed.World, run_dir: rundir.RunDir, info: checkpoint.EncoderInfo,
@@ -218,19 +238,17 @@ class Trainer:
         self.rt, self.world, self.run_dir, self.info = rt, world, run_dir, info
         self.metrics, self.monitor, self.progress = metrics, monitor, progress
         self.bad, self.num_images, self.drawn = bad, num_images, 0
-        self.skips = 0  # updates dropped in a row (on_nonfinite=skip)
+        self.guard = NonFiniteGuard(cfg.on_nonfinite, max_skips=cfg.max_skips, device=rt.device)
         self.started, self.elapsed_before = time.perf_counter(), elapsed_before
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        # First step whose loss was not finite, kept on the device so the step never waits on the host.
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int, stop: StopRequest) -> int:
         step, per_epoch, total = start_step, self.schedule.steps_per_epoch, self.schedule.total_steps
-        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        window = Throughput(images_per_step=self.cfg.batch_size)
         while step < total:
             epoch = step // per_epoch
             sampler.set_epoch(epoch, start_batch=step - epoch * per_epoch)
@@ -243,21 +261,18 @@ class Trainer:
                     if stop.signal is None:
                         raise
                     self.stop_here(stop, step=step, epoch=epoch)
-                window_wait += time.perf_counter() - waited
+                window.waited(time.perf_counter() - waited)
                 if batch is None:
                     break
                 self.report_skipped(batch.skipped)
                 lr = self.schedule.lr(step)
                 loss = self.step(batch, lr=lr, step=step, epoch=epoch)
                 step += 1
-                window_steps += 1
+                window.stepped()
                 last = step == total
                 if step % self.cfg.log_every == 0 or last or step % per_epoch == 0:
-                    now = time.perf_counter()
-                    seconds = max(now - window_start, 1e-9)
-                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=window_steps * self.cfg.batch_size / seconds,
-                             data_wait=min(1.0, window_wait / seconds))
-                    window_start, window_steps, window_wait = now, 0, 0.0
+                    images_per_s, data_wait = window.take()
+                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
                 # the kNN check first, so the plots drawn when saving include it
                 if self.monitor and self.world.is_main and self.monitor.due(step, steps_per_epoch=per_epoch, last=last):
                     record = self.monitor.check(self.method.network, self.encoder_info(step=step, epoch=epoch), rt=self.rt)
@@ -266,7 +281,7 @@ class Trainer:
                     self.save(step=step, epoch=epoch)
                 if last:
                     break
-                if self.stop_agreed(stop, step=step):
+                if stop.agreed(self.world, step=step, every=self.cfg.log_every, device=self.rt.device):
                     self.stop_here(stop, step=step, epoch=epoch)
         return step
 
@@ -279,31 +294,14 @@ class Trainer:
         x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
         x = x.contiguous(memory_format=memory_format)
         loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
-        if self.cfg.on_nonfinite == "skip" and not self.update_is_finite(loss, step=step):
+        if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step):
             self.optimizer.zero_grad(set_to_none=True)
             return loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(step=step + 1)
-        finite = torch.isfinite(loss)
-        # numbered like metrics.jsonl: step k is the k-th update
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step + 1, self.bad_step)  # no host round trip
+        self.guard.record(loss, step=step)
         return loss
-
-    def update_is_finite(self, loss: torch.Tensor, *, step: int) -> bool:
-        """on_nonfinite=skip: every process checks its loss and gradients, and all drop the update if any is bad."""
-        grads = [p.grad for p in self.method.modules.parameters() if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        bad = int(distributed.all_reduce_max((~finite).to(torch.int64)).item())  # one host sync per step, in skip mode only
-        if not bad:
-            self.skips = 0
-            return True
-        self.skips += 1
-        log.warning("step %d: the loss or gradients are NaN/inf; update dropped (%d in a row, at most %d)",
-                    step + 1, self.skips, self.cfg.max_skips)
-        if self.skips >= self.cfg.max_skips:
-            raise NonFiniteLoss(step + 1, what=f"the loss or gradients ({self.skips} updates in a row)")
-        return False
 
     def report_skipped(self, skipped: list[pipeline.Skipped]) -> None:
         """Name the images a batch replaced, and stop if most of what was drawn so far is unreadable."""
@@ -312,19 +310,6 @@ class Trainer:
             self.bad.add(item.path, item.reason)
         if skipped:
             self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
-
-    def stop_agreed(self, stop: StopRequest, *, step: int) -> bool:
-        """Whether every process has been asked to stop. One process checks after every step; several check
-        at logging steps, which already wait for each other, so the step itself never waits on the host."""
-        if self.world.world_size == 1:
-            return stop.signal is not None
-        if step % self.cfg.log_every:
-            return False
-        flag = torch.tensor(0 if stop.signal is None else int(stop.signal), device=self.rt.device)
-        agreed = int(distributed.all_reduce_max(flag).item())
-        if agreed and stop.signal is None:
-            stop.signal = agreed
-        return bool(agreed)
 
     def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
         """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
@@ -339,17 +324,11 @@ class Trainer:
         )
 
     def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
-        """What the encoder file says about the network being trained: architecture, eval transform, config, method."""
+        """What the encoder file says about the network being trained: architecture, eval transform, config."""
         return replace(self.info, step=step, epoch=epoch)
 
-    def check_finite(self) -> None:
-        """Stop if any rank saw a non-finite loss; every rank calls this at the same steps, so all stop together."""
-        bad = int(distributed.all_reduce_max(self.bad_step).item())
-        if bad >= 0:
-            raise NonFiniteLoss(bad)
-
     def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
-        self.check_finite()
+        self.guard.check()
         value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
         if not math.isfinite(value):
             value = None  # a dropped update (on_nonfinite=skip); JSON has no NaN
@@ -373,7 +352,7 @@ class Trainer:
 
     def save(self, *, step: int, epoch: int) -> None:
         """Training state for --resume, then the encoder file the other commands read; never non-finite."""
-        self.check_finite()
+        self.guard.check()
         if not self.world.is_main:
             return  # every rank holds the same weights; one writes them
         path = self.run_dir.checkpoint(step)
