@@ -1,7 +1,9 @@
-"""Typed configs from dicts: presets, overrides, validation, and back to plain data.
+"""Every command's typed config (engine/configs.py) resolved from defaults, a preset, --set and flags.
 
-Precedence is stated once, here: built-in dataclass defaults < preset YAML < explicit flags.
-Unknown keys and wrongly typed values are errors naming the key and the fix.
+Precedence is stated once, here: built-in dataclass defaults < preset YAML < --set < explicit flags. A preset's
+top-level keys are the pretraining sections (data:, model:, ...) and one section per other command (knn:,
+linear_eval:, ...); each command reads its own. Unknown keys and wrongly typed values are errors naming the key
+and the fix. The "auto" values that follow the data's name come from engine/defaults.py, merged under the preset.
 """
 
 from __future__ import annotations
@@ -252,15 +254,24 @@ def resolve_task(section: str, *, preset: str | None, sets: list[str] | None, fl
         unknown = sorted(set(recipe) - known)
         if unknown:  # a typo is an error for every command, not only for the one that reads that section
             raise ConfigError(f"unknown config key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
-        base = merge(base, recipe.get(section) or {})
+        base = merge(base, _mapping(recipe.get(section), section))
     overrides = parse_sets(sets)
     other = sorted(set(overrides) - {section})
     if other:
         raise ConfigError(f"unknown config key '{other[0]}'; this command's keys are {section}.* (e.g. --set {section}.batch_size=128)")
-    merged = merge(merge(base, overrides.get(section) or {}), nest(flags))
+    merged = merge(merge(base, _mapping(overrides.get(section), section)), nest(flags))
     cfg = from_dict(cls, merged, where=section)
     cfg.validate()
     return cfg
+
+
+def _mapping(value: Any, section: str) -> dict[str, Any]:
+    """A command's section of a preset or of --set: a mapping of its keys (absent: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{section}' must be a mapping of its keys (e.g. {section}: {{batch_size: 128}}), got {_describe(value)}")
+    return value
 
 
 def _pretraining_sections(recipe: dict[str, Any]) -> dict[str, Any]:

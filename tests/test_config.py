@@ -389,3 +389,39 @@ def test_preset_with_saved_config_is_an_error():
         resolve_pretrain(data=None, preset="demo", sets=None, flags=NO_FLAGS, saved=to_plain(PretrainConfig()))
     assert str(err.value) == "--preset cannot be combined with --resume: a resumed run keeps its own config"
 
+
+
+@pytest.mark.parametrize(("recipe", "sets"), [("knn: 5\n", None), ("train:\n  epochs: 3\n", ["knn=5"])])
+def test_a_commands_section_must_be_a_mapping(recipe, sets, tmp_path):
+    from simclr_cli.config import resolve_task
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ConfigError, match=r"^'knn' must be a mapping of its keys"):
+        resolve_task("knn", preset=str(path), sets=sets, flags={})
+
+
+def test_every_command_reads_its_own_section_of_one_preset(tmp_path):
+    from simclr_cli.config import resolve_task
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  epochs: 3\nknn:\n  k: [10, 20]\nlinear_eval:\n  protocol: paper\nembed:\n  normalize: true\n")
+    assert resolve_task("knn", preset=str(path), sets=None, flags={}).k == (10, 20)
+    assert resolve_task("linear_eval", preset=str(path), sets=None, flags={}).protocol == "paper"
+    assert resolve_task("embed", preset=str(path), sets=None, flags={}).normalize is True
+    assert resolve_task("finetune", preset=str(path), sets=None, flags={}).label_fraction == 1.0  # no section: defaults
+    assert resolve_pretrain(data=None, preset=str(path), sets=None, flags={}).train.epochs == 3
+
+
+@pytest.mark.parametrize("name", ["cifar10", "demo", "imagenet", "stl10"])
+def test_a_presets_header_states_the_temperature_it_sets(name):
+    """Presets are recipes people trust: the tau the header names is the one the file sets (stl10 once called 0.2
+    "the CIFAR temperature", which is 0.5)."""
+    import re
+
+    path = preset_path(name)
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    stated = re.search(r"(?:tau|temperature) (\d+(?:\.\d+)?)", header)
+    assert "CIFAR temperature" not in header
+    if stated:
+        assert float(stated[1]) == from_dict(PretrainConfig, load_yaml(path)).train.temperature

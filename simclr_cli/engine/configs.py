@@ -1,6 +1,6 @@
-"""The typed config of every task, composed of the sections their blocks own (ModelConfig in model, AugmentConfig
-in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in monitor), and the
-plain-data form every config is saved in.
+"""The typed config of every task: pretraining's, composed of the sections their blocks own (ModelConfig in model,
+AugmentConfig in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in
+monitor), and one per evaluation or inference command.
 
 Blocks never import this module: they take their own section. `simclr_cli/config.py` fills these from defaults,
 presets, --set and flags; `defaults` fills their "auto" values.
@@ -38,6 +38,7 @@ class PretrainConfig:
     def validate(self) -> None:
         for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
             section.validate()
+
 
 # --- evaluation and inference --------------------------------------------------------------------------------------
 
