@@ -13,6 +13,8 @@ from simclr_cli.engine.errors import NonFiniteLoss
 
 log = logging.getLogger("simclr")
 
+POLICIES = ("abort", "skip")  # train.on_nonfinite
+
 
 class NonFiniteGuard:
     """Watches each step's loss without syncing the host; `check` (at logging and saving steps, which every process

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, pipeline, plots, resume, rundir, weights
+from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume, rundir, weights
 from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -37,11 +37,10 @@ from simclr_cli.engine.views import BatchViews
 
 log = logging.getLogger("simclr")
 
-NONFINITE_POLICIES = ("abort", "skip")
-
-
 @dataclass
 class TrainConfig:
+    """The `train:` section: which method, how many images and steps, and the loop's bookkeeping."""
+
     method: str = "simclr"  # the pretraining method (engine/methods/): the views, modules and loss the trainer runs
     batch_size: int | None = None  # the GLOBAL batch N (2N views a step); None = 256 on a GPU, 64 on a CPU, at most the dataset
     epochs: int = 100
@@ -71,8 +70,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(NONFINITE_POLICIES)}")
+        if self.on_nonfinite not in nonfinite.POLICIES:
+            raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(nonfinite.POLICIES)}")
         if self.max_skips < 1:
             raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
