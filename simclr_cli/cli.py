@@ -5,8 +5,6 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +44,7 @@ def pretrain(
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
+    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default, and for now the only one).")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
     image_size: options.ImageSize = None,
@@ -96,13 +95,13 @@ def pretrain(
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config
-        from simclr_cli.engine import pretrain as task, rundir
         from simclr_cli.engine.errors import ConfigError
+        from simclr_cli.engine.tasks import pretrain as task
 
         flags = {
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
             "augment.image_size": image_size,
-            "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
+            "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
             "train.device": device, "train.precision": precision,
@@ -114,26 +113,21 @@ def pretrain(
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
-            out = (out or rundir.RUNS / rundir.LATEST).resolve()
-        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
+            out = config.resumed_run_folder(out)
+        cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
         procs = gpus or 1
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
             raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
-            cfg.resolved()  # report a bad config once, here, not once per worker
-            _check_gpu_count(cfg.train.device, procs)
-            out = (out or rundir.default_run_dir()).resolve()
-            command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
-                       *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
-            code = launcher.launch(command, config=config.to_dict(cfg), procs=procs, nodes=nodes, node_rank=node_rank,
-                                   master_addr=master_addr, master_port=master_port)
+            config.check_pretrain(cfg)  # report a bad config once, here, not once per worker
+            code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
+                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                                            say=console.print)
             if code:
                 raise typer.Exit(code)
             return
-        if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("pass --out when you start the processes yourself (torchrun, srun), so every process writes to one folder")
-        result = task.run(cfg, out=out or rundir.default_run_dir(), resume=resume, overwrite=overwrite, progress=RichProgress())
-        if os.environ.get("RANK", "0") == "0":
+        result = task.run(cfg, out=out, resume=resume, overwrite=overwrite, progress=RichProgress())
+        if result is not None:  # the main process reports
             _report_pretrain(result)
 
 
@@ -168,14 +162,15 @@ def benchmark(
     with errors_as_messages(verbose=verbose):
         import json
 
-        from simclr_cli.engine import benchmark as task
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import benchmark as task
 
         flags = {
             "model.arch": arch, "model.width": width, "augment.image_size": image_size, "train.batch_size": batch_size,
             "train.compile": compile_, "train.device": device, "train.precision": precision, "data.workers": workers,
             "data.root": str(data_root) if data_root else None,
         }
-        cfg = _pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=None)
+        cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags)
         result = task.run(cfg, steps=steps, warmup=warmup, repeats=repeats, baseline=baseline,
                           report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
         if as_json:
@@ -201,76 +196,21 @@ def benchmark(
         show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each, median of {r.repeats} round(s)", rows)
 
 
-def _pretrain_config(*, data, preset, sets, flags, resume_from: Path | None):
-    """The run's config: the one a --gpus parent resolved, or defaults < preset < --set < flags (a resumed
-    run's own config replacing defaults and preset)."""
-    from simclr_cli import config
-    from simclr_cli.engine import rundir
-    from simclr_cli.engine.errors import ConfigError
-    from simclr_cli.engine.pretrain import PretrainConfig
-
-    resolved_file = os.environ.get(launcher.RESOLVED_CONFIG_ENV)
-    if resolved_file:  # a worker started by --gpus
-        return config.from_dict(PretrainConfig, config.load_yaml(Path(resolved_file)))
-    saved = None
-    if resume_from is not None:
-        saved_file = rundir.RunDir(resume_from).config
-        if not saved_file.is_file():
-            raise ConfigError(f"{resume_from} has no config.yaml, so it is not a run folder to resume; check --out")
-        saved = config.load_yaml(saved_file)
-    return config.resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
-
-
-def _plot_embedding(result, *, method: str) -> None:
-    import numpy as np
-
-    from simclr_cli.engine import embed, plots
-
-    vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)
-    names = embed.read_paths(result.paths_file)
-    # images in subfolders are coloured by their top-level folder (a class-per-folder tree shows its classes)
-    labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
-    path = plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
-                                thumbnails=[result.folder / name for name in names], method=method)
-    console.print(f"map: {path}")
-
-
-@contextlib.contextmanager
-def _workers_or_group(gpus: int | None, device: str | None):
-    """With --gpus N (and no launcher around us), start N workers running this same command and yield None;
-    otherwise join the process group the environment describes (none for one process) and yield its World."""
-    from simclr_cli.engine import distributed
-    from simclr_cli.engine.device import resolve_device
+def _launched(gpus: int | None, device: str | None) -> bool:
+    """With --gpus N (and no launcher around us), run this same command in N worker processes and return True;
+    otherwise False: this process does the work (joining the process group the environment describes)."""
     from simclr_cli.engine.errors import ConfigError
 
     procs = gpus or 1
     if procs < 1:
         raise ConfigError(f"--gpus {procs} must be >= 1")
-    if procs > 1 and not launcher.launched_externally():
-        _check_gpu_count(device or "auto", procs)
-        code = launcher.launch(sys.argv[1:], procs=procs)
-        if code:
-            raise typer.Exit(code)
-        yield None
-        return
-    world = distributed.from_environment()
-    distributed.init(world, device_type=resolve_device(device or "auto").type)
-    distributed.setup_logging_filter(world)
-    try:
-        yield world
-    finally:
-        distributed.shutdown()
-
-
-def _check_gpu_count(device: str, procs: int) -> None:
-    import torch
-
-    from simclr_cli.engine.errors import ConfigError
-
-    if device in ("auto", "cuda") and torch.cuda.is_available() and procs > torch.cuda.device_count():
-        raise ConfigError(f"--gpus {procs} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many")
-    if device == "auto" and not torch.cuda.is_available():
-        console.print(f"no GPU found: starting {procs} CPU processes (gloo)")
+    if procs == 1 or launcher.launched_externally():
+        return False
+    launcher.check_gpu_count(device or "auto", procs, say=console.print)
+    code = launcher.launch(sys.argv[1:], procs=procs)
+    if code:
+        raise typer.Exit(code)
+    return True
 
 
 def _report_pretrain(result) -> None:
@@ -287,50 +227,21 @@ def _report_pretrain(result) -> None:
         console.print(f"  simclr {command}", highlight=False, soft_wrap=True)
 
 
-def _open_for_eval(
-    checkpoint: Path | None, *, random_init: bool, seed: int, data: str | None, train: Path | None, val: Path | None,
-    data_root: Path | None, download: bool, device: str | None, precision: str | None,
-):
-    """The pieces every evaluation needs: the encoder (or its random-init twin), labelled splits, the runtime."""
-    from simclr_cli.engine import data as datasets, device as devices, features, rundir
-
-    path = rundir.resolve_checkpoint(checkpoint)
-    console.print(f"checkpoint: {path}{' (architecture only: --random-init)' if random_init else ''}")
-    encoder = features.open_encoder(path, random_init=random_init, seed=seed)
-    if data is None and train is None:
-        data = _pretraining_dataset(encoder)
-    splits = datasets.labelled_splits(data, train=train, val=val, root=data_root, download=download)
-    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-    return path, encoder, splits, rt
-
-
-def _pretraining_dataset(encoder) -> str | None:
-    """The named dataset the encoder was pretrained on: the natural default for evaluating it."""
-    from simclr_cli.engine.data import NAMED_DATASETS
-
-    source = (encoder.info.config.get("data") or {}).get("source")
-    if source in NAMED_DATASETS:
-        console.print(f"data: {source} (the encoder's pretraining data; pass --data to choose)")
-        return source
-    return None
-
-
-def _workers(workers: int | None, rt) -> int:
-    from simclr_cli.engine.pretrain import default_workers
-
-    return workers if workers is not None else default_workers(rt.device, decoding=True)  # eval decodes with PIL
-
-
-def _finish_eval(result, *, data: str, out_dir: Path, title: str, rows: list[tuple[str, str]]) -> None:
-    from simclr_cli.engine.results import write_results
-
-    path = write_results(out_dir, {**result.to_dict(), "data": data})
+def _show_evaluation(done, *, title: str, rows: list[tuple[str, str]]) -> None:
     show_table(title, rows)
-    console.print(f"results: {path}")
+    console.print(f"results: {done.results_file}")
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _eval_flags(*, data, train, val, data_root, download, random_init, batch_size, workers, seed, device, precision) -> dict:
+    """The options every labelled evaluation shares, as config keys (None: not given)."""
+    return {"data": data, "train": str(train) if train else None, "val": str(val) if val else None,
+            "data_root": str(data_root) if data_root else None, "download": download,
+            "random_init": random_init or None, "batch_size": batch_size, "workers": workers, "seed": seed,
+            "device": device, "precision": precision}
 
 
 @app.command("linear-eval")
@@ -339,12 +250,13 @@ def linear_eval(
     data: options.Data = None,
     train: options.TrainDir = None,
     val: options.ValDir = None,
-    protocol: Annotated[str, typer.Option(help="cached: a linear layer trained to convergence (L-BFGS) on features computed once (fast, standard). "
-                                          "paper: SimCLR's protocol, SGD with crop + flip for 90/100 epochs.")] = "cached",
+    protocol: Annotated[str | None, typer.Option(help="cached (default): a linear layer trained to convergence (L-BFGS) on features "
+                                                 "computed once (fast, standard). paper: SimCLR's protocol, SGD with crop + flip "
+                                                 "for 90/100 epochs.")] = None,
     layer: options.Layer = None,
     epochs: options.Epochs = None,
     lr: options.Lr = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.LinearEvalBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -352,34 +264,32 @@ def linear_eval(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: options.EvalOut = None,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Linear evaluation: a linear classifier on the frozen encoder's features; reports top-1/top-5 on val."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import linear_eval as task, rundir
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import linear_eval as task
 
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        cfg = task.LinearEvalConfig(protocol=protocol, layer=layer or "encoder", epochs=epochs, seed=seed or 0,
-                                    batch_size=batch_size or 256, workers=_workers(workers, rt))
-        if lr is not None:
-            cfg.lr = lr
-        out_dir = out or rundir.default_eval_dir(path, "linear-eval")
-        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
-                          out_dir=out_dir, progress=RichProgress() if world.is_main else None)
-        if not world.is_main:
+        flags = {"protocol": protocol, "layer": layer, "epochs": epochs, "lr": lr, **_eval_flags(
+            data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("linear_eval", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"linear eval ({result.protocol}) on {splits.name}", rows=[
-            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
-            ("train / val images", f"{result.train_images} / {result.val_images}"), ("classifier", str(result.classifier)),
-            ("confusion matrix", str(result.confusion_plot or "in results.json (install matplotlib for a picture)")),
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        _show_evaluation(done, title=f"linear eval ({r.protocol}) on {done.data}", rows=[
+            ("top-1", _pct(r.top1)), ("top-5", _pct(r.top5)),
+            ("train / val images", f"{r.train_images} / {r.val_images}"), ("classifier", str(r.classifier)),
+            ("confusion matrix", str(r.confusion_plot or "in results.json (install matplotlib for a picture)")),
         ])
 
 
@@ -391,11 +301,11 @@ def knn(
     val: options.ValDir = None,
     k: Annotated[str | None, typer.Option("-k", "--k", help="Neighbours, one or several in one pass: -k 10,20,200. "
                                           "Default 200 (20 below 10,000 training images), or 5 for retrieval.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = 0.1,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = None,
     index: Annotated[Path | None, typer.Option("--index", help="Retrieval mode: a .npy written by `simclr embed`.")] = None,
     query: Annotated[Path | None, typer.Option("--query", help="Retrieval mode: an image or a folder of images to look up in --index.")] = None,
     layer: options.Layer = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.ExtractBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -403,6 +313,8 @@ def knn(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Evaluation: results folder (default <checkpoint folder>/eval/knn-<timestamp>/). "
                                              "Retrieval: a .csv or .json file for the matches (default: a table).")] = None,
     gpus: options.Procs = None,
@@ -410,34 +322,43 @@ def knn(
 ) -> None:
     """Weighted kNN accuracy of the encoder's features (Wu et al. 2018), or nearest-image retrieval with --index/--query."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import knn as task, rundir
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
         from simclr_cli.engine.errors import ConfigError
 
         ks = _parse_ks(k)
         if (index is None) != (query is None):
             raise ConfigError("retrieval needs both --index VECS.npy and --query IMAGE_OR_DIR")
         if index is not None:
-            if world.world_size > 1:
-                raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
-            _retrieve(checkpoint, index=index, query=query, k=ks[0] if ks else 5, layer=layer, batch_size=batch_size,
-                      device=device, precision=precision, workers=workers, out=out)
+            from simclr_cli.engine.tasks import retrieval
+
+            flags = {"k": ks[0] if ks else None, "layer": layer, "batch_size": batch_size, "workers": workers,
+                     "device": device, "precision": precision}
+            cfg = config.resolve_task("retrieval", preset=preset, sets=set_, flags=flags)
+            if _launched(gpus, cfg.device):
+                return
+            matches = retrieval.run(cfg, index=index, query=query, checkpoint=checkpoint, out=out)
+            if out is not None:
+                console.print(f"matches: {out}")
+                return
+            for match in matches:
+                show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
             return
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        cfg = task.KnnConfig(k=ks or (task.default_k(len(splits.train)),), temperature=temperature, layer=layer or "encoder",
-                             batch_size=batch_size or 256, workers=_workers(workers, rt))
-        out_dir = out or rundir.default_eval_dir(path, "knn")
-        result = task.run(cfg, encoder, splits.train, splits.val, rt=rt, progress=RichProgress() if world.is_main else None)
-        if not world.is_main:
+        from simclr_cli.engine.tasks import knn as task
+
+        flags = {"k": ks or None, "temperature": temperature, "layer": layer, **_eval_flags(
+            data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("knn", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in result.scores]
-        rows.append(("train / val images", f"{result.train_images} / {result.val_images}"))
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"kNN (T={temperature}) on {splits.name}", rows=rows)
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        rows = [(f"k={s.k_used}", f"top-1 {_pct(s.top1)}   top-5 {_pct(s.top5)}") for s in r.scores]
+        rows.append(("train / val images", f"{r.train_images} / {r.val_images}"))
+        _show_evaluation(done, title=f"kNN (T={r.temperature}) on {done.data}", rows=rows)
 
 
 def _parse_ks(text: str | None) -> tuple[int, ...]:
@@ -451,41 +372,23 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
         raise ConfigError(f"-k {text!r} is not a list of whole numbers; write e.g. -k 20 or -k 10,20,200") from None
 
 
-def _retrieve(checkpoint, *, index: Path, query: Path, k: int, layer, batch_size, device, precision, workers, out) -> None:
-    """Embed the query images with the index's encoder and layer, then list each one's nearest indexed images."""
-    from simclr_cli.engine import device as devices, features, retrieval, rundir
-
-    meta = retrieval.index_metadata(index)
-    path = checkpoint or (Path(meta["checkpoint"]) if meta.get("checkpoint") else rundir.resolve_checkpoint(None))
-    encoder = features.open_encoder(path)
-    rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-    matches = retrieval.search(
-        encoder, index=index, query=query, k=k, layer=layer or meta.get("layer", "encoder"), batch_size=batch_size or 256,
-        workers=_workers(workers, rt), rt=rt,
-    )
-    if out is not None:
-        retrieval.write_matches(matches, out)
-        console.print(f"matches: {out}")
-        return
-    for match in matches:
-        show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
-
-
 @app.command()
 def finetune(
     checkpoint: options.Checkpoint = None,
     data: options.Data = None,
     train: options.TrainDir = None,
     val: options.ValDir = None,
-    label_fraction: Annotated[float, typer.Option(help="Class-balanced fraction of the training labels: 0.01 and 0.1 are the paper's settings.")] = 1.0,
+    label_fraction: Annotated[float | None, typer.Option(help="Class-balanced fraction of the training labels: 0.01 and 0.1 are "
+                                                         "the paper's settings (default 1).")] = None,
     label_file: Annotated[Path | None, typer.Option(help="Train only on the images this file lists (one path a line, relative to the train "
                                                    "folder), e.g. the published ImageNet 1%/10% subsets.")] = None,
-    from_head_layer: Annotated[int, typer.Option(help="0: fine-tune from h (v1); 1: through the first projection-head layer (SimCLRv2).")] = 0,
-    optimizer: Annotated[str, typer.Option(help="sgd (v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = "sgd",
+    from_head_layer: Annotated[int | None, typer.Option(help="0 (default): fine-tune from h (v1); 1: through the first projection-head "
+                                                        "layer (SimCLRv2).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd (default; v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = None,
     init: options.Init = None,
     epochs: options.Epochs = None,
     lr: options.Lr = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.FinetuneBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
     download: options.Download = None,
@@ -493,35 +396,31 @@ def finetune(
     precision: options.Precision = None,
     workers: options.Workers = None,
     seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     out: options.EvalOut = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
-        from simclr_cli.engine import finetune as task, rundir
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import finetune as task
 
-        path, encoder, splits, rt = _open_for_eval(
-            checkpoint, random_init=random_init, seed=seed or 0, data=data, train=train, val=val,
-            data_root=data_root, download=bool(download), device=device, precision=precision,
-        )
-        if init is not None:  # the checkpoint gives the architecture and transform, --init the starting weights
-            from simclr_cli.engine import weights
-
-            report = weights.init_encoder(encoder.model, init)
-            console.print(f"initialised from {report.source} ({report.layout}): {report.loaded} tensors")
-            if report.note:
-                console.print(f"[yellow]note:[/] {report.note}", highlight=False)
-        cfg = task.FinetuneConfig(label_fraction=label_fraction, label_file=label_file, from_head_layer=from_head_layer,
-                                  epochs=epochs, batch_size=batch_size or 256, optimizer=optimizer, lr=lr, seed=seed or 0,
-                                  workers=_workers(workers, rt))
-        out_dir = out or rundir.default_eval_dir(path, "finetune")
-        result = task.run(cfg, encoder, splits.train, splits.val, num_classes=len(splits.classes), rt=rt,
-                          out_dir=out_dir, progress=RichProgress(), train_root=train)
-        _finish_eval(result, data=splits.name, out_dir=out_dir, title=f"fine-tuning on {splits.name}", rows=[
-            ("top-1", _pct(result.top1)), ("top-5", _pct(result.top5)),
-            ("labelled / train images", f"{result.labelled_images} / {result.train_images}"),
-            ("val images", str(result.val_images)), ("model", str(result.finetuned)),
+        flags = {"label_fraction": label_fraction, "label_file": str(label_file) if label_file else None,
+                 "from_head_layer": from_head_layer, "optimizer": optimizer, "init": str(init) if init else None,
+                 "epochs": epochs, "lr": lr, **_eval_flags(
+                     data=data, train=train, val=val, data_root=data_root, download=download, random_init=random_init,
+                     batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("finetune", preset=preset, sets=set_, flags=flags)
+        done = task.run(cfg, checkpoint=checkpoint, out=out, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        _show_evaluation(done, title=f"fine-tuning on {done.data}", rows=[
+            ("top-1", _pct(r.top1)), ("top-5", _pct(r.top5)),
+            ("labelled / train images", f"{r.labelled_images} / {r.train_images}"),
+            ("val images", str(r.val_images)), ("model", str(r.finetuned)),
         ])
 
 
@@ -531,47 +430,44 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = False,
-    batch_size: options.BatchSize = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = None,
+    batch_size: options.ExtractBatchSize = None,
     device: options.Device = None,
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    plot: Annotated[bool, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = False,
-    plot_method: Annotated[str, typer.Option(help="pca | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = "pca",
+    plot: Annotated[bool | None, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = None,
+    plot_method: Annotated[str | None, typer.Option(help="pca (default) | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and
     listed in VECS.bad_files.jsonl)."""
     setup_logging(verbose=verbose)
-    with errors_as_messages(verbose=verbose), _workers_or_group(gpus, device) as world:
-        if world is None:
-            return
-        from simclr_cli.engine import badfiles, data, device as devices, embed as task, features, retrieval, rundir
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import embed as task
 
-        path = rundir.resolve_checkpoint(checkpoint)
-        console.print(f"checkpoint: {path}")
-        encoder = features.open_encoder(path)
-        rt = devices.runtime(device=device or "auto", precision=precision or "auto")
-        result = task.run(
-            encoder, folder, out=out, layer=layer or "encoder", normalize=normalize, batch_size=batch_size or 256,
-            workers=_workers(workers, rt), rt=rt, progress=RichProgress() if world.is_main else None, overwrite=overwrite,
-            on_bad_image=on_bad_image or "skip",
-            max_bad_fraction=badfiles.DEFAULT_MAX_BAD_FRACTION if max_bad_fraction is None else max_bad_fraction,
-            max_image_pixels=data.DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
-        )
-        if not world.is_main:
+        flags = {"layer": layer, "normalize": normalize, "batch_size": batch_size, "workers": workers, "device": device,
+                 "precision": precision, "plot": plot, "plot_method": plot_method, "on_bad_image": on_bad_image,
+                 "max_bad_fraction": max_bad_fraction, "max_image_pixels": max_image_pixels}
+        cfg = config.resolve_task("embed", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
             return
-        retrieval.write_index_metadata(result)
-        if plot:
-            _plot_embedding(result, method=plot_method)
+        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, progress=RichProgress())
+        if done is None:
+            return
+        r = done.result
+        if done.map is not None:
+            console.print(f"map: {done.map}")
         show_table(f"embedded {folder}", [
-            ("rows x dim", f"{result.rows} x {result.dim}"), ("vectors", str(result.out)), ("paths", str(result.paths_file)),
-            ("skipped files", str(len(result.skipped))),
+            ("rows x dim", f"{r.rows} x {r.dim}"), ("vectors", str(r.out)), ("paths", str(r.paths_file)),
+            ("skipped files", str(len(r.skipped))),
         ])
 
 
@@ -588,10 +484,12 @@ def export(
     """Export the encoder's weights for use outside simclr (torchvision, plain safetensors, ONNX)."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
-        from simclr_cli.engine import export as task
+        from simclr_cli import config
+        from simclr_cli.engine.configs import ExportConfig
+        from simclr_cli.engine.tasks import export as task
 
-        result = task.export(checkpoint, to=to, out=out or task.default_out(checkpoint, to=to), overwrite=overwrite,
-                             include_fc=include_fc)
+        cfg = config.typed(ExportConfig, {"to": to, "include_fc": include_fc}, where="export")
+        result = task.run(cfg, checkpoint=checkpoint, out=out, overwrite=overwrite)
         show_table(f"exported {result.architecture} ({result.target})", [
             ("file", str(result.out)), ("tensors", str(result.tensors)), ("parameters", f"{result.parameters:,}"),
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
@@ -610,14 +508,15 @@ def info(
     with errors_as_messages(verbose=verbose):
         import json
 
-        from simclr_cli.engine import info as task, rundir
+        from simclr_cli.engine.tasks import info as task
 
-        described = task.describe(rundir.resolve_checkpoint(checkpoint))
+        described = task.run(checkpoint)
         if as_json:
             typer.echo(json.dumps(described.to_dict(), indent=2, default=str))
             return
         rows = [
             ("kind", described.kind),
+            ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
                              f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),

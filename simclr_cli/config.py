@@ -1,7 +1,9 @@
-"""Typed configs from dicts: presets, overrides, validation, and back to plain data.
+"""Every command's typed config (engine/configs.py) resolved from defaults, a preset, --set and flags.
 
-Precedence is stated once, here: built-in dataclass defaults < preset YAML < explicit flags.
-Unknown keys and wrongly typed values are errors naming the key and the fix.
+Precedence is stated once, here: built-in dataclass defaults < preset YAML < --set < explicit flags. A preset's
+top-level keys are the pretraining sections (data:, model:, ...) and one section per other command (knn:,
+linear_eval:, ...); each command reads its own. Unknown keys and wrongly typed values are errors naming the key
+and the fix. The "auto" values that follow the data's name come from engine/defaults.py, merged under the preset.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.plain import to_plain
 
 T = TypeVar("T")
 
@@ -110,15 +113,6 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain, YAML/JSON-ready data (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -134,6 +128,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: one or more
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(args[0], v, key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' must be a list of {len(args)} numbers, got {_describe(value)}")
@@ -166,9 +164,6 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-# Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
-NATIVE_IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
-DEFAULT_IMAGE_SIZE = 224
 DEMO_PRESET = "demo"
 
 
@@ -193,20 +188,101 @@ def resolve_pretrain(
 
     `saved` (a resumed run's own config) replaces defaults and preset, so a resume changes only what is typed.
     """
-    from simclr_cli.engine.pretrain import PretrainConfig  # lazy: keeps `simclr --help` free of torch
+    from simclr_cli.engine import defaults
+    from simclr_cli.engine.configs import PretrainConfig  # lazy: keeps `simclr --help` free of torch
 
     if saved is not None:
         if preset is not None:
             raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its own config")
         base = saved
     else:
-        base = to_dict(PretrainConfig())
-        base["augment"]["image_size"] = NATIVE_IMAGE_SIZES.get(data or "digits", DEFAULT_IMAGE_SIZE)
+        base = merge(to_plain(PretrainConfig()), defaults.for_data(data))
         if preset is None and data is None:
             preset = DEMO_PRESET
         if preset is not None:
-            base = merge(base, load_yaml(preset_path(preset)))
+            base = merge(base, _pretraining_sections(load_yaml(preset_path(preset))))
     merged = merge(merge(base, parse_sets(sets)), nest(flags))
     if data is not None:
         merged = merge(merged, {"data": {"source": data}})
     return from_dict(PretrainConfig, merged)
+
+
+def pretrain_config(*, data: str | None, preset: str | None, sets: list[str] | None, flags: dict[str, Any],
+                    resume_from: Path | None = None):
+    """The run's config: the one a --gpus parent resolved, or defaults < preset < --set < flags (a resumed
+    run's own config replacing defaults and preset)."""
+    from simclr_cli import launcher
+    from simclr_cli.engine.configs import PretrainConfig
+    from simclr_cli.engine.rundir import RunDir
+
+    resolved_file = launcher.resolved_config_file()
+    if resolved_file is not None:  # a worker started by --gpus
+        return from_dict(PretrainConfig, load_yaml(resolved_file))
+    saved = None
+    if resume_from is not None:
+        saved_file = RunDir(resume_from).config
+        if not saved_file.is_file():
+            raise ConfigError(f"{resume_from} has no config.yaml, so it is not a run folder to resume; check --out")
+        saved = load_yaml(saved_file)
+    return resolve_pretrain(data=data, preset=preset, sets=sets, flags=flags, saved=saved)
+
+
+def resumed_run_folder(out: Path | None) -> Path:
+    """The run folder --resume continues: --out, or runs/latest."""
+    from simclr_cli.engine import rundir
+
+    return (out or rundir.RUNS / rundir.LATEST).resolve()
+
+
+def check_pretrain(cfg) -> None:
+    """Raise the ConfigError a pretraining run would, without running it (what needs no machine or data)."""
+    from simclr_cli.engine import defaults
+
+    defaults.resolve_sizes(cfg)
+
+
+def resolve_task(section: str, *, preset: str | None, sets: list[str] | None, flags: dict[str, Any]):
+    """An evaluation or inference command's config (configs.TASK_CONFIGS[section]), validated: defaults < the preset's
+    `<section>:` mapping < `--set <section>.KEY=VALUE` < flags (keyed without the section)."""
+    from simclr_cli.engine.configs import TASK_CONFIGS, PretrainConfig  # lazy: keeps `simclr --help` free of torch
+
+    cls = TASK_CONFIGS[section]
+    base = to_plain(cls())
+    if preset is not None:
+        recipe = load_yaml(preset_path(preset))
+        known = {f.name for f in dataclasses.fields(PretrainConfig)} | set(TASK_CONFIGS)
+        unknown = sorted(set(recipe) - known)
+        if unknown:  # a typo is an error for every command, not only for the one that reads that section
+            raise ConfigError(f"unknown config key '{unknown[0]}'; valid keys: {', '.join(sorted(known))}")
+        base = merge(base, _mapping(recipe.get(section), section))
+    overrides = parse_sets(sets)
+    other = sorted(set(overrides) - {section})
+    if other:
+        raise ConfigError(f"unknown config key '{other[0]}'; this command's keys are {section}.* (e.g. --set {section}.batch_size=128)")
+    merged = merge(merge(base, _mapping(overrides.get(section), section)), nest(flags))
+    cfg = from_dict(cls, merged, where=section)
+    cfg.validate()
+    return cfg
+
+
+def _mapping(value: Any, section: str) -> dict[str, Any]:
+    """A command's section of a preset or of --set: a mapping of its keys (absent: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{section}' must be a mapping of its keys (e.g. {section}: {{batch_size: 128}}), got {_describe(value)}")
+    return value
+
+
+def _pretraining_sections(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A preset without the sections other commands read (knn:, linear_eval:, ...); those commands check them."""
+    from simclr_cli.engine.configs import TASK_CONFIGS
+
+    return {key: value for key, value in recipe.items() if key not in TASK_CONFIGS}
+
+
+def typed(cls: type[T], flags: dict[str, Any], *, where: str) -> T:
+    """A command's config from its flags alone (no preset, no --set: `export` has nothing to tune), validated."""
+    cfg = from_dict(cls, nest(flags), where=where)
+    cfg.validate()
+    return cfg

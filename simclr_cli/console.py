@@ -41,9 +41,9 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
         if verbose:
             console.print_exception()
         if isinstance(exc, Stopped):  # asked to stop (SIGTERM, Ctrl-C) and saved: exit 128 + the signal
-            console.print(f"[yellow]{_one_line(exc)}[/]", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]{_message(exc)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        console.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -112,7 +112,7 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-def _one_line(exc: BaseException) -> str:
+def _message(exc: BaseException) -> str:
     """The message itself: an error raised in a DataLoader worker arrives wrapped with the worker's traceback,
     whose last line is the original "module.ErrorClass: message"."""
     text = str(exc)

@@ -18,7 +18,42 @@ DEFAULT_MASTER_PORT = 29500
 
 def launched_externally() -> bool:
     """True inside a torchrun/SLURM worker: the world is already set up and `--gpus` must not launch again."""
-    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    from simclr_cli.engine.distributed import launched_externally  # lazy: keeps `simclr --help` free of torch
+
+    return launched_externally()
+
+
+def resolved_config_file() -> Path | None:
+    """In a worker started by `launch(config=...)`: the resolved config its parent wrote."""
+    value = os.environ.get(RESOLVED_CONFIG_ENV)
+    return Path(value) if value else None
+
+
+def check_gpu_count(device: str, procs: int, *, say=print) -> None:
+    """Refuse more processes than GPUs; without a GPU, say that the processes run on the CPU."""
+    import torch
+
+    from simclr_cli.engine.errors import ConfigError
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and procs > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {procs} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many")
+    if device == "auto" and not torch.cuda.is_available():
+        say(f"no GPU found: starting {procs} CPU processes (gloo)")
+
+
+def launch_pretrain(cfg, *, out: Path | None, resume: bool, overwrite: bool, verbose: bool, procs: int, nodes: int,
+                    node_rank: int, master_addr: str | None, master_port: int | None, say=print) -> int:
+    """`simclr pretrain` in `procs` workers on this node, all writing to one run folder (a new runs/<timestamp>/
+    unless `out` is given), all using the config resolved here."""
+    from simclr_cli.engine import rundir
+    from simclr_cli.engine.plain import to_plain
+
+    check_gpu_count(cfg.train.device, procs, say=say)
+    out = (out or rundir.default_run_dir()).resolve()
+    command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
+               *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
+    return launch(command, config=to_plain(cfg), procs=procs, nodes=nodes, node_rank=node_rank,
+                  master_addr=master_addr, master_port=master_port)
 
 
 def launch(

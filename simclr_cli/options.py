@@ -36,6 +36,18 @@ Precision = Annotated[
 BatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch of images (each gives 2 views). Larger batches mean more negatives.")
 ]
+ExtractBatchSize = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="Images per forward pass while computing features (default 256); "
+                             "lower it when memory runs out. The result does not depend on it.")
+]
+LinearEvalBatchSize = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="paper protocol: the classifier's training batch B (lr x B/256); "
+                             "cached: images per forward pass while computing features. Default 256.")
+]
+FinetuneBatchSize = Annotated[
+    int | None, typer.Option("--batch-size", "-b", help="Labelled images per training step (the lr scales with it; capped at "
+                             "the labelled subset), and per forward pass when evaluating. Default 256.")
+]
 Workers = Annotated[
     int | None, typer.Option("--workers", "-j", help="Data loading processes. Default: chosen from the machine (0 on 2-core CPUs).")
 ]

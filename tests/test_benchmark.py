@@ -7,7 +7,9 @@ import json
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import benchmark
+from simclr_cli.engine import defaults
+from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.tasks import benchmark
 
 KEYS = {"model_images_per_s", "pretrain_images_per_s", "data_views_per_s_per_core", "data_wait_fraction", "peak_rss_mb"}
 TINY = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--device", "cpu",
@@ -48,10 +50,10 @@ def test_the_pretrain_measurement_leaves_no_files_behind(image_folder, tmp_path,
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
-    cfg = benchmark.pretrain.PretrainConfig()
+    cfg = PretrainConfig()
     cfg.data.source, cfg.data.workers = str(image_folder), 0
     cfg.model.arch, cfg.model.width, cfg.augment.image_size = "resnet18", 0.25, 16
     cfg.train.batch_size, cfg.train.device, cfg.train.precision = 8, "cpu", "fp32"
-    rate, wait, growth = benchmark.pretrain_images_per_s(cfg.resolved(), steps=2, warmup=1)
+    rate, wait, growth = benchmark.pretrain_images_per_s(defaults.resolve_sizes(cfg), steps=2, warmup=1)
     assert rate > 0 and 0 <= wait <= 1
     assert list(scratch.iterdir()) == []

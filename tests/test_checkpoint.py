@@ -14,10 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from simclr_cli.engine import checkpoint
+from simclr_cli.engine import checkpoint, files
 from simclr_cli.engine.checkpoint import (
     EncoderInfo,
-    atomic_write,
     check_state_dict,
     load,
     load_encoder,
@@ -27,6 +26,7 @@ from simclr_cli.engine.checkpoint import (
     save_train_state,
 )
 from simclr_cli.engine.errors import CheckpointError, OutputError
+from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.optim import OptimConfig, build_optimizer
 
@@ -83,7 +83,7 @@ def test_atomic_write_goes_through_a_temp_file_in_the_same_folder(tmp_path, monk
 
     replaced = []
     real_replace = os.replace
-    monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: (replaced.append((Path(src), Path(dst))), real_replace(src, dst)))
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (replaced.append((Path(src), Path(dst))), real_replace(src, dst)))
     atomic_write(target, write)
     assert replaced == [(seen["tmp"], target)]
     assert target.read_text() == "new"
@@ -561,7 +561,7 @@ def test_atomic_write_refused_by_the_machine_keeps_the_old_file(tmp_path, monkey
             raise OSError(code, os.strerror(code))
 
     if where != "write":
-        monkeypatch.setattr(checkpoint.os, where, failing(code))
+        monkeypatch.setattr(files.os, where, failing(code))
     with pytest.raises(OutputError) as err:
         atomic_write(target, write)
     monkeypatch.undo()
@@ -572,7 +572,7 @@ def test_atomic_write_refused_by_the_machine_keeps_the_old_file(tmp_path, monkey
 
 
 def test_atomic_write_of_a_new_file_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.os, "fsync", failing(errno.ENOSPC))
+    monkeypatch.setattr(files.os, "fsync", failing(errno.ENOSPC))
     with pytest.raises(OutputError) as err:
         atomic_write(tmp_path / "metrics.jsonl", lambda tmp: tmp.write_text("x"))
     assert str(err.value) == (
@@ -583,7 +583,7 @@ def test_atomic_write_of_a_new_file_on_a_full_disk_leaves_nothing(tmp_path, monk
 
 def test_atomic_write_into_a_read_only_folder(tmp_path, monkeypatch):
     # tests run as root, whom chmod does not stop: the read-only file system is simulated where the temp file is made
-    monkeypatch.setattr(checkpoint.os, "open", failing(errno.EROFS))
+    monkeypatch.setattr(files.os, "open", failing(errno.EROFS))
     with pytest.raises(OutputError, match=r"read-only file system; pass an --out on a writable disk \(nothing was written\)$"):
         atomic_write(tmp_path / "f.txt", lambda tmp: tmp.write_text("x"))
     monkeypatch.undo()
@@ -610,7 +610,7 @@ def test_safetensors_running_out_of_space_is_an_output_error(tmp_path, monkeypat
 
 
 def test_other_write_errors_are_not_dressed_up(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.os, "replace", failing(errno.EXDEV))
+    monkeypatch.setattr(files.os, "replace", failing(errno.EXDEV))
     with pytest.raises(OSError) as err:
         atomic_write(tmp_path / "f.txt", lambda tmp: tmp.write_text("x"))
     assert not isinstance(err.value, OutputError) and err.value.errno == errno.EXDEV
@@ -619,10 +619,10 @@ def test_other_write_errors_are_not_dressed_up(tmp_path, monkeypatch):
 
 def test_writing_turns_a_full_disk_into_one_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    with pytest.raises(OutputError) as err, checkpoint.writing(log, kept="earlier lines are intact"):
+    with pytest.raises(OutputError) as err, files.writing(log, kept="earlier lines are intact"):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
     assert str(err.value) == f"cannot write {log}: disk quota exceeded; free space or pass another --out (earlier lines are intact)"
-    with pytest.raises(ValueError), checkpoint.writing(log, kept=""):
+    with pytest.raises(ValueError), files.writing(log, kept=""):
         raise ValueError("a bug stays a bug")
 
 

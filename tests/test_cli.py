@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import pretrain as task
+from simclr_cli.engine.tasks import pretrain as task
 
 runner = CliRunner()
 
@@ -222,3 +222,93 @@ def test_progress_bar_shows_images_per_second_and_data_wait(data_wait, monkeypat
     text = screen.export_text()
     assert "123.4 img/s" in text and "loss 5.2500" in text
     assert ("data wait 25%" if data_wait else "data wait -") in text
+
+
+# --- one entry per command: --batch-size, --preset/--set for every command, --method ---------------------------------
+
+
+def _plain(text: str) -> str:
+    """Help text without the panel borders and line breaks rich adds."""
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("command", ["knn", "linear-eval", "finetune", "embed"])
+def test_batch_size_help_is_true_for_each_command(command):
+    shown = _plain(runner.invoke(app, [command, "--help"]).output)
+    assert "--batch-size" in shown
+    assert "2 views" not in shown and "negatives" not in shown  # what pretraining's batch means, not this command's
+    assert "2 views" in _plain(runner.invoke(app, ["pretrain", "--help"]).output)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["pretrain", "--batch-size", "0"], "train.batch_size must be >= 2"),
+        (["knn", "--batch-size", "0"], "knn.batch_size 0 must be a whole number >= 1"),
+        (["linear-eval", "--batch-size", "0"], "linear_eval.batch_size 0 must be a whole number >= 1"),
+        (["finetune", "--batch-size", "0"], "finetune.batch_size 0 must be a whole number >= 1"),
+        (["embed", "somewhere", "-o", "v.npy", "--batch-size", "0"], "embed.batch_size 0 must be a whole number >= 1"),
+        (["knn", "--index", "v.npy", "--query", "q.png", "--batch-size", "0"], "retrieval.batch_size 0 must be a whole number >= 1"),
+    ],
+)
+def test_batch_size_0_is_an_error_everywhere(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert expected in one_line_error(runner.invoke(app, args))
+
+
+@pytest.fixture
+def knn_captured(monkeypatch):
+    """The knn task replaced by a recorder of the config the CLI resolved."""
+    from simclr_cli.engine.tasks import knn as knn_task
+
+    calls = []
+    monkeypatch.setattr(knn_task, "run", lambda cfg, **kwargs: calls.append(cfg))
+    return calls
+
+
+def test_eval_commands_take_presets_and_sets_with_the_same_precedence(knn_captured, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  arch: resnet18\nknn:\n  k: [7]\n  batch_size: 32\n  temperature: 0.3\n")
+    result = runner.invoke(app, ["knn", "--preset", str(recipe), "--set", "knn.temperature=0.2", "--set", "knn.k=[9, 11]",
+                                 "-k", "5"])
+    assert result.exit_code == 0, result.output
+    cfg = knn_captured[0]
+    assert cfg.k == (5,)  # a flag beats --set, which beats the preset
+    assert cfg.temperature == 0.2 and cfg.batch_size == 32  # --set beats the preset; the preset beats the default
+    assert cfg.workers is None and cfg.layer == "encoder"  # untouched defaults ("auto" workers until the run opens)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["knn", "--set", "model.arch=resnet18"], "unknown config key 'model'; this command's keys are knn.*"),
+        (["knn", "--set", "knn.neighbours=5"], "unknown config key 'knn.neighbours'; valid keys in knn:"),
+        (["linear-eval", "--set", "linear_eval.protocol=magic"], "linear_eval.protocol 'magic' is not supported"),
+        (["embed", "x", "-o", "v.npy", "--set", "embed.layer=fc"], "embed.layer 'fc' is not one of"),
+    ],
+)
+def test_eval_sets_are_checked_like_pretrains(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert expected in one_line_error(runner.invoke(app, args))
+
+
+def test_a_preset_with_eval_sections_still_pretrains_and_typos_are_caught(captured, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  epochs: 3\nknn:\n  k: [20]\nlinear_eval:\n  protocol: paper\n")
+    runner.invoke(app, ["pretrain", "--preset", str(recipe)])
+    assert captured[0]["cfg"].train.epochs == 3  # the evaluation sections are for the evaluation commands
+    recipe.write_text("knnn:\n  k: [20]\n")
+    assert "unknown config key 'knnn'" in one_line_error(runner.invoke(app, ["knn", "--preset", str(recipe)]))
+
+
+def test_pretrain_method_defaults_to_simclr_and_names_only_known_methods(captured, tmp_path):
+    runner.invoke(app, ["pretrain"])
+    assert captured[0]["cfg"].train.method == "simclr"
+    runner.invoke(app, ["pretrain", "--method", "simclr"])
+    assert captured[1]["cfg"].train.method == "simclr"
+
+
+def test_an_unknown_method_is_one_line(tmp_path):
+    result = runner.invoke(app, ["pretrain", "--method", "moco", "--out", str(tmp_path / "run")])
+    assert "method 'moco' is not supported; choose one of simclr" in one_line_error(result)
+    assert not (tmp_path / "run").exists()

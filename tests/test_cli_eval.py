@@ -235,3 +235,22 @@ def test_finetune_init_loads_torchvision_weights(encoder_file, labelled, tmp_pat
     bad.write_bytes(b"not a torch file")
     refused = runner.invoke(app, ["finetune", str(encoder_file), "--data", str(labelled), "--init", str(bad), *COMMON])
     assert refused.exit_code == 2 and "refuses to load it" in refused.output
+
+
+def test_info_names_the_method(encoder_file):
+    table = runner.invoke(app, ["info", str(encoder_file)])
+    assert table.exit_code == 0, table.output
+    assert any("method" in line and "simclr" in line for line in table.output.splitlines())
+    described = json.loads(runner.invoke(app, ["info", str(encoder_file), "--json"]).stdout)
+    assert described["method"] == "simclr"
+
+
+def test_knn_reads_its_section_of_a_preset(encoder_file, labelled, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("knn:\n  k: [4]\n  temperature: 0.2\n")
+    result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "--preset", str(recipe),
+                                 "--set", "knn.batch_size=3", *[a for a in COMMON if a not in ("--batch-size", "8")],
+                                 "--out", str(tmp_path / "knn")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert saved["k"] == [4] and saved["temperature"] == 0.2

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from simclr_cli.config import from_dict, load_yaml, merge, nest, parse_sets, preset_names, preset_path, resolve_pretrain, to_dict
+from simclr_cli.config import from_dict, load_yaml, merge, nest, parse_sets, preset_names, preset_path, resolve_pretrain
+from simclr_cli.engine.plain import to_plain
 from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import ModelConfig
 from simclr_cli.engine.optim import OptimConfig
-from simclr_cli.engine.pretrain import PretrainConfig
+from simclr_cli.engine import defaults
+from simclr_cli.engine.configs import PretrainConfig
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 SHIPPED = ["cifar10", "demo", "imagenet", "stl10"]
@@ -59,7 +61,7 @@ def test_every_shipped_preset_is_a_valid_runnable_recipe(name):
     path = preset_path(name)
     assert path.read_text(encoding="utf-8").startswith("# "), "a preset starts with a comment saying what it reproduces"
     cfg = from_dict(PretrainConfig, load_yaml(path))
-    cfg.resolved()  # validates every section
+    defaults.resolve_sizes(cfg)  # validates every section
 
 
 # --- load_yaml -------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_to_dict_is_plain_data_and_round_trips():
         augment=AugmentConfig(image_size=16, crop_scale=(0.3, 1.0), blur_p=0.0),
         optim=OptimConfig(name="adamw", lr=0.01),
     )
-    plain = to_dict(cfg)
+    plain = to_plain(cfg)
     assert plain["augment"]["crop_scale"] == [0.3, 1.0]
     assert plain["augment"]["mean"] == [0.485, 0.456, 0.406]
     assert plain["model"] == {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128}
@@ -299,7 +301,7 @@ NO_FLAGS: dict = {}
 
 def test_no_data_and_no_preset_is_the_demo_preset():
     cfg = resolve_pretrain(data=None, preset=None, sets=None, flags=NO_FLAGS)
-    assert cfg == from_dict(PretrainConfig, merge(to_dict(PretrainConfig()), load_yaml(PRESETS / "demo.yaml")))
+    assert cfg == from_dict(PretrainConfig, merge(to_plain(PretrainConfig()), load_yaml(PRESETS / "demo.yaml")))
     assert cfg.data.source == "digits"
     assert (cfg.model.arch, cfg.model.width, cfg.augment.image_size, cfg.train.epochs) == ("resnet18", 0.5, 16, 15)
     assert cfg.optim.weight_decay == 1e-6
@@ -351,7 +353,7 @@ def test_an_explicit_preset_replaces_the_demo_default():
     cfg = resolve_pretrain(data=None, preset="cifar10", sets=None, flags=NO_FLAGS)
     assert cfg == from_dict(
         PretrainConfig,
-        merge(merge(to_dict(PretrainConfig()), {"augment": {"image_size": 32}}), load_yaml(PRESETS / "cifar10.yaml")),
+        merge(merge(to_plain(PretrainConfig()), {"augment": {"image_size": 32}}), load_yaml(PRESETS / "cifar10.yaml")),
     )
 
 
@@ -367,7 +369,7 @@ def test_set_with_wrong_type_is_an_error_naming_it():
 
 
 def test_saved_config_replaces_defaults_and_preset():
-    saved = to_dict(
+    saved = to_plain(
         PretrainConfig(
             model=ModelConfig(arch="resnet18", width=0.25, stem="small"),
             augment=AugmentConfig(image_size=16),
@@ -384,6 +386,42 @@ def test_saved_config_replaces_defaults_and_preset():
 
 def test_preset_with_saved_config_is_an_error():
     with pytest.raises(ConfigError) as err:
-        resolve_pretrain(data=None, preset="demo", sets=None, flags=NO_FLAGS, saved=to_dict(PretrainConfig()))
+        resolve_pretrain(data=None, preset="demo", sets=None, flags=NO_FLAGS, saved=to_plain(PretrainConfig()))
     assert str(err.value) == "--preset cannot be combined with --resume: a resumed run keeps its own config"
 
+
+
+@pytest.mark.parametrize(("recipe", "sets"), [("knn: 5\n", None), ("train:\n  epochs: 3\n", ["knn=5"])])
+def test_a_commands_section_must_be_a_mapping(recipe, sets, tmp_path):
+    from simclr_cli.config import resolve_task
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ConfigError, match=r"^'knn' must be a mapping of its keys"):
+        resolve_task("knn", preset=str(path), sets=sets, flags={})
+
+
+def test_every_command_reads_its_own_section_of_one_preset(tmp_path):
+    from simclr_cli.config import resolve_task
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  epochs: 3\nknn:\n  k: [10, 20]\nlinear_eval:\n  protocol: paper\nembed:\n  normalize: true\n")
+    assert resolve_task("knn", preset=str(path), sets=None, flags={}).k == (10, 20)
+    assert resolve_task("linear_eval", preset=str(path), sets=None, flags={}).protocol == "paper"
+    assert resolve_task("embed", preset=str(path), sets=None, flags={}).normalize is True
+    assert resolve_task("finetune", preset=str(path), sets=None, flags={}).label_fraction == 1.0  # no section: defaults
+    assert resolve_pretrain(data=None, preset=str(path), sets=None, flags={}).train.epochs == 3
+
+
+@pytest.mark.parametrize("name", ["cifar10", "demo", "imagenet", "stl10"])
+def test_a_presets_header_states_the_temperature_it_sets(name):
+    """Presets are recipes people trust: the tau the header names is the one the file sets (stl10 once called 0.2
+    "the CIFAR temperature", which is 0.5)."""
+    import re
+
+    path = preset_path(name)
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    stated = re.search(r"(?:tau|temperature) (\d+(?:\.\d+)?)", header)
+    assert "CIFAR temperature" not in header
+    if stated:
+        assert float(stated[1]) == from_dict(PretrainConfig, load_yaml(path)).train.temperature

@@ -14,23 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine.data import (
-    CIFAR_BINARY,
-    IMAGE_EXTENSIONS,
-    NAMED_DATASETS,
-    EpochSampler,
-    ImageFiles,
-    LabelledImages,
-    decode_image,
-    digits,
-    digits_split_indices,
-    find_images,
-    labelled_folder,
-    named_dataset,
-    pretrain_dataset,
-    printable_path,
-    scan_folder,
-)
+from simclr_cli.engine.cifar import CIFAR_BINARY
+from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledImages, digits, digits_split_indices, labelled_folder, named_dataset, pretrain_dataset
+
+from simclr_cli.engine.images import IMAGE_EXTENSIONS, ImageFiles, decode_image, find_images, printable_path, scan_folder
+
+from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.errors import DataError
 
 
@@ -600,7 +589,7 @@ def _class_tree(root, classes=("cat", "dog"), per_class=2):
 
 
 def test_labelled_splits_from_a_folder_with_train_and_val_or_test(tmp_path):
-    from simclr_cli.engine.data import labelled_splits
+    from simclr_cli.engine.datasets import labelled_splits
 
     _class_tree(tmp_path / "d" / "train")
     _class_tree(tmp_path / "d" / "test", per_class=1)
@@ -611,7 +600,7 @@ def test_labelled_splits_from_a_folder_with_train_and_val_or_test(tmp_path):
 
 
 def test_labelled_splits_from_train_and_val_flags_and_named(tmp_path):
-    from simclr_cli.engine.data import labelled_splits
+    from simclr_cli.engine.datasets import labelled_splits
 
     splits = labelled_splits(None, train=_class_tree(tmp_path / "a"), val=_class_tree(tmp_path / "b", per_class=1))
     assert (len(splits.train), len(splits.val)) == (4, 2)
@@ -629,7 +618,7 @@ def test_labelled_splits_from_train_and_val_flags_and_named(tmp_path):
     ],
 )
 def test_labelled_splits_errors(tmp_path, layout, kwargs, message):
-    from simclr_cli.engine.data import labelled_splits
+    from simclr_cli.engine.datasets import labelled_splits
 
     folder = tmp_path / "d"
     if layout in ("train-only", "mismatch"):

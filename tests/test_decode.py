@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from simclr_cli.engine.data import ACCEPTED_FORMATS, BACKGROUND, DEFAULT_MAX_PIXELS, decode_image
+from simclr_cli.engine.images import ACCEPTED_FORMATS, BACKGROUND, DEFAULT_MAX_PIXELS, decode_image
 from simclr_cli.engine.errors import BadImage, DataError
 
 

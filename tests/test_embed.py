@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from conftest import write_hostile_folder
 from multiprocess import run_on_two_processes
 from simclr_cli.cli import app
-from simclr_cli.engine import embed, features
+from simclr_cli.engine import features, index
+from simclr_cli.engine.tasks import embed
 from simclr_cli.engine.badfiles import MIN_SEEN, BadFiles
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
-from simclr_cli.engine.data import DEFAULT_MAX_PIXELS, ImageFiles
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, ImageFiles
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.model import ModelConfig, build_model
@@ -67,7 +68,7 @@ def folder(tmp_path) -> Path:
 
 def run(encoder, folder, out, **kwargs):
     kwargs.setdefault("batch_size", 2)
-    return embed.run(encoder, folder, out=out, layer=kwargs.pop("layer", "encoder"), rt=CPU, **kwargs)
+    return embed.embed_folder(encoder, folder, out=out, layer=kwargs.pop("layer", "encoder"), rt=CPU, **kwargs)
 
 
 def expected_rows(encoder, folder: Path, names: list[str]) -> torch.Tensor:
@@ -77,7 +78,7 @@ def expected_rows(encoder, folder: Path, names: list[str]) -> torch.Tensor:
 def test_rows_follow_the_sidecar_order(encoder, folder, tmp_path):
     out = tmp_path / "out" / "vecs.npy"
     result = run(encoder, folder, out)
-    names = embed.read_paths(result.paths_file)
+    names = index.read_paths(result.paths_file)
     assert result.paths_file == tmp_path / "out" / "vecs.paths.txt"
     assert names == ["a0.png", "b.png", "a/x.png", "a/y.jpg", "c/d/z.png"]  # find_images: a folder's files, then its subfolders
     rows = np.load(out)
@@ -107,7 +108,7 @@ def test_undecodable_files_are_skipped_and_reported(encoder, folder, tmp_path):
     assert set(skipped) == {"a/xx.png", "empty.jpg", "c/d/bad.png"}
     assert all(reason for reason in skipped.values())
     assert skipped["empty.jpg"] == "empty file (0 bytes)" and skipped["a/xx.png"] == "not an image"
-    names = embed.read_paths(result.paths_file)
+    names = index.read_paths(result.paths_file)
     assert names == ["a0.png", "b.png", "a/x.png", "a/y.jpg", "c/d/z.png"]
     rows = np.load(out)
     assert rows.shape == (5, 128) and result.rows == 5
@@ -171,7 +172,7 @@ def test_odd_file_names_round_trip_or_are_reported(encoder, tmp_path):
     except OSError:
         pytest.skip("this file system refuses such names")
     result = run(encoder, root, tmp_path / "v.npy")
-    names = embed.read_paths(result.paths_file)
+    names = index.read_paths(result.paths_file)
     assert [os.fsencode(n) for n in names] == [b"caf\xe9.png", b"plain.png"]
     assert (root / names[0]).is_file()  # the sidecar's name opens the original file
     assert b"caf\xe9.png\n" in result.paths_file.read_bytes()
@@ -193,7 +194,7 @@ def test_a_non_utf8_bad_file_round_trips_through_the_report_and_the_log(encoder,
     (entry,) = read_report(result.bad_files)
     assert os.fsencode(entry["path"]) == raw and entry["reason"] == "not an image"  # the exact bytes, from JSON
     assert "\\xff\\xfe.jpg: not an image" in caplog.text  # shown as escapes, not a surrogate that breaks the log
-    assert embed.read_paths(result.paths_file) == ["plain.png"]
+    assert index.read_paths(result.paths_file) == ["plain.png"]
 
 
 def test_worker_processes_give_the_same_rows(encoder, folder, tmp_path):
@@ -213,9 +214,9 @@ def _two_rank_worker(world, checkpoint: str, jobs: str) -> None:
     for job in json.loads(jobs):
         if job["expected"] is None:  # nothing decodable: every rank stops with the one-process error
             with pytest.raises(DataError, match="2 of 2 images could not be decoded"):
-                embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+                embed.embed_folder(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
             continue
-        result = embed.run(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
+        result = embed.embed_folder(encoder, Path(job["folder"]), out=Path(job["out"]), batch_size=2, rt=CPU)
         got = result.to_dict()
         for key in ("rows", "dim", "layer", "normalize", "checkpoint", "skipped", "skipped_folders"):
             assert got[key] == job["expected"][key], key  # on every rank, not only the one that wrote the files
@@ -242,7 +243,7 @@ def test_two_ranks_write_the_one_process_files_byte_for_byte(encoder, folder, tm
     for result in (one, one_clean):
         out = two / result.out.name
         assert out.read_bytes() == result.out.read_bytes()  # fp32 on the CPU, same batches: identical rows
-        assert embed.paths_file_for(out).read_bytes() == result.paths_file.read_bytes()
+        assert index.paths_file_for(out).read_bytes() == result.paths_file.read_bytes()
     # rank 0 lists the other rank's bad files too, in the one-process order
     assert (two / "vecs.bad_files.jsonl").read_bytes() == one.bad_files.read_bytes()
     assert [e["path"] for e in read_report(two / "broken.bad_files.jsonl")] == [str(broken / "a.png"), str(broken / "b.png")]
@@ -357,7 +358,7 @@ def test_embed_completes_on_a_hostile_folder_and_names_every_skipped_file(encode
     out = tmp_path / "out" / "v.npy"
     result = runner.invoke(app, ["embed", str(root), "-o", str(out), "-c", str(encoder.source), *COMMON])
     assert result.exit_code == 0, result.output
-    assert embed.read_paths(embed.paths_file_for(out)) == decoded  # rows only for decoded images, in walk order
+    assert index.read_paths(index.paths_file_for(out)) == decoded  # rows only for decoded images, in walk order
     assert np.load(out).shape == (len(decoded), 128)
     output = squeezed(result.output)
     for name, reason in skipped.items():
@@ -409,8 +410,8 @@ def test_embed_max_image_pixels(encoder, tmp_path):
     limited = runner.invoke(app, [*args, "-o", str(tmp_path / "a.npy"), "--max-image-pixels", "300"])
     assert limited.exit_code == 0, limited.output
     assert squeezed(f"skipping {root / 'big.png'}: 18x18 = 324 px exceeds the 300 px limit") in squeezed(limited.output)
-    assert embed.read_paths(tmp_path / "a.paths.txt") == ["small.png"]
+    assert index.read_paths(tmp_path / "a.paths.txt") == ["small.png"]
     unlimited = runner.invoke(app, [*args, "-o", str(tmp_path / "b.npy"), "--max-image-pixels", "0"])
     assert unlimited.exit_code == 0, unlimited.output
     assert squeezed("the decompression-bomb limit is off") in squeezed(unlimited.output)
-    assert embed.read_paths(tmp_path / "b.paths.txt") == ["big.png", "small.png"]
+    assert index.read_paths(tmp_path / "b.paths.txt") == ["big.png", "small.png"]

@@ -11,10 +11,10 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from simclr_cli.engine import export as export_module
+from simclr_cli.engine.tasks import export as export_module
 from simclr_cli.engine.checkpoint import EncoderInfo, load, save_encoder
 from simclr_cli.engine.errors import CheckpointError, ConfigError
-from simclr_cli.engine.export import TARGETS, default_out, export
+from simclr_cli.engine.tasks.export import TARGETS, default_out, export
 from simclr_cli.engine.model import ModelConfig, ResNet, build_model
 
 MEAN = (0.5, 0.4, 0.3)

@@ -11,12 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import checkpoint, features, finetune
+from simclr_cli.engine import checkpoint, features
+
+from simclr_cli.engine.tasks import finetune
 from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
-from simclr_cli.engine.data import LabelledImages, labelled_folder
+from simclr_cli.engine.datasets import LabelledImages, labelled_folder
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
-from simclr_cli.engine.finetune import FinetuneConfig, class_balanced_subset, label_file_subset, load_finetuned
+from simclr_cli.engine.configs import FinetuneConfig
+from simclr_cli.engine.tasks.finetune import class_balanced_subset, label_file_subset, load_finetuned
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.supervised import evaluate, eval_loader
 
@@ -115,7 +118,7 @@ def test_run_with_a_label_file(tmp_path: Path, encoder_file: Path, train_folder:
     listed = tmp_path / "labels.txt"
     listed.write_text("blue/0.png\nblue/1.png\nred/0.png\nred/2.png\n", encoding="utf-8")
     cfg = FinetuneConfig(label_file=listed, epochs=1, batch_size=4)
-    result = finetune.run(cfg, features.open_encoder(encoder_file), train, train, num_classes=2, rt=RT,
+    result = finetune.evaluate(cfg, features.open_encoder(encoder_file), train, train, num_classes=2, rt=RT,
                           out_dir=tmp_path / "out")  # train_root defaults to the images' common folder
     assert result.labelled_images == 4 and result.train_images == 6 and result.label_fraction == pytest.approx(4 / 6)
     assert result.settings["label_file"] == str(listed) and result.settings["label_fraction"] is None
@@ -136,7 +139,7 @@ def test_finetune_end_to_end_saves_a_file_that_reloads_with_the_same_predictions
     before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     train, val = solid_colours(4, seed=1), solid_colours(2, seed=2)
     cfg = FinetuneConfig(label_fraction=0.5, epochs=2, batch_size=3, lr=0.5)
-    result = finetune.run(cfg, encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path / "out")
+    result = finetune.evaluate(cfg, encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path / "out")
 
     d = result.to_dict()
     assert d["train_images"] == 12 and d["labelled_images"] == 6 and d["val_images"] == 6
@@ -166,7 +169,7 @@ def test_finetune_end_to_end_saves_a_file_that_reloads_with_the_same_predictions
 def test_finetune_from_head_layer_1_with_lars_learns_the_colours(tmp_path, encoder_file):
     train, val = solid_colours(4, seed=1), solid_colours(2, seed=2)
     cfg = FinetuneConfig(from_head_layer=1, optimizer="lars", lr=0.1, epochs=3, batch_size=6)
-    result = finetune.run(cfg, features.open_encoder(encoder_file), train, val, num_classes=3, rt=RT, out_dir=tmp_path)
+    result = finetune.evaluate(cfg, features.open_encoder(encoder_file), train, val, num_classes=3, rt=RT, out_dir=tmp_path)
     assert result.settings["peak_lr"] == pytest.approx(0.1 * 6**0.5)  # v2 scaling: lr x sqrt(B)
     assert result.top1 == 1.0
     assert load_finetuned(result.finetuned)[1].extra["from_head_layer"] == 1
@@ -194,7 +197,7 @@ def test_bad_config_values_are_named(change, field):
 
 def test_from_head_layer_past_the_hidden_layers_is_refused(tmp_path, encoder_file):
     with pytest.raises(ConfigError, match="from_head_layer 2"):
-        finetune.run(FinetuneConfig(from_head_layer=2), features.open_encoder(encoder_file), solid_colours(2, seed=0),
+        finetune.evaluate(FinetuneConfig(from_head_layer=2), features.open_encoder(encoder_file), solid_colours(2, seed=0),
                      solid_colours(1, seed=1), num_classes=3, rt=RT, out_dir=tmp_path)
 
 

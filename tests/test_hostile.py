@@ -20,7 +20,7 @@ from conftest import write_images
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import checkpoint, weights
+from simclr_cli.engine import checkpoint, files, weights
 from simclr_cli.engine.errors import CheckpointError
 from simclr_cli.engine.model import ModelConfig, build_model
 
@@ -317,7 +317,7 @@ def test_export_to_a_full_disk_writes_nothing(good, tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     line = the_error(runner.invoke(app, ["export", str(good), "--to", "safetensors-encoder", "-o", str(out)]))
     assert line == f"error: cannot write {out}: no space left on device; free space or pass another --out (nothing was written)"
     assert files_under(out.parent) == []
@@ -344,14 +344,14 @@ def raising(exc: BaseException):
     ],
 )
 def test_an_escaping_os_error_is_one_line_naming_the_path(good, monkeypatch, exc, expected):
-    from simclr_cli.engine import info
+    from simclr_cli.engine.tasks import info
 
     monkeypatch.setattr(info, "describe", raising(exc))
     assert the_error(runner.invoke(app, ["info", str(good)])) == expected
 
 
 def test_verbose_shows_the_traceback_of_an_escaping_os_error(good, monkeypatch):
-    from simclr_cli.engine import info
+    from simclr_cli.engine.tasks import info
 
     monkeypatch.setattr(info, "describe", raising(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")))
     result = runner.invoke(app, ["info", str(good), "--verbose"])
@@ -369,7 +369,7 @@ def test_verbose_shows_the_traceback_of_a_bad_checkpoint(tmp_path):
 
 
 def test_other_os_errors_are_still_reported_as_bugs(good, monkeypatch):
-    from simclr_cli.engine import info
+    from simclr_cli.engine.tasks import info
 
     monkeypatch.setattr(info, "describe", raising(OSError(errno.EBADF, "Bad file descriptor")))
     result = runner.invoke(app, ["info", str(good)])

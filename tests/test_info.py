@@ -10,7 +10,7 @@ import torch
 
 from simclr_cli.engine.checkpoint import EncoderInfo, save, save_encoder
 from simclr_cli.engine.errors import CheckpointError
-from simclr_cli.engine.info import describe, find_evaluations
+from simclr_cli.engine.tasks.info import describe, find_evaluations
 from simclr_cli.engine.model import ModelConfig, build_model
 
 CONFIG = {"model": {"arch": "resnet18"}, "train": {"epochs": 3, "global_batch_size": 64}, "data": {"source": "digits"}}
@@ -121,3 +121,12 @@ def test_a_results_file_that_is_not_an_object_is_listed_with_its_error(tmp_path)
     path = write_results(tmp_path / "eval" / "knn-20250101-000000", "[0.5]")
     (record,) = find_evaluations(tmp_path)
     assert (record.path, record.command, record.top1, record.error) == (path, "knn", None, "not a JSON object")
+
+
+def test_describe_names_the_method_and_older_files_are_simclr(tmp_path):
+    path, _ = saved(tmp_path)  # CONFIG has no train.method: written before methods had names
+    described = describe(path)
+    assert described.method == "simclr" and described.to_dict()["method"] == "simclr"
+    info = EncoderInfo(model=ModelConfig(), image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
+                       config={"train": {"method": "moco"}}, epoch=0, step=0)
+    assert info.method == "moco"  # what the run's config names

@@ -10,12 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import checkpoint, features, linear_eval
+from simclr_cli.engine import checkpoint, features
+
+from simclr_cli.engine.tasks import linear_eval
 from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
-from simclr_cli.engine.data import LabelledImages
+from simclr_cli.engine.datasets import LabelledImages
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
-from simclr_cli.engine.linear_eval import LinearEvalConfig, fit_linear, load_classifier
+from simclr_cli.engine.configs import LinearEvalConfig
+from simclr_cli.engine.tasks.linear_eval import fit_linear, load_classifier
 from simclr_cli.engine.model import ModelConfig, build_model
 
 RT = runtime(device="cpu", precision="fp32")
@@ -101,7 +104,7 @@ def test_cached_protocol_end_to_end(tmp_path: Path, encoder_file: Path):
     encoder = features.open_encoder(encoder_file)
     before = snapshot(encoder.model)
     train, val = solid_colours(3, 8, seed=1), solid_colours(3, 4, seed=2)
-    result = linear_eval.run(LinearEvalConfig(), encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path / "out")
+    result = linear_eval.evaluate(LinearEvalConfig(), encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path / "out")
     assert result.top1 == 1.0 and result.top5 is None  # separable colours; < 5 classes: no top-5
     assert_unchanged(before, encoder.model)
     d = result.to_dict()
@@ -141,7 +144,7 @@ def test_cached_confusion_matches_the_classifiers_predictions(tmp_path: Path, en
     train, val = solid_colours(4, 6, seed=1), solid_colours(4, 5, seed=2)
     # 6 val images relabelled as the next class, so the matrix has off-diagonal cells and uneven rows
     val = LabelledImages([(image, (label + 1) % 4) for image, label in val.samples[:6]] + val.samples[6:], val.classes)
-    result = linear_eval.run(LinearEvalConfig(), encoder, train, val, num_classes=4, rt=RT, out_dir=tmp_path)
+    result = linear_eval.evaluate(LinearEvalConfig(), encoder, train, val, num_classes=4, rt=RT, out_dir=tmp_path)
     head, _ = load_classifier(result.classifier)
     labels = features.labels_of(val).tolist()
     predicted = head(features.extract(encoder, val, rt=RT)).argmax(1).tolist()
@@ -155,7 +158,7 @@ def test_cached_confusion_matches_the_classifiers_predictions(tmp_path: Path, en
 def test_confusion_png_is_written_when_matplotlib_is_installed(tmp_path: Path, encoder_file: Path):
     pytest.importorskip("matplotlib")
     encoder = features.open_encoder(encoder_file)
-    result = linear_eval.run(LinearEvalConfig(), encoder, solid_colours(3, 4, seed=1), solid_colours(3, 2, seed=2),
+    result = linear_eval.evaluate(LinearEvalConfig(), encoder, solid_colours(3, 4, seed=1), solid_colours(3, 2, seed=2),
                              num_classes=3, rt=RT, out_dir=tmp_path / "out")
     assert result.confusion_plot == tmp_path / "out" / "confusion.png"
     assert result.confusion_plot.read_bytes().startswith(b"\x89PNG")
@@ -165,7 +168,7 @@ def test_confusion_png_is_written_when_matplotlib_is_installed(tmp_path: Path, e
 def test_no_confusion_png_without_matplotlib(tmp_path: Path, encoder_file: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(linear_eval.plots, "available", lambda: False)
     encoder = features.open_encoder(encoder_file)
-    result = linear_eval.run(LinearEvalConfig(), encoder, solid_colours(2, 4, seed=1), solid_colours(2, 2, seed=2),
+    result = linear_eval.evaluate(LinearEvalConfig(), encoder, solid_colours(2, 4, seed=1), solid_colours(2, 2, seed=2),
                              num_classes=2, rt=RT, out_dir=tmp_path)
     assert result.confusion_plot is None and result.to_dict()["confusion_plot"] is None
     assert not (tmp_path / "confusion.png").exists() and result.confusion == [[2, 0], [0, 2]]
@@ -174,7 +177,7 @@ def test_no_confusion_png_without_matplotlib(tmp_path: Path, encoder_file: Path,
 def test_cached_protocol_reports_top5_with_five_or_more_classes(tmp_path: Path, encoder_file: Path):
     encoder = features.open_encoder(encoder_file)
     train, val = solid_colours(6, 4, seed=1), solid_colours(6, 2, seed=2)
-    result = linear_eval.run(LinearEvalConfig(), encoder, train, val, num_classes=6, rt=RT, out_dir=tmp_path)
+    result = linear_eval.evaluate(LinearEvalConfig(), encoder, train, val, num_classes=6, rt=RT, out_dir=tmp_path)
     assert result.top1 == 1.0 and result.top5 == 1.0
 
 
@@ -184,7 +187,7 @@ def test_paper_protocol_end_to_end_keeps_the_encoder_frozen(tmp_path: Path, enco
     before = snapshot(encoder.model)
     train, val = solid_colours(3, 8, seed=1), solid_colours(3, 4, seed=2)
     cfg = LinearEvalConfig(protocol="paper", epochs=3, batch_size=8, lr=20.0)  # big lr: 3 short epochs
-    result = linear_eval.run(cfg, encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path)
+    result = linear_eval.evaluate(cfg, encoder, train, val, num_classes=3, rt=RT, out_dir=tmp_path)
     assert_unchanged(before, encoder.model)
     assert result.top1 == 1.0 and result.top5 is None
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -219,7 +222,7 @@ def test_bad_config_values_are_named(change, field):
 def test_head2_is_refused_for_a_two_layer_head(tmp_path: Path, encoder_file: Path):
     encoder = features.open_encoder(encoder_file)
     with pytest.raises(ConfigError, match="head2"):
-        linear_eval.run(LinearEvalConfig(layer="head2"), encoder, solid_colours(2, 2, seed=0),
+        linear_eval.evaluate(LinearEvalConfig(layer="head2"), encoder, solid_colours(2, 2, seed=0),
                         solid_colours(2, 1, seed=1), num_classes=2, rt=RT, out_dir=tmp_path)
 
 

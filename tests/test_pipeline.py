@@ -12,7 +12,9 @@ from torch.utils.data import Dataset
 
 from conftest import write_images
 from simclr_cli.engine import memory, pipeline
-from simclr_cli.engine.data import EpochSampler, ImageFiles, pretrain_dataset
+from simclr_cli.engine.datasets import pretrain_dataset
+from simclr_cli.engine.images import ImageFiles
+from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.errors import DataError
 
 

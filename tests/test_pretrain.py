@@ -13,15 +13,18 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_images
-from simclr_cli.engine import checkpoint, rundir
-from simclr_cli.engine import pretrain as task
+from simclr_cli.engine import checkpoint, defaults, rundir
+from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.methods import simclr as simclr_method
+from simclr_cli.engine.model import build_model
+from simclr_cli.engine.tasks import pretrain as task
 from simclr_cli.engine.errors import ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.report import NoProgress, StepStats
 
 
-def tiny_config(folder: Path, **train) -> task.PretrainConfig:
+def tiny_config(folder: Path, **train) -> PretrainConfig:
     """resnet18 at width 0.25 on 16 px views: a few steps take seconds on a CPU."""
-    cfg = task.PretrainConfig()
+    cfg = PretrainConfig()
     cfg.data.source = str(folder)
     cfg.data.workers = 0
     cfg.model.arch, cfg.model.width = "resnet18", 0.25
@@ -118,7 +121,7 @@ def test_resume_refuses_a_changed_recipe(image_folder, tmp_path):
 
 
 def test_non_finite_loss_stops_before_saving_the_bad_step(image_folder, tmp_path, monkeypatch):
-    real = task.nt_xent
+    real = simclr_method.nt_xent
     calls = []
 
     def nan_from_third_step(z1, z2, temperature):
@@ -126,7 +129,7 @@ def test_non_finite_loss_stops_before_saving_the_bad_step(image_folder, tmp_path
         loss = real(z1, z2, temperature)
         return loss * float("nan") if len(calls) >= 3 else loss
 
-    monkeypatch.setattr(task, "nt_xent", nan_from_third_step)
+    monkeypatch.setattr(simclr_method, "nt_xent", nan_from_third_step)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss, match="NaN/inf at step 3"):
         task.run(tiny_config(image_folder, checkpoint_every=1), out=out)
@@ -197,7 +200,7 @@ def test_init_starts_from_another_files_weights(image_folder, tmp_path):
     started = encoder_weights(tmp_path / "run")
     convs = [k for k in source if k.endswith("conv1.weight")]
     assert convs and all(torch.allclose(started[k], source[k], atol=1e-6) for k in convs)
-    fresh = task.build_model(tiny_config(image_folder).resolved().model)
+    fresh = build_model(defaults.resolve_sizes(tiny_config(image_folder)).model)
     assert not torch.allclose(fresh.state_dict()["encoder.conv1.weight"], source["encoder.conv1.weight"])
 
 
@@ -263,7 +266,7 @@ def test_a_mostly_unreadable_folder_stops_the_run(tmp_path):
 
 def nan_at(steps: set[int]):
     """An nt_xent that returns NaN at the given (1-based) calls."""
-    real = task.nt_xent
+    real = simclr_method.nt_xent
     calls = []
 
     def loss(z1, z2, temperature):
@@ -275,7 +278,7 @@ def nan_at(steps: set[int]):
 
 
 def test_on_nonfinite_skip_drops_the_bad_update_and_goes_on(image_folder, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(task, "nt_xent", nan_at({3}))
+    monkeypatch.setattr(simclr_method, "nt_xent", nan_at({3}))
     cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip")
     with caplog.at_level("WARNING", logger="simclr"):
         result = task.run(cfg, out=tmp_path / "run")
@@ -289,7 +292,7 @@ def test_on_nonfinite_skip_drops_the_bad_update_and_goes_on(image_folder, tmp_pa
 def test_on_nonfinite_skip_leaves_the_weights_as_they_were(image_folder, tmp_path, monkeypatch):
     """A dropped update leaves every weight where the previous step put it (BN running statistics aside)."""
     cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip", max_steps=3)
-    monkeypatch.setattr(task, "nt_xent", nan_at({3}))
+    monkeypatch.setattr(simclr_method, "nt_xent", nan_at({3}))
     task.run(cfg, out=tmp_path / "skipped")
     before = load_file(str(tmp_path / "skipped" / "checkpoints" / "step-000000002.safetensors"))
     after = load_file(str(tmp_path / "skipped" / "checkpoints" / "step-000000003.safetensors"))
@@ -298,7 +301,7 @@ def test_on_nonfinite_skip_leaves_the_weights_as_they_were(image_folder, tmp_pat
 
 
 def test_on_nonfinite_skip_gives_up_after_max_skips_in_a_row(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(task, "nt_xent", nan_at({2, 3, 4, 5, 6}))
+    monkeypatch.setattr(simclr_method, "nt_xent", nan_at({2, 3, 4, 5, 6}))
     cfg = tiny_config(image_folder, checkpoint_every=1, on_nonfinite="skip", max_skips=3)
     with pytest.raises(NonFiniteLoss, match=r"3 updates in a row\) became NaN/inf at step 4"):
         task.run(cfg, out=tmp_path / "run")

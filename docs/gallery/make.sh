@@ -16,7 +16,7 @@ simclr linear-eval "$work/demo/encoder.safetensors" --out "$work/lin"
 python -c '
 import sys
 from pathlib import Path
-from simclr_cli.engine.data import digits
+from simclr_cli.engine.datasets import digits
 out = Path(sys.argv[1])
 for i, (image, label) in enumerate(digits("val")):
     (out / str(label)).mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.errors import ConfigError, is_whole_number
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +45,7 @@ class AugmentConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and the fix."""
-        if not _is_int(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
+        if not is_whole_number(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
             raise ConfigError(
                 f"augment.image_size {self.image_size!r} is not valid; use a whole number of pixels "
                 f">= {MIN_IMAGE_SIZE} (e.g. 32 for CIFAR, 96 for STL-10, 224 for ImageNet)"
@@ -67,7 +67,7 @@ class AugmentConfig:
             )
         _check_range("augment.blur_sigma", self.blur_sigma, high=math.inf, example="[0.1, 2.0]")
         kernel = self.blur_kernel
-        if kernel is not None and (not _is_int(kernel) or kernel < 3 or kernel % 2 == 0):
+        if kernel is not None and (not is_whole_number(kernel) or kernel < 3 or kernel % 2 == 0):
             raise ConfigError(
                 f"augment.blur_kernel {self.blur_kernel!r} is not valid; use an odd whole number >= 3 "
                 "(e.g. 23 at 224 px), or leave it unset for 10% of image_size"
@@ -87,7 +87,7 @@ class AugmentConfig:
 
     def resolved(self) -> AugmentConfig:
         """Copy with the size-aware defaults filled in (colour strength, blur probability and kernel)."""
-        if not _is_int(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
+        if not is_whole_number(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
             self.validate()  # raises the image_size message
         small = self.image_size <= SMALL_IMAGE_MAX_SIZE
         color_strength = self.color_strength
@@ -217,8 +217,7 @@ def _check_range(name: str, value: object, *, high: float, example: str) -> None
         raise ConfigError(f"{name} {value!r} is not a valid range; use two numbers 0 < min <= max{bound}, e.g. {example}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+
 
 
 def _is_number(value: object) -> bool:

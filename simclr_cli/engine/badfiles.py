@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from simclr_cli.engine.data import DEFAULT_MAX_PIXELS, printable_path
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, printable_path
 from simclr_cli.engine.errors import ConfigError, DataError
 
 log = logging.getLogger("simclr")

@@ -10,13 +10,9 @@ No pickle: safetensors holds only tensors, the metadata is JSON text.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import re
-import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,73 +22,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from simclr_cli.engine.augment import AugmentConfig
-from simclr_cli.engine.errors import CheckpointError, ConfigError, OutputError
+from simclr_cli.engine.errors import CheckpointError, ConfigError
+from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.model import ModelConfig, SimCLR, build_model
 
 FORMAT = "simclr-cli"
 FORMAT_VERSION = 1
 ENCODER = "encoder"
 TRAIN_STATE = "train-state"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, fsync it, rename it over `path`, fsync the folder.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one. A full disk, a quota,
-    a read-only or forbidden folder raise OutputError naming `path`; the temp file is removed and the old one
-    stays as it was.
-    """
-    path = Path(path)
-    kept = f"the previous {path.name} is intact" if os.path.lexists(path) else "nothing was written"
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not mkstemp: its 0600 mode would survive the rename; created like any file, the umask decides.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = tmp.stat().st_mode & 0o777
-        write(tmp)
-        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave it 0600
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())  # a network file system may report ENOSPC only here
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # on a read-only disk there is nothing to remove
-            tmp.unlink(missing_ok=True)
-        code = _errno_of(exc)
-        if code in OutputError.CAUSES:
-            raise OutputError(path, code, kept=kept) from exc
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def writing(path: Path, *, kept: str) -> Iterator[None]:
-    """For writes that cannot go through `atomic_write` (appending a line to a log): the machine's refusals
-    (full disk, quota, read-only, permissions) as OutputError naming `path` and saying what `kept` is intact."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in OutputError.CAUSES:
-            raise OutputError(path, exc.errno, kept=kept) from exc
-        raise
-
-
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def _errno_of(exc: BaseException) -> int | None:
-    """The errno behind a failed write: an OSError's own, or the one safetensors' Rust writer only puts in its
-    message ("I/O error: No space left on device (os error 28)")."""
-    if isinstance(exc, OSError):
-        return exc.errno
-    if isinstance(exc, SafetensorError):
-        match = _RUST_OS_ERROR.search(str(exc))
-        return int(match[1]) if match else None
-    return None
 
 
 def save(path: Path, tensors: Mapping[str, torch.Tensor], *, kind: str, meta: Mapping[str, Any]) -> None:
@@ -216,21 +153,38 @@ def check_finite(tensors: Mapping[str, torch.Tensor], *, source: Path) -> None:
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], *, source: Path) -> None:
     """Raise naming exactly which keys are missing or extra and which shapes or dtypes differ."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
+    problems = state_dict_problems(expected, found)
+    if problems:
+        raise CheckpointError(f"{source} does not match the model it describes: {'; '.join(problems[:4])}")
+
+
+def state_dict_problems(
+    expected: Mapping[str, torch.Tensor],
+    found: Mapping[str, torch.Tensor],
+    *,
+    optional: Callable[[str], bool] = lambda key: False,
+    foreign: Callable[[str], bool] = lambda key: True,
+    cast_ok: Callable[[torch.Tensor, torch.Tensor], bool] = lambda want, got: want.dtype == got.dtype,
+    unexpected_note: str = "",
+    shape_hint: Callable[[str, torch.Tensor, torch.Tensor], str] = lambda name, want, got: "",
+) -> list[str]:
+    """What keeps `found` from loading strictly into a module whose state dict is `expected`: the missing keys
+    (except `optional` ones), the unexpected keys (those `foreign` claims for this module), and every tensor of
+    another shape, or of a dtype `cast_ok` refuses. The one strict key check of checkpoints and --init weights."""
+    missing = sorted(k for k in expected if k not in found and not optional(k))
+    extra = sorted(k for k in found if k not in expected and foreign(k))
     problems = []
     if missing:
         problems.append(f"missing {few(missing)}")
     if extra:
-        problems.append(f"unexpected {few(extra)}")
+        problems.append(f"unexpected {few(extra)}{unexpected_note}")
     for name in sorted(set(expected) & set(found)):
         want, got = expected[name], found[name]
         if want.shape != got.shape:
-            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-        elif want.dtype != got.dtype:
+            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}{shape_hint(name, want, got)}")
+        elif not cast_ok(want, got):
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model it describes: {'; '.join(problems[:4])}")
+    return problems
 
 
 def few(names: list[str]) -> str:
@@ -247,15 +201,6 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.
             tensor = value if torch.is_tensor(value) else torch.tensor(value)
             out[f"optim/{names[param]}/{buffer}"] = tensor
     return out
-
-
-def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, named: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, torch.Tensor], *, source: Path
-) -> None:
-    """Inverse of `optimizer_tensors`: put each buffer back on its parameter's device (all checked first)."""
-    for param, buffer, value in _optimizer_entries(named, tensors, source=source):
-        device = param.device if value.ndim > 0 else torch.device("cpu")  # scalar steps stay on CPU as torch keeps them
-        optimizer.state[param][buffer] = value.to(device)
 
 
 def _optimizer_entries(
@@ -295,8 +240,16 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)  # what a later stage added (e.g. fine-tuning's classifier)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def method(self) -> str:
+        """The pretraining method that trained the encoder, as its config names it (`train.method`); files written
+        before methods had names were trained with SimCLR."""
+        train = self.config.get("train") if isinstance(self.config, dict) else None
+        return str(train.get("method", "simclr")) if isinstance(train, dict) else "simclr"
+
 
 EXTRA = "extra/"
+METHOD_STATE = "method/"  # a training state's tensors beyond the modules' own (a queue's position, say)
 
 
 def save_encoder(path: Path, model: SimCLR, *, info: EncoderInfo) -> None:
@@ -377,10 +330,12 @@ def save_train_state(
     epoch: int,
     config: dict[str, Any],
     elapsed: float,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything `--resume` needs to continue exactly where this step left off."""
+    """Everything `--resume` needs to continue exactly where this step left off; `extra` is the method's own state."""
     names = {param: name for name, param in model.named_parameters()}
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"{METHOD_STATE}{k}": v for k, v in (extra or {}).items()})
     tensors.update(optimizer_tensors(optimizer, names))
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -390,9 +345,11 @@ def save_train_state(
 
 
 def load_train_state(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    extra: Mapping[str, torch.Tensor] | None = None, restore_extra: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config).
+    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config). The method's own
+    state is checked against `extra` (the state it has now) and handed to `restore_extra`.
 
     Everything is checked before anything is changed: a file refused here leaves model, optimiser, scaler and
     RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly.
@@ -406,8 +363,10 @@ def load_train_state(
             raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
     weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
     check_state_dict(model.state_dict(), weights, source=path)
+    method_state = {k.removeprefix(METHOD_STATE): v for k, v in loaded.tensors.items() if k.startswith(METHOD_STATE)}
+    check_state_dict(dict(extra or {}), method_state, source=path)
     buffers = {k: v for k, v in loaded.tensors.items() if k.startswith("optim/")}
-    check_finite({**weights, **buffers}, source=path)
+    check_finite({**weights, **buffers, **method_state}, source=path)
     rng = {name: loaded.tensors.get(f"rng/{name}") for name in ("torch", "cuda")}
     _check_rng_state(rng["torch"], torch.get_rng_state(), name="rng/torch", source=path)
     if torch.cuda.is_available():
@@ -432,6 +391,8 @@ def load_train_state(
         torch.cuda.set_rng_state(rng["cuda"])
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
+    if restore_extra is not None:
+        restore_extra(method_state)
     return meta
 
 

@@ -6,9 +6,10 @@ Every function is a no-op with one process, so single-device code calls them unc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from simclr_cli.engine.device import resolve_device
 from simclr_cli.engine.errors import ConfigError, SimCLRError
 
 T = TypeVar("T")
@@ -90,6 +92,39 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(env[name])
     except ValueError:
         raise ConfigError(f"environment variable {name}={env[name]!r} is not a whole number; fix or unset it") from None
+
+
+def launched_externally() -> bool:
+    """True inside a torchrun/SLURM worker: the world is already set up and `--gpus` must not launch again."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def restart_count() -> int:
+    """How many times torchrun (--max-restarts) has started this worker again after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def restarted_by_torchrun() -> bool:
+    """True in a worker that torchrun started again after a failure: it should resume."""
+    return restart_count() > 0
+
+
+def local_processes() -> int:
+    """The launcher's processes on this machine (torchrun's LOCAL_WORLD_SIZE), 1 without one."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def context(*, device: str) -> Iterator[World]:
+    """The process group the environment describes (none for one process), joined for the `with` block; every task
+    runs inside one. Logging is filtered to rank 0."""
+    world = from_environment()
+    init(world, device_type=resolve_device(device).type)
+    setup_logging_filter(world)
+    try:
+        yield world
+    finally:
+        shutdown()
 
 
 def init(world: World, *, device_type: str, timeout_s: float = 1800) -> None:

@@ -1,6 +1,8 @@
-"""Errors the CLI shows as one line naming the problem and the fix (no traceback)."""
+"""Errors the CLI shows as one line naming the problem and the fix (no traceback), and the checks behind them."""
 
 import errno
+import math
+import numbers
 
 
 class SimCLRError(Exception):
@@ -65,3 +67,19 @@ class OutputError(SimCLRError):
         cause, fix = self.CAUSES[code]
         super().__init__(f"cannot write {path}: {cause}; {fix} ({kept})")
         self.path, self.errno = path, code
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def is_whole_number(value: object) -> bool:
+    """An int (NumPy's too) that is not a bool: what a config's counts and sizes must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite: what a config's rates and fractions must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -239,3 +239,12 @@ def labels_of(dataset: Dataset) -> Tensor:
     if targets is None:
         targets = [dataset[i][1] for i in range(len(dataset))]
     return torch.as_tensor(list(targets), dtype=torch.long)
+
+
+def num_classes_of(train: Dataset, train_labels: Tensor, val_labels: Tensor) -> int:
+    """The number of classes: the dataset's class list, or the largest label seen plus one."""
+    classes = getattr(train, "classes", None)
+    if classes is None and hasattr(train, "dataset"):  # a Subset
+        classes = getattr(train.dataset, "classes", None)
+    seen = int(torch.cat([train_labels, val_labels]).max()) + 1
+    return max(len(classes), seen) if classes is not None else seen

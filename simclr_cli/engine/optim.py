@@ -172,3 +172,25 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> 
     decay_steps = total_steps - warmup_steps
     progress = (step - warmup_steps) / decay_steps if decay_steps else 1.0
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's learning rate: `warmup_steps` of linear warm-up to `peak_lr`, then cosine decay to 0 at `total_steps`."""
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @classmethod
+    def fit(cls, *, peak_lr: float, steps_per_epoch: int, epochs: int, max_steps: int | None, warmup_epochs: float) -> Schedule:
+        """The schedule of `epochs` epochs, cut to `max_steps` when given (the decay then ends at the shorter run)."""
+        total = steps_per_epoch * epochs
+        if max_steps is not None:
+            total = min(total, max_steps)
+        warmup = warmup_steps_for(warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch, total_steps=total)
+        return cls(peak_lr=peak_lr, warmup_steps=warmup, total_steps=total, steps_per_epoch=steps_per_epoch)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps)

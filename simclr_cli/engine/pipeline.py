@@ -9,6 +9,7 @@ Workers only decode (or copy cached pixels); every random choice is made later, 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Sequence
@@ -20,15 +21,41 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simclr_cli.engine import memory
-from simclr_cli.engine.data import printable_path
-from simclr_cli.engine.errors import BadImage, DataError
+from simclr_cli.engine import badfiles, distributed, memory
+from simclr_cli.engine.errors import BadImage, ConfigError, DataError
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, printable_path
 
 log = logging.getLogger("simclr")
 
 SAMPLE_FOR_ESTIMATE = 64  # images decoded to estimate what the whole dataset takes in memory
 DEFAULT_CACHE_FRACTION = 0.5  # of the memory available at start, shared by the processes on this machine
 BYTES_PER_GB = 1024**3
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # a folder of images, a dataset name, or None for the embedded digits
+    root: str | None = None  # where named datasets are stored
+    download: bool = False
+    workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
+    on_bad_image: str = "skip"  # skip: use the next decodable image and name the bad one; error: stop, naming it
+    decode_side: int | None = None  # decoded images' short side is shrunk to at most this; None = 2x the view size
+    cache_gb: float | None = None  # memory for decoded images kept between epochs; None = half the free memory, 0 = off
+    max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
+
+    def validate(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
+        if self.decode_side is not None and (isinstance(self.decode_side, bool) or not isinstance(self.decode_side, int)
+                                             or self.decode_side < 8):
+            raise ConfigError(f"data.decode_side {self.decode_side!r} must be a whole number of pixels >= 8, or unset for 2x the image size")
+        if self.cache_gb is not None and (isinstance(self.cache_gb, bool) or not isinstance(self.cache_gb, (int, float))
+                                          or not math.isfinite(self.cache_gb) or self.cache_gb < 0):
+            raise ConfigError(f"data.cache_gb {self.cache_gb!r} must be a number of GB >= 0 (0 turns the cache off), or unset")
+        badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
+        if self.on_bad_image not in badfiles.POLICIES:
+            raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
 
 
 def decode_side(image_size: int) -> int:
@@ -114,6 +141,11 @@ class PixelDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def decoding(self) -> bool:
+        """Whether batches decode images (not copy in-memory arrays or a complete cache): what workers are for."""
+        return self.arrays is None and (self.cache is None or not self.cache.complete)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, tuple[Skipped, ...]]:
         skipped = []
@@ -270,4 +302,4 @@ def cache_budget(cache_gb: float | None) -> int:
     training processes (torchrun's LOCAL_WORLD_SIZE)."""
     if cache_gb is not None:
         return int(cache_gb * BYTES_PER_GB)
-    return default_cache_bytes(local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return default_cache_bytes(local_processes=distributed.local_processes())

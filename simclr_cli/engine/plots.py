@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simclr_cli.engine.checkpoint import atomic_write
-from simclr_cli.engine.data import decode_image
+from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.images import decode_image
 from simclr_cli.engine.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

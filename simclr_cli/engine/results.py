@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simclr_cli.engine.checkpoint import atomic_write
+from simclr_cli.engine.files import atomic_write
 
 RESULTS_FILE = "results.json"
 

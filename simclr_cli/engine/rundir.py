@@ -14,8 +14,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from simclr_cli.engine import metrics
 from simclr_cli.engine.errors import ConfigError, OutputError
+from simclr_cli.engine.files import atomic_write
 
 log = logging.getLogger("simclr")
 
@@ -211,6 +216,17 @@ def _holder(path: Path) -> str:
         return f"pid {int(holder['pid'])} on {holder['host']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "pid unknown"  # taken a moment ago: the holder has not written its pid yet
+
+
+def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None) -> None:
+    """Rank 0's bookkeeping before the first step: the config of a new run, or the metrics a resume replays."""
+    if resumed_from is None:
+        text = yaml.safe_dump(config, sort_keys=False)
+        atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    else:
+        metrics.truncate(run_dir.metrics, after_step=resumed_from)
+    if run_dir.root.parent.name == RUNS.name:
+        point_latest(run_dir.root)
 
 
 def point_latest(root: Path) -> None:

@@ -8,7 +8,6 @@ module, labelled-image loaders and top-k accuracy.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +60,10 @@ class LinearClassifier(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.fc((h.float() - self.mean) / self.std)  # (B, num_classes)
+
+# A fine-tuned encoder file keeps its linear head as these extra tensors (read by finetune and export).
+CLASSIFIER_WEIGHT = "classifier.weight"
+CLASSIFIER_BIAS = "classifier.bias"
 
 
 class Classifier(nn.Module):
@@ -263,7 +266,3 @@ def batch_size_for(requested: int, available: int, *, name: str) -> int:
     if available < 2:
         raise DataError(f"the {name} set has {available} image(s); training a classifier needs at least 2")
     return min(requested, available)
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

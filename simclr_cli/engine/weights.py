@@ -266,29 +266,24 @@ def _renamed(tensors: Mapping[str, Tensor], names: Mapping[str, str], path: Path
 
 def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source: Path, layout: str) -> dict[str, Tensor]:
     """The encoder's state dict taken from `found`; CheckpointError naming missing, extra or misshapen keys."""
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent in some exports; harmless
-    missing = sorted(k for k in expected if k not in found and k not in optional)
-    extra = sorted(k for k in found if ENCODER_NAMESPACE.match(k) and k not in expected)
-    problems = []
-    if missing:
-        problems.append(f"missing {checkpoint.few(missing)}")
-    if extra:
-        problems.append(f"unexpected {checkpoint.few(extra)} (a deeper or different ResNet?)")
-    for name in sorted(set(expected) & set(found)):
-        want, got = expected[name], found[name]
-        if not _same_kind(want, got):
-            problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
-        elif want.shape != got.shape:
-            hint = ""
-            if name == "conv1.weight" and want.ndim == got.ndim == 4 and want.shape[2:] != got.shape[2:]:
-                hint = f" (a {got.shape[2]}x{got.shape[3]} stem: set model.stem to match)"
-            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}{hint}")
+    problems = checkpoint.state_dict_problems(
+        expected, found,
+        optional=lambda key: key.endswith("num_batches_tracked"),  # absent in some exports; harmless
+        foreign=lambda key: bool(ENCODER_NAMESPACE.match(key)),  # the rest of a file (a classifier, a head) is not ours
+        cast_ok=_same_kind, unexpected_note=" (a deeper or different ResNet?)", shape_hint=_stem_hint,
+    )
     if problems:
         raise CheckpointError(
             f"{source} ({layout} layout) does not fit this encoder: {'; '.join(problems[:4])}"
             + (f" (+{len(problems) - 4} more problems)" if len(problems) > 4 else "")
         )
     return {k: found[k] if k in found else expected[k] for k in expected}
+
+
+def _stem_hint(name: str, want: Tensor, got: Tensor) -> str:
+    if name == "conv1.weight" and want.ndim == got.ndim == 4 and want.shape[2:] != got.shape[2:]:
+        return f" (a {got.shape[2]}x{got.shape[3]} stem: set model.stem to match)"
+    return ""
 
 
 def _exact(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> dict[str, Tensor] | None:

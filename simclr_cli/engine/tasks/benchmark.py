@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_cli.engine import memory, pipeline, pretrain
+from simclr_cli.engine import defaults, distributed, memory, methods, pipeline, trainer
+
+from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.monitor import MonitorConfig
+from simclr_cli.engine.report import NoProgress
 from simclr_cli.engine.augment import TwoViews
-from simclr_cli.engine.data import EpochSampler
+from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.device import Runtime, available_cpus, runtime
-from simclr_cli.engine.errors import ConfigError, DataError
-from simclr_cli.engine.loss import nt_xent
-from simclr_cli.engine.model import build_model
+from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.optim import build_optimizer, scaled_lr
 from simclr_cli.engine.views import BatchViews
 
@@ -71,7 +73,7 @@ class BenchmarkResult:
         return asdict(self)
 
 
-def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int = 1, baseline: bool = True,
+def run(cfg: PretrainConfig, *, steps: int, warmup: int, repeats: int = 1, baseline: bool = True,
         report: Callable[[str], None] = log.info) -> BenchmarkResult:
     """Measure `cfg` over `steps` timed steps after `warmup` untimed ones, `repeats` times in turn; medians.
 
@@ -80,13 +82,11 @@ def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int =
     """
     if steps < 1 or warmup < 1 or repeats < 1:
         raise ConfigError(f"--steps {steps}, --warmup {warmup} and --repeats {repeats} must all be >= 1")
-    cfg = cfg.resolved()
+    cfg = defaults.resolve_sizes(cfg)
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
-    images = pretrain.source_images(cfg)
-    batch = cfg.train.batch_size or min(pretrain.default_batch_size(rt.device), len(images))
-    if batch > len(images):
-        raise DataError(f"--batch-size {batch} is larger than the dataset ({len(images)} images); lower --batch-size")
-    cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
+    images = trainer.source_images(cfg)
+    cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=1, num_images=len(images))
+    batch = cfg.train.batch_size
 
     rounds: dict[str, list[float]] = {}
     base_workers = available_cpus() if baseline else None
@@ -128,7 +128,7 @@ def run(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int, repeats: int =
     )
 
 
-def model_images_per_s(cfg: pretrain.PretrainConfig, *, rt: Runtime, steps: int, warmup: int) -> float:
+def model_images_per_s(cfg: PretrainConfig, *, rt: Runtime, steps: int, warmup: int) -> float:
     """The SimCLR step (forward, NT-Xent, backward, update) on fixed random views: no data, no augmentation."""
     batch, size = cfg.train.batch_size, cfg.augment.image_size
     update = _Update(cfg, rt, channels_last=rt.channels_last)
@@ -137,7 +137,7 @@ def model_images_per_s(cfg: pretrain.PretrainConfig, *, rt: Runtime, steps: int,
     return batch * steps / _timed(lambda: update(x), steps=steps, warmup=warmup, device=rt.device)
 
 
-def data_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, rt: Runtime, steps: int, warmup: int) -> float:
+def data_views_per_s(cfg: PretrainConfig, images: Dataset, *, rt: Runtime, steps: int, warmup: int) -> float:
     """Views delivered by the pretrain input pipeline (cached pixels or decoding, then batched views) on one thread."""
     batch = cfg.train.batch_size
     dataset = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image="skip")
@@ -155,14 +155,16 @@ def data_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, rt: Runti
     return 2 * batch * steps / seconds
 
 
-def pretrain_images_per_s(cfg: pretrain.PretrainConfig, *, steps: int, warmup: int) -> tuple[float, float, float]:
+def pretrain_images_per_s(cfg: PretrainConfig, *, steps: int, warmup: int) -> tuple[float, float, float]:
     """The real pretrain loop for warmup + steps steps in a scratch folder: (images/s, data-wait fraction, RSS growth MB)."""
     total = warmup + steps
     train = replace(cfg.train, max_steps=total, log_every=1, checkpoint_every=total + 1, tensorboard=False)
-    cfg = replace(cfg, train=replace(train, epochs=max(cfg.train.epochs, total)), monitor=pretrain.MonitorConfig())
-    with tempfile.TemporaryDirectory(prefix="simclr-benchmark-") as scratch:
+    cfg = replace(cfg, train=replace(train, epochs=max(cfg.train.epochs, total)), monitor=MonitorConfig())
+    with tempfile.TemporaryDirectory(prefix="simclr-benchmark-") as scratch, contextlib.ExitStack() as held, \
+            distributed.context(device=cfg.train.device) as world:
         out = Path(scratch) / "run"
-        pretrain.run(cfg, out=out)
+        rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
+        trainer.fit(cfg, world=world, rt=rt, out=out, resume_run=False, overwrite=False, held=held, progress=NoProgress())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     by_step = {r["step"]: r for r in records if "loss" in r}
     start, end = by_step[warmup], by_step[total]
@@ -173,7 +175,7 @@ def pretrain_images_per_s(cfg: pretrain.PretrainConfig, *, steps: int, warmup: i
     return cfg.train.batch_size * steps / seconds, wait, end["rss_mb"] - start["rss_mb"]
 
 
-def baseline_images_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps: int, warmup: int, workers: int) -> float:
+def baseline_images_per_s(cfg: PretrainConfig, images: Dataset, *, steps: int, warmup: int, workers: int) -> float:
     """The common peer setup: PIL views made one image at a time in DataLoader workers, fp32, contiguous tensors."""
     rt = Runtime(device=runtime(device=cfg.train.device, precision="fp32").device, precision="fp32")
     batch = cfg.train.batch_size
@@ -189,7 +191,7 @@ def baseline_images_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, step
     return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
 
 
-def baseline_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps: int, warmup: int) -> float:
+def baseline_views_per_s(cfg: PretrainConfig, images: Dataset, *, steps: int, warmup: int) -> float:
     """The PIL pipeline alone on one thread: decode and two PIL views per image, every epoch."""
     batch = cfg.train.batch_size
     batches = _endless(images, batch, seed=cfg.train.seed, loader=lambda sampler: DataLoader(
@@ -200,21 +202,22 @@ def baseline_views_per_s(cfg: pretrain.PretrainConfig, images: Dataset, *, steps
 
 
 class _Update:
-    """One SimCLR update of `cfg`'s model on given views, as pretrain makes it: forward, NT-Xent, backward, step."""
+    """One update of `cfg`'s method on given views, as pretrain makes it: forward, loss, backward, step."""
 
-    def __init__(self, cfg: pretrain.PretrainConfig, rt: Runtime, *, channels_last: bool) -> None:
+    def __init__(self, cfg: PretrainConfig, rt: Runtime, *, channels_last: bool) -> None:
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model).to(rt.device)
+        self.method = methods.build(cfg, processes=1)
+        model = self.method.modules.to(rt.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.method.modules = model
         lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
         self.optimizer, self.scaler = build_optimizer(model, cfg.optim, lr=lr), rt.grad_scaler()
-        self.model = torch.compile(model) if cfg.train.compile else model
-        self.rt, self.temperature = rt, cfg.train.temperature
+        self.net = torch.compile(model) if cfg.train.compile else model
+        self.rt = rt
 
     def __call__(self, x: torch.Tensor) -> None:
-        pretrain.forward_backward(self.model, x, rt=self.rt, loss_fn=nt_xent, temperature=self.temperature,
-                                  optimizer=self.optimizer, scaler=self.scaler)
+        trainer.forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 

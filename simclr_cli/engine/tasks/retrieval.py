@@ -7,17 +7,17 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 
-from simclr_cli.engine.checkpoint import atomic_write
-from simclr_cli.engine.data import ImageFiles, find_images
-from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.embed import EmbedResult, paths_file_for, read_paths
+from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.images import ImageFiles, find_images
+from simclr_cli.engine import defaults, distributed, rundir
+from simclr_cli.engine.configs import RetrievalConfig
+from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
-from simclr_cli.engine.features import Encoder, extract
-from simclr_cli.engine.knn import nearest
+from simclr_cli.engine.features import Encoder, extract, open_encoder
+from simclr_cli.engine.index import open_index, read_metadata
+from simclr_cli.engine.neighbours import nearest
 
 
 @dataclass(frozen=True)
@@ -32,49 +32,32 @@ class Match:
     neighbours: tuple[Neighbour, ...]
 
 
-def metadata_file_for(index: Path) -> Path:
-    """VECS.npy -> VECS.json: how the index was made (checkpoint, layer, normalisation)."""
-    return Path(index).with_suffix(".json")
-
-
-def write_index_metadata(result: EmbedResult) -> Path:
-    path = metadata_file_for(result.out)
-    text = json.dumps(result.to_dict(), indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return path
-
-
-def index_metadata(index: Path) -> dict[str, Any]:
-    """The index's settings, or {} for a .npy made elsewhere (then --layer and CHECKPOINT must be given)."""
-    path = metadata_file_for(index)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run `simclr embed` or delete it") from exc
+def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | None, out: Path | None = None) -> list[Match]:
+    """Each query image's `cfg.k` nearest images in `index`, embedded with the index's own encoder and layer unless
+    `checkpoint`/`cfg.layer` say otherwise; written to `out` (.csv or .json) when given."""
+    cfg.validate()
+    with distributed.context(device=cfg.device) as world:
+        if world.world_size > 1:
+            raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
+        made_with = read_metadata(index)
+        path = checkpoint or (Path(made_with["checkpoint"]) if made_with.get("checkpoint") else rundir.resolve_checkpoint(None))
+        encoder = open_encoder(path)
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        matches = search(encoder, index=index, query=query, k=cfg.k, layer=cfg.layer or made_with.get("layer", "encoder"),
+                         batch_size=cfg.batch_size, workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt)
+        if out is not None:
+            write_matches(matches, out)
+        return matches
 
 
 def search(
     encoder: Encoder, *, index: Path, query: Path, k: int, layer: str, batch_size: int, workers: int, rt: Runtime
 ) -> list[Match]:
     """Each query image's k most similar indexed images, most similar first."""
-    index = Path(index).expanduser()
-    if not index.is_file():
-        raise DataError(f"index {index} does not exist; create it with `simclr embed DIR -o {index.name}`")
-    paths_file = paths_file_for(index)
-    if not paths_file.is_file():
-        raise DataError(f"{paths_file} is missing: it names the index's rows; re-create the index with `simclr embed`")
-    made_with = index_metadata(index).get("layer")
+    vectors, names = open_index(index)  # (N, D), read in chunks by `nearest`
+    made_with = read_metadata(index).get("layer")
     if made_with is not None and made_with != layer:
         raise ConfigError(f"the index holds --layer {made_with} features, not {layer}; query with --layer {made_with}")
-    try:
-        vectors = np.load(index, mmap_mode="r", allow_pickle=False)  # (N, D), read in chunks by `nearest`
-    except ValueError as exc:
-        raise DataError(f"{index} is not a plain .npy array ({exc}); pass a file written by `simclr embed`") from exc
-    names = read_paths(paths_file)
-    if len(names) != len(vectors):
-        raise DataError(f"{index} has {len(vectors)} rows but {paths_file.name} lists {len(names)} paths; re-create the index")
     query = Path(query).expanduser()
     if not query.exists():
         raise DataError(f"query {query} does not exist; pass an image file or a folder of images")

@@ -33,19 +33,20 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import distributed
+from simclr_cli.engine import defaults, distributed, index, plots, rundir
+from simclr_cli.engine.configs import EmbedConfig
 from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
-from simclr_cli.engine.checkpoint import atomic_write
-from simclr_cli.engine.data import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
-from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
+from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError
-from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, prepare, transform_for
+from simclr_cli.engine.index import LINE_BREAK, relative_name
+from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, open_encoder, prepare, transform_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
 
 COPY_ROWS = 65536  # rows per block when copying the decodable rows into the final file
-LINE_BREAK = "the file name contains a line break, which the one-name-per-line .paths.txt cannot hold"
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,48 @@ class EmbedResult:
         }
 
 
-def paths_file_for(out: Path) -> Path:
-    """The sidecar listing row i's image: vecs.npy -> vecs.paths.txt."""
-    return out.with_suffix(".paths.txt")
+@dataclass(frozen=True)
+class Embedded:
+    """What `simclr embed` shows: the rows written, and the 2-D map when one was drawn."""
+
+    result: EmbedResult
+    map: Path | None
 
 
-def read_paths(paths_file: Path) -> list[str]:
-    """The sidecar's relative paths, non-UTF-8 names restored exactly as `run` wrote them (surrogateescape)."""
-    return paths_file.read_text(encoding="utf-8", errors="surrogateescape").split("\n")[:-1]
+def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, overwrite: bool = False,
+        progress: Progress | None = None) -> Embedded | None:
+    """Embed every image under `folder` with the encoder in `checkpoint` (default runs/latest/encoder.safetensors) into
+    the index `out` (VECS.npy, VECS.paths.txt, VECS.json); with `cfg.plot` also a map, VECS.png. Returns what to show
+    on the main process, None on the others."""
+    cfg.validate()
+    with distributed.context(device=cfg.device) as world:
+        path = rundir.resolve_checkpoint(checkpoint)
+        log.info("checkpoint: %s", path)
+        encoder = open_encoder(path)
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        result = embed_folder(
+            encoder, folder, out=out, layer=cfg.layer, normalize=cfg.normalize, batch_size=cfg.batch_size,
+            workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt, progress=progress if world.is_main else None,
+            overwrite=overwrite, on_bad_image=cfg.on_bad_image, max_bad_fraction=cfg.max_bad_fraction,
+            max_image_pixels=cfg.max_image_pixels,
+        )
+        if not world.is_main:
+            return None
+        index.write_metadata(result.out, result.to_dict())
+        return Embedded(result=result, map=_plot(result, method=cfg.plot_method) if cfg.plot else None)
 
 
-def run(
+def _plot(result: EmbedResult, *, method: str) -> Path:
+    """A 2-D map of the rows with image thumbnails; images in subfolders are coloured by their top-level folder
+    (a class-per-folder tree shows its classes)."""
+    vectors = np.load(result.out, mmap_mode="r", allow_pickle=False)  # (N, D)
+    names = index.read_paths(result.paths_file)
+    labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
+    return plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
+                                thumbnails=[result.folder / name for name in names], method=method)
+
+
+def embed_folder(
     encoder: Encoder,
     folder: Path,
     *,
@@ -115,7 +147,7 @@ def run(
     """
     started = time.perf_counter()
     folder, out = Path(folder).expanduser(), Path(out).expanduser()
-    paths_file, report = paths_file_for(out), report_for(out)
+    paths_file, report = index.paths_file_for(out), report_for(out)
     world = distributed.current_world()
     # A bad policy value is the same ConfigError on every rank, before any collective; only rank 0 writes the report.
     bad = BadFiles(on_bad_image=on_bad_image, max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels,
@@ -126,7 +158,7 @@ def run(
     )
     found = scan.images
     # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
-    names = [_relative(p, folder) for p in found]
+    names = [relative_name(p, folder) for p in found]
     line_broken = [i for i, name in enumerate(names) if "\n" in name or "\r" in name]
     skipped = [(names[i], LINE_BREAK) for i in line_broken]
     listed = [i for i, name in enumerate(names) if "\n" not in name and "\r" not in name]
@@ -169,12 +201,13 @@ def run(
     if bad.files or bad.folders:
         log.info(bad.summary())
     log.info("embedded %d images (%s, %d-d%s) into %s", len(kept), layer, dim, ", L2-normalised" if normalize else "", out)
-    return EmbedResult(
+    result = EmbedResult(
         out=out, paths_file=paths_file, folder=folder, rows=len(kept), dim=dim, layer=layer, normalize=normalize,
         checkpoint=encoder.source, skipped=tuple(skipped), seconds=time.perf_counter() - started,
-        skipped_folders=tuple((_relative(Path(p), folder), reason) for p, reason in bad.folders),
+        skipped_folders=tuple((relative_name(Path(p), folder), reason) for p, reason in bad.folders),
         bad_files=report if bad.files or bad.folders else None,
     )
+    return result
 
 
 def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool) -> tuple[FolderScan, int]:
@@ -186,10 +219,6 @@ def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer
             raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another --out")
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
     return scan_folder(folder), dim
-
-
-def _relative(path: Path, folder: Path) -> str:
-    return os.fsdecode(path.relative_to(folder).as_posix())
 
 
 def _judge(bad: BadFiles, unreadable: list[tuple[Path, str]], *, total: int) -> None:
@@ -238,9 +267,7 @@ def _finish(scratch: Path, out: Path, paths_file: Path, *, kept: list[int], name
         atomic_write(out, lambda tmp: os.replace(scratch, tmp))
     else:
         atomic_write(out, lambda tmp: _copy_rows(scratch, tmp, kept=kept))
-    # One name per line; non-UTF-8 bytes round-trip through surrogateescape (see read_paths).
-    text = "".join(f"{names[i]}\n" for i in kept)
-    atomic_write(paths_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+    index.write_paths(paths_file, [names[i] for i in kept])
 
 
 def _write_rows(

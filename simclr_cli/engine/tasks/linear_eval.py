@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from simclr_cli.engine import checkpoint, distributed, features, plots
-from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, eval_transform, train_eval_transform
+from simclr_cli.engine import checkpoint, defaults, distributed, evaluation, features, plots
+from simclr_cli.engine.augment import eval_transform, train_eval_transform
+from simclr_cli.engine.configs import LinearEvalConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -41,7 +42,6 @@ from simclr_cli.engine.supervised import (
     check_labels,
     cosine_schedule,
     eval_loader,
-    is_finite_number,
     topk_correct,
     train_classifier,
     train_loader,
@@ -49,55 +49,10 @@ from simclr_cli.engine.supervised import (
 
 log = logging.getLogger("simclr")
 
-PROTOCOLS = ("cached", "paper")
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_KIND = "linear-classifier"
 CONFUSION_FILE = "confusion.png"
 LBFGS_CHUNK = 65536  # rows of the (N, C) logits held at once while evaluating the full-batch loss
-
-
-@dataclass
-class LinearEvalConfig:
-    protocol: str = "cached"  # cached (L-BFGS on extracted features) | paper (SimCLR Appendix B.5)
-    layer: str = "encoder"  # which representation: encoder (h), head1, head2, projection (z)
-    batch_size: int = 256  # paper: training batch B; cached: feature-extraction batch
-    workers: int = 0  # DataLoader worker processes
-    seed: int = 0
-    # paper protocol
-    epochs: int | None = None  # None: 90 above 64 px (ImageNet), 100 at <= 64 px (CIFAR) (Appendix B.5)
-    lr: float = 0.1  # BASE lr, x B/256 (Appendix B.5)
-    momentum: float = 0.9  # Nesterov
-    log_every: int = 10
-    # cached protocol
-    l2: float = 1e-4  # L2 penalty on the weights, 0.5 * l2 * |W|^2 added to the mean cross-entropy
-    max_iter: int = 1000  # L-BFGS iterations (it stops earlier when converged)
-
-    def validate(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"linear_eval.protocol '{self.protocol}' is not supported; choose one of {', '.join(PROTOCOLS)}")
-        if self.layer not in features.LAYERS:
-            raise ConfigError(f"linear_eval.layer '{self.layer}' is not supported; choose one of {', '.join(features.LAYERS)}")
-        for name in ("batch_size", "log_every", "max_iter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"linear_eval.{name} {value!r} must be a whole number >= 1")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ConfigError(f"linear_eval.epochs {self.epochs!r} must be a whole number >= 1, or unset for the paper's 90/100")
-        if self.workers < 0:
-            raise ConfigError(f"linear_eval.workers {self.workers} must be >= 0; use 0 to load in the main process")
-        if not (is_finite_number(self.lr) and self.lr > 0):
-            raise ConfigError(f"linear_eval.lr {self.lr!r} must be a positive number; the paper uses 0.1 (x B/256)")
-        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
-            raise ConfigError(f"linear_eval.momentum {self.momentum!r} must be in [0, 1); the paper uses 0.9")
-        if not (is_finite_number(self.l2) and self.l2 >= 0):
-            raise ConfigError(f"linear_eval.l2 {self.l2!r} must be >= 0; use e.g. 1e-4, or 0 for none")
-
-    def resolved(self, *, image_size: int) -> LinearEvalConfig:
-        """Copy with the paper protocol's epochs filled in from the encoder's image size."""
-        self.validate()
-        if self.protocol == "paper" and self.epochs is None:
-            return replace(self, epochs=100 if image_size <= SMALL_IMAGE_MAX_SIZE else 90)
-        return replace(self)
 
 
 @dataclass(frozen=True)
@@ -125,7 +80,17 @@ class LinearEvalResult:
         return out
 
 
-def run(
+def run(cfg: LinearEvalConfig, *, checkpoint: Path | None, out: Path | None = None,
+        progress: Progress | None = None) -> evaluation.Evaluated | None:
+    """Linear evaluation of the encoder in `checkpoint` on the labelled data `cfg` names; writes the classifier and
+    results.json in `out` (default: beside the checkpoint). Returns what to show on the main process, None on the others."""
+    return evaluation.run(cfg, checkpoint=checkpoint, out=out, command="linear-eval", progress=progress,
+                          evaluate=lambda opened, out_dir, shown: evaluate(
+                              opened.cfg, opened.encoder, opened.splits.train, opened.splits.val,
+                              num_classes=len(opened.splits.classes), rt=opened.rt, out_dir=out_dir, progress=shown))
+
+
+def evaluate(
     cfg: LinearEvalConfig,
     encoder: features.Encoder,
     train: Dataset,
@@ -140,6 +105,7 @@ def run(
     progress = progress or NoProgress()
     started = time.perf_counter()
     cfg = cfg.resolved(image_size=encoder.info.image_size)
+    cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
     features.check_layer(encoder, cfg.layer)
     train_labels, val_labels = features.labels_of(train).tolist(), features.labels_of(val).tolist()
     check_labels(train_labels, num_classes=num_classes, name="train")

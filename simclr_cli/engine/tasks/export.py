@@ -26,15 +26,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from simclr_cli.engine.checkpoint import EncoderInfo, atomic_write
+from simclr_cli.engine.checkpoint import EncoderInfo
+from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
+from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.features import open_encoder
-from simclr_cli.engine.finetune import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
+from simclr_cli.engine.supervised import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
 from simclr_cli.engine.model import ResNet
 
 log = logging.getLogger("simclr")
 
-TARGETS = ("torchvision", "safetensors-encoder", "onnx")
+TARGETS = EXPORT_TARGETS
 SUFFIXES = {"torchvision": ".safetensors", "safetensors-encoder": ".safetensors", "onnx": ".onnx"}
 FC_KEYS = ("fc.weight", "fc.bias")  # what torchvision's ResNet has and the encoder does not
 
@@ -78,6 +80,13 @@ def default_out(checkpoint: Path, *, to: str) -> Path:
     _check_target(to)
     checkpoint = Path(checkpoint)
     return checkpoint.parent / f"{checkpoint.stem}-{to}{SUFFIXES[to]}"
+
+
+def run(cfg: ExportConfig, *, checkpoint: Path, out: Path | None = None, overwrite: bool = False) -> ExportResult:
+    """`checkpoint`'s encoder as `cfg.to`, written to `out` (default: beside the checkpoint, named after the target)."""
+    cfg.validate()
+    return export(checkpoint, to=cfg.to, out=out or default_out(checkpoint, to=cfg.to), overwrite=overwrite,
+                  include_fc=cfg.include_fc)
 
 
 def export(checkpoint: Path, *, to: str, out: Path, overwrite: bool = False, include_fc: bool = False) -> ExportResult:
@@ -131,8 +140,7 @@ def _installed(module: str) -> bool:
 
 
 def _check_target(to: str) -> None:
-    if to not in TARGETS:
-        raise ConfigError(f"--to {to!r} is not a known export target; choose one of {', '.join(TARGETS)}")
+    ExportConfig(to=to).validate()
 
 
 def _check_out(out: Path, *, checkpoint: Path, overwrite: bool) -> None:

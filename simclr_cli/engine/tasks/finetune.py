@@ -29,13 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import checkpoint, features
+from simclr_cli.engine import checkpoint, defaults, evaluation, features, weights
+from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
 from simclr_cli.engine.augment import eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.engine.optim import LARS, scaled_lr
 from simclr_cli.engine.report import NoProgress, Progress
 from simclr_cli.engine.supervised import (
+    CLASSIFIER_BIAS,
+    CLASSIFIER_WEIGHT,
     Backbone,
     Classifier,
     LinearClassifier,
@@ -43,67 +46,13 @@ from simclr_cli.engine.supervised import (
     check_labels,
     cosine_schedule,
     eval_loader,
-    is_finite_number,
     train_classifier,
     train_loader,
 )
 
 log = logging.getLogger("simclr")
 
-OPTIMIZERS = ("sgd", "lars")
 FINETUNED_FILE = "finetuned.safetensors"
-CLASSIFIER_WEIGHT = "classifier.weight"
-CLASSIFIER_BIAS = "classifier.bias"
-BASE_LR = {"sgd": 0.05, "lars": 0.005}  # v1 Appendix B.6 (x B/256); v2 (x sqrt(B))
-LR_SCALING = {"sgd": "linear", "lars": "sqrt"}
-
-
-@dataclass
-class FinetuneConfig:
-    label_fraction: float = 1.0  # class-balanced fraction of the train labels used (0.01 and 0.1 in the papers)
-    label_file: Path | None = None  # instead: the train images to use, one path a line, relative to the train folder
-    from_head_layer: int = 0  # 0: from h (v1); 1: through the head's first block (SimCLRv2 §2)
-    epochs: int | None = None  # None: 60 at <= 1% labels, 30 otherwise (v1 Appendix B.6)
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (v1: Nesterov) | lars (v2)
-    lr: float | None = None  # BASE lr; None: 0.05 x B/256 (sgd) or 0.005 x sqrt(B) (lars)
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # the papers fine-tune without weight decay
-    seed: int = 0  # the label subset, the data order and the augmentations
-    workers: int = 0
-    log_every: int = 10
-
-    def validate(self) -> None:
-        if not (is_finite_number(self.label_fraction) and 0 < self.label_fraction <= 1):
-            raise ConfigError(
-                f"finetune.label_fraction {self.label_fraction!r} must be in (0, 1]; e.g. 0.01 for 1% of the labels"
-            )
-        for name in ("batch_size", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"finetune.{name} {value!r} must be a whole number >= 1")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ConfigError(f"finetune.epochs {self.epochs!r} must be a whole number >= 1, or unset for 60 (1% labels) / 30")
-        if isinstance(self.from_head_layer, bool) or not isinstance(self.from_head_layer, int) or self.from_head_layer < 0:
-            raise ConfigError(f"finetune.from_head_layer {self.from_head_layer!r} must be 0 (from h) or 1 (SimCLRv2)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"finetune.optimizer '{self.optimizer}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
-        if self.lr is not None and not (is_finite_number(self.lr) and self.lr > 0):
-            raise ConfigError(f"finetune.lr {self.lr!r} must be a positive number, or unset for 0.05 (sgd) / 0.005 (lars)")
-        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
-            raise ConfigError(f"finetune.momentum {self.momentum!r} must be in [0, 1); the papers use 0.9")
-        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"finetune.weight_decay {self.weight_decay!r} must be >= 0; the papers use 0")
-        if self.workers < 0:
-            raise ConfigError(f"finetune.workers {self.workers} must be >= 0; use 0 to load in the main process")
-
-    def resolved(self, *, labelled_fraction: float) -> FinetuneConfig:
-        """Copy with epochs (from the fraction of labels actually used) and the base lr filled in."""
-        self.validate()
-        epochs = self.epochs
-        if epochs is None:
-            epochs = 60 if labelled_fraction <= 0.01 else 30
-        return replace(self, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
 
 
 @dataclass(frozen=True)
@@ -181,7 +130,25 @@ def label_file_subset(label_file: Path, paths: Sequence[Path], *, root: Path) ->
     return sorted(chosen)
 
 
-def run(
+def run(cfg: FinetuneConfig, *, checkpoint: Path | None, out: Path | None = None,
+        progress: Progress | None = None) -> evaluation.Evaluated | None:
+    """Fine-tune the encoder in `checkpoint` on the labelled data `cfg` names (starting from `cfg.init`'s weights when
+    given); writes finetuned.safetensors and results.json in `out` (default: beside the checkpoint)."""
+
+    def finetune(opened: evaluation.Opened, out_dir: Path, shown: Progress | None) -> FinetuneResult:
+        if cfg.init is not None:  # the checkpoint gives the architecture and transform, init the starting weights
+            report = weights.init_encoder(opened.encoder.model, Path(cfg.init).expanduser())
+            log.info("initialised from %s (%s): %d tensors", report.source, report.layout, report.loaded)
+            if report.note:
+                log.warning("%s", report.note)
+        return evaluate(opened.cfg, opened.encoder, opened.splits.train, opened.splits.val,
+                        num_classes=len(opened.splits.classes), rt=opened.rt, out_dir=out_dir, progress=shown,
+                        train_root=Path(cfg.train).expanduser() if cfg.train else None)
+
+    return evaluation.run(cfg, checkpoint=checkpoint, out=out, command="finetune", progress=progress, evaluate=finetune)
+
+
+def evaluate(
     cfg: FinetuneConfig,
     encoder: features.Encoder,
     train: Dataset,
@@ -212,11 +179,12 @@ def run(
     if cfg.label_file is not None:
         paths = image_paths(train)
         root = Path(train_root) if train_root is not None else Path(os.path.commonpath([str(p) for p in paths]))
-        subset = label_file_subset(cfg.label_file, paths, root=root)
+        subset = label_file_subset(Path(cfg.label_file), paths, root=root)
     else:
         subset = class_balanced_subset(labels, cfg.label_fraction, seed=cfg.seed)
     labelled_fraction = len(subset) / len(train)
     cfg = cfg.resolved(labelled_fraction=labelled_fraction)
+    cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
     labelled = Subset(train, subset)
 
     torch.manual_seed(cfg.seed)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simclr_cli.engine import rundir
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.results import RESULTS_FILE
 
@@ -44,6 +45,7 @@ class EvalRecord:
 class CheckpointInfo:
     path: Path
     kind: str  # "encoder" or "fine-tuned" (info.extra says task finetune)
+    method: str  # the pretraining method that trained the encoder
     architecture: str
     width: float
     stem: str
@@ -72,6 +74,7 @@ class CheckpointInfo:
         return {
             "path": str(self.path),
             "kind": self.kind,
+            "method": self.method,
             "architecture": self.architecture,
             "width": self.width,
             "stem": self.stem,
@@ -97,6 +100,11 @@ class CheckpointInfo:
         }
 
 
+def run(checkpoint: Path | None) -> CheckpointInfo:
+    """Describe `checkpoint` (default runs/latest/encoder.safetensors); `info` has nothing to configure."""
+    return describe(rundir.resolve_checkpoint(checkpoint))
+
+
 def describe(checkpoint: Path) -> CheckpointInfo:
     """Read `checkpoint` (CheckpointError when it is not a readable encoder file) and the evaluations beside it."""
     checkpoint = Path(checkpoint)
@@ -106,6 +114,7 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     return CheckpointInfo(
         path=checkpoint,
         kind=FINE_TUNED if fine_tuned else ENCODER,
+        method=info.method,
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),

@@ -1,0 +1,253 @@
+"""The typed config of every task: pretraining's, composed of the sections their blocks own (ModelConfig in model,
+AugmentConfig in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in
+monitor), and one per evaluation or inference command.
+
+Blocks never import this module: they take their own section. `simclr_cli/config.py` fills these from defaults,
+presets, --set and flags; `defaults` fills their "auto" values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from simclr_cli.engine import badfiles
+from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, AugmentConfig
+from simclr_cli.engine.errors import ConfigError, is_finite_number, is_whole_number
+from simclr_cli.engine.features import LAYERS
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS
+from simclr_cli.engine.model import ModelConfig
+from simclr_cli.engine.neighbours import DEFAULT_TEMPERATURE
+from simclr_cli.engine.monitor import MonitorConfig
+from simclr_cli.engine.optim import OptimConfig
+from simclr_cli.engine.pipeline import DataConfig
+from simclr_cli.engine.trainer import TrainConfig
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; saved resolved with every output."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def validate(self) -> None:
+        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
+            section.validate()
+
+
+# --- evaluation and inference --------------------------------------------------------------------------------------
+
+PROTOCOLS = ("cached", "paper")  # linear evaluation
+OPTIMIZERS = ("sgd", "lars")  # fine-tuning
+BASE_LR = {"sgd": 0.05, "lars": 0.005}  # fine-tuning: v1 Appendix B.6 (x B/256); v2 (x sqrt(B))
+LR_SCALING = {"sgd": "linear", "lars": "sqrt"}
+EXPORT_TARGETS = ("torchvision", "safetensors-encoder", "onnx")
+
+
+@dataclass
+class InferenceConfig:
+    """Where and how fast an encoder runs over images: what every command that reads images with it shares."""
+
+    batch_size: int = 256  # images per forward pass (a training batch where a command trains)
+    workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate_inputs(self, section: str) -> None:
+        """The shared fields, errors named `<section>.<field>`."""
+        if not is_whole_number(self.batch_size) or self.batch_size < 1:
+            raise ConfigError(f"{section}.batch_size {self.batch_size!r} must be a whole number >= 1")
+        if self.workers is not None and (not is_whole_number(self.workers) or self.workers < 0):
+            raise ConfigError(f"{section}.workers {self.workers!r} must be a whole number >= 0; use 0 to load in the main process")
+
+
+@dataclass
+class LabelledEvalConfig(InferenceConfig):
+    """What an evaluation on labelled data adds: the data (by default the encoder's own pretraining data, when named)
+    and whether to evaluate the untrained twin of the encoder."""
+
+    data: str | None = None  # a dataset name or a folder with train/ and val/ (or test/); None = the pretraining data
+    train: str | None = None  # a class-per-subfolder training folder (with val)
+    val: str | None = None  # a class-per-subfolder evaluation folder (with train)
+    data_root: str | None = None  # where named datasets are stored
+    download: bool = False
+    random_init: bool = False  # the same architecture with fresh weights: the baseline pretraining is measured against
+    seed: int = 0  # the random init, the data order and the augmentations
+
+
+@dataclass
+class KnnConfig(LabelledEvalConfig):
+    """`simclr knn`: weighted kNN accuracy (Wu et al. 2018)."""
+
+    k: tuple[int, ...] | None = None  # several share one search; the first is the headline. None: 200, or 20 below 10,000 images
+    temperature: float = DEFAULT_TEMPERATURE
+    layer: str = "encoder"  # which representation votes (features.LAYERS)
+    chunk_size: int = 1024  # queries per similarity block
+    bank_chunk_size: int = 65536  # training features per similarity block
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field, its value and the fix."""
+        self.validate_inputs("knn")
+        ks = tuple(self.k) if isinstance(self.k, (tuple, list)) else ()
+        if self.k is not None and (not ks or not all(is_whole_number(k) and k >= 1 for k in ks)):
+            raise ConfigError(f"knn.k {self.k!r} is not valid; give one or more whole numbers >= 1 (e.g. 200, or 20 for small sets)")
+        if len(set(ks)) != len(ks):
+            raise ConfigError(f"knn.k {self.k!r} repeats a value; list each k once")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ConfigError(f"knn.temperature {self.temperature!r} must be a number > 0; the protocol uses 0.1")
+        if self.layer not in LAYERS:
+            raise ConfigError(f"knn.layer {self.layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
+        for name in ("chunk_size", "bank_chunk_size"):
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < 1:
+                raise ConfigError(f"knn.{name} {value!r} must be a whole number >= 1")
+
+
+@dataclass
+class LinearEvalConfig(LabelledEvalConfig):
+    """`simclr linear-eval`: a linear classifier on the frozen encoder (batch_size: the paper protocol's training
+    batch B; the cached protocol's feature-extraction batch)."""
+
+    protocol: str = "cached"  # cached (L-BFGS on extracted features) | paper (SimCLR Appendix B.5)
+    layer: str = "encoder"  # which representation: encoder (h), head1, head2, projection (z)
+    # paper protocol
+    epochs: int | None = None  # None: 90 above 64 px (ImageNet), 100 at <= 64 px (CIFAR) (Appendix B.5)
+    lr: float = 0.1  # BASE lr, x B/256 (Appendix B.5)
+    momentum: float = 0.9  # Nesterov
+    log_every: int = 10
+    # cached protocol
+    l2: float = 1e-4  # L2 penalty on the weights, 0.5 * l2 * |W|^2 added to the mean cross-entropy
+    max_iter: int = 1000  # L-BFGS iterations (it stops earlier when converged)
+
+    def validate(self) -> None:
+        self.validate_inputs("linear_eval")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"linear_eval.protocol '{self.protocol}' is not supported; choose one of {', '.join(PROTOCOLS)}")
+        if self.layer not in LAYERS:
+            raise ConfigError(f"linear_eval.layer '{self.layer}' is not supported; choose one of {', '.join(LAYERS)}")
+        for name in ("log_every", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"linear_eval.{name} {value!r} must be a whole number >= 1")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"linear_eval.epochs {self.epochs!r} must be a whole number >= 1, or unset for the paper's 90/100")
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            raise ConfigError(f"linear_eval.lr {self.lr!r} must be a positive number; the paper uses 0.1 (x B/256)")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"linear_eval.momentum {self.momentum!r} must be in [0, 1); the paper uses 0.9")
+        if not (is_finite_number(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"linear_eval.l2 {self.l2!r} must be >= 0; use e.g. 1e-4, or 0 for none")
+
+    def resolved(self, *, image_size: int) -> LinearEvalConfig:
+        """Copy with the paper protocol's epochs filled in from the encoder's image size."""
+        self.validate()
+        if self.protocol == "paper" and self.epochs is None:
+            return replace(self, epochs=100 if image_size <= SMALL_IMAGE_MAX_SIZE else 90)
+        return replace(self)
+
+
+@dataclass
+class FinetuneConfig(LabelledEvalConfig):
+    """`simclr finetune`: the whole encoder and a linear classifier on (a fraction of) the labels."""
+
+    label_fraction: float = 1.0  # class-balanced fraction of the train labels used (0.01 and 0.1 in the papers)
+    label_file: str | None = None  # instead: the train images to use, one path a line, relative to the train folder
+    init: str | None = None  # start from these weights (the checkpoint still gives architecture and transform)
+    from_head_layer: int = 0  # 0: from h (v1); 1: through the head's first block (SimCLRv2 §2)
+    epochs: int | None = None  # None: 60 at <= 1% labels, 30 otherwise (v1 Appendix B.6)
+    optimizer: str = "sgd"  # sgd (v1: Nesterov) | lars (v2)
+    lr: float | None = None  # BASE lr; None: 0.05 x B/256 (sgd) or 0.005 x sqrt(B) (lars)
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # the papers fine-tune without weight decay
+    log_every: int = 10
+
+    def validate(self) -> None:
+        self.validate_inputs("finetune")
+        if not (is_finite_number(self.label_fraction) and 0 < self.label_fraction <= 1):
+            raise ConfigError(
+                f"finetune.label_fraction {self.label_fraction!r} must be in (0, 1]; e.g. 0.01 for 1% of the labels"
+            )
+        for name in ("log_every",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"finetune.{name} {value!r} must be a whole number >= 1")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"finetune.epochs {self.epochs!r} must be a whole number >= 1, or unset for 60 (1% labels) / 30")
+        if isinstance(self.from_head_layer, bool) or not isinstance(self.from_head_layer, int) or self.from_head_layer < 0:
+            raise ConfigError(f"finetune.from_head_layer {self.from_head_layer!r} must be 0 (from h) or 1 (SimCLRv2)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"finetune.optimizer '{self.optimizer}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr is not None and not (is_finite_number(self.lr) and self.lr > 0):
+            raise ConfigError(f"finetune.lr {self.lr!r} must be a positive number, or unset for 0.05 (sgd) / 0.005 (lars)")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"finetune.momentum {self.momentum!r} must be in [0, 1); the papers use 0.9")
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"finetune.weight_decay {self.weight_decay!r} must be >= 0; the papers use 0")
+
+    def resolved(self, *, labelled_fraction: float) -> FinetuneConfig:
+        """Copy with epochs (from the fraction of labels actually used) and the base lr filled in."""
+        self.validate()
+        epochs = self.epochs
+        if epochs is None:
+            epochs = 60 if labelled_fraction <= 0.01 else 30
+        return replace(self, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
+
+
+@dataclass
+class EmbedConfig(InferenceConfig):
+    """`simclr embed`: one row per image of a folder."""
+
+    layer: str = "encoder"
+    normalize: bool = False  # L2-normalise each row
+    on_bad_image: str = "skip"
+    max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    plot: bool = False  # also draw a 2-D map with thumbnails (VECS.png)
+    plot_method: str = "pca"  # pca | tsne | umap
+
+    def validate(self) -> None:
+        self.validate_inputs("embed")
+        if self.layer not in LAYERS:
+            raise ConfigError(f"embed.layer {self.layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
+        badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
+        if self.on_bad_image not in badfiles.POLICIES:
+            raise ConfigError(f"embed.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
+
+
+@dataclass
+class RetrievalConfig(InferenceConfig):
+    """`simclr knn --index --query`: each query image's nearest indexed images."""
+
+    k: int = 5
+    layer: str | None = None  # None: the index's own layer
+
+    def validate(self) -> None:
+        self.validate_inputs("retrieval")
+        if not is_whole_number(self.k) or self.k < 1:
+            raise ConfigError(f"retrieval.k {self.k!r} must be a whole number >= 1")
+        if self.layer is not None and self.layer not in LAYERS:
+            raise ConfigError(f"retrieval.layer {self.layer!r} is not one of {', '.join(LAYERS)}")
+
+
+@dataclass
+class ExportConfig:
+    """`simclr export`: an encoder's weights in another format."""
+
+    to: str = "torchvision"
+    include_fc: bool = False  # torchvision: also write a fine-tuned classifier as fc
+
+    def validate(self) -> None:
+        if self.to not in EXPORT_TARGETS:
+            raise ConfigError(f"--to {self.to!r} is not a known export target; choose one of {', '.join(EXPORT_TARGETS)}")
+
+
+# Each command's section in a preset and its --set keys (`--set knn.k=[10,20]`).
+TASK_CONFIGS = {"knn": KnnConfig, "linear_eval": LinearEvalConfig, "finetune": FinetuneConfig, "embed": EmbedConfig,
+                "retrieval": RetrievalConfig}

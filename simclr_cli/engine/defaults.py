@@ -1,0 +1,85 @@
+"""Every "auto" value of a config becomes a number here, once, before a run starts; the resolved config is what
+config.yaml, the checkpoints and results.json record.
+
+Three moments, three functions: `for_data` gives the defaults that follow the data's name (merged under the
+preset, so a preset or a flag still wins); `resolve_pretrain` fills what follows the image size, the machine and
+the dataset's length when a pretraining run opens; `resolve_workers` fills the DataLoader workers once it is known
+whether the images are decoded every epoch. Defaults that should follow the data (a temperature, a learning rate)
+belong in `for_data` or `resolve_pretrain`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from simclr_cli.engine import pipeline
+from simclr_cli.engine.device import available_cpus
+from simclr_cli.engine.errors import ConfigError, DataError
+
+# Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
+NATIVE_IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
+DEFAULT_IMAGE_SIZE = 224
+
+
+def for_data(data: str | None) -> dict[str, Any]:
+    """Config values (nested, as in a preset) that follow the data's name; the digits when no data is given."""
+    return {"augment": {"image_size": NATIVE_IMAGE_SIZES.get(data or "digits", DEFAULT_IMAGE_SIZE)}}
+
+
+def default_batch_size(device: torch.device) -> int:
+    """256 on an accelerator; 64 on a CPU, where 2x256 ResNet-50 views at 224 px would need ~40 GB of activations."""
+    return 64 if device.type == "cpu" else 256
+
+
+def default_workers(device: torch.device, *, decoding: bool) -> int:
+    """Worker processes for decoding (augmentation runs batched on the training device).
+
+    Cached or in-memory pixels need no workers on a CPU: a batch is a copy. On a GPU two keep batches pinned
+    and prefetched. A small CPU-only machine gives its cores to the model.
+    """
+    cpus = available_cpus()
+    if device.type == "cuda":
+        return min(8, cpus) if decoding else min(2, cpus)
+    if not decoding:
+        return 0
+    return 0 if cpus <= 2 else min(4, cpus // 2)
+
+
+def resolve_workers(workers: int | None, device: torch.device, *, decoding: bool = True) -> int:
+    """The workers asked for, or the machine's default (evaluation always decodes, with PIL)."""
+    return workers if workers is not None else default_workers(device, decoding=decoding)
+
+
+def resolve_sizes(cfg):
+    """`cfg` (a configs.PretrainConfig) validated, with what follows the image size filled in: colour and blur
+    strength, stem, decode side. Needs no machine and no data, so a bad config is reported before any process starts."""
+    cfg.validate()
+    augment = cfg.augment.resolved()
+    data = cfg.data
+    if data.decode_side is None:
+        data = replace(data, decode_side=pipeline.decode_side(augment.image_size))
+    return replace(cfg, data=data, augment=augment, model=cfg.model.resolved(image_size=augment.image_size))
+
+
+def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: int):
+    """`resolve_sizes`, then the global batch for this machine and dataset; raises before anything is written
+    when the batch cannot work. The workers follow once the cache is built (`resolve_workers`)."""
+    cfg = resolve_sizes(cfg)
+    batch = cfg.train.batch_size
+    if batch is None:
+        batch = min(default_batch_size(device) * world_size, num_images)
+        batch -= batch % world_size
+        if batch < 2:
+            raise DataError(f"the data holds {num_images} image(s); SimCLR needs at least 2 per batch (each is the others' negative)")
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=batch))
+    elif batch > num_images:
+        raise DataError(f"--batch-size {batch} is larger than the dataset ({num_images} images); lower --batch-size")
+    if batch % world_size:
+        raise ConfigError(
+            f"--batch-size {batch} (the global batch) does not split evenly over {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    return cfg

@@ -1,0 +1,77 @@
+"""Files written so that a crash never leaves a torn one: temp file, fsync, rename, fsync the folder.
+
+The machine's refusals (full disk, quota, read-only, permissions) become OutputError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from simclr_cli.engine.errors import OutputError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, fsync it, rename it over `path`, fsync the folder.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one. A full disk, a quota,
+    a read-only or forbidden folder raise OutputError naming `path`; the temp file is removed and the old one
+    stays as it was.
+    """
+    path = Path(path)
+    kept = f"the previous {path.name} is intact" if os.path.lexists(path) else "nothing was written"
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkstemp: its 0600 mode would survive the rename; created like any file, the umask decides.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
+        write(tmp)
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave it 0600
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # a network file system may report ENOSPC only here
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only disk there is nothing to remove
+            tmp.unlink(missing_ok=True)
+        code = _errno_of(exc)
+        if code in OutputError.CAUSES:
+            raise OutputError(path, code, kept=kept) from exc
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, kept: str) -> Iterator[None]:
+    """For writes that cannot go through `atomic_write` (appending a line to a log): the machine's refusals
+    (full disk, quota, read-only, permissions) as OutputError naming `path` and saying what `kept` is intact."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in OutputError.CAUSES:
+            raise OutputError(path, exc.errno, kept=kept) from exc
+        raise
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's own, or the one safetensors' Rust writer only puts in its
+    message ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, SafetensorError):
+        match = _RUST_OS_ERROR.search(str(exc))
+        return int(match[1]) if match else None
+    return None

@@ -1,0 +1,264 @@
+"""Image files in: discovery (a recursive walk that follows symlinks safely) and decoding with explicit rules.
+
+Every image comes out as a PIL RGB image; datasets and pipelines build on these two functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from simclr_cli.engine.errors import BadImage, DataError, one_line
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # any letter case
+# What decode_image reads, as PIL names the format it detects from the bytes (JPEG includes a camera's
+# multi-picture MPO, which PIL opens as a JPEG).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+# Where PIL itself refuses (twice its warning level): 178,956,970 px, e.g. 13,377 x 13,377, ~0.5 GB as 8-bit RGB.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
+# Leading bytes of the accepted formats, only to word why a file PIL cannot open is bad.
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF"}
+_CONTROL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, 9: "\\t", 10: "\\n", 13: "\\r"}
+
+log = logging.getLogger("simclr")
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """`path` as one line any log, terminal or message can show: bytes that are not UTF-8 and control characters
+    become backslash escapes (the exact name stays `os.fsencode(path)`)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What a recursive walk found: the image files in walk order, and the folders it skipped, with why."""
+
+    images: list[Path]
+    skipped_folders: list[tuple[Path, str]]  # unreadable folders, symlink loops, second links to a walked folder
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file under `root`, recursively, in a deterministic (sorted, top-down) order."""
+    return scan_folder(root).images
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """`find_images`, with the subfolders that were skipped (each already logged as a warning)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; point DATA at a folder of images")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; point DATA at a folder of images (subfolders are searched too)")
+    scan = walk_images(root)
+    if not scan.images:
+        unread = next((reason for folder, reason in scan.skipped_folders if folder == root), None)
+        if unread is not None:
+            raise DataError(f"{printable_path(root)}: {unread}; check its permissions, or point DATA at another folder")
+        skipped = f"; {len(scan.skipped_folders)} subfolder(s) were skipped (see the warnings)" if scan.skipped_folders else ""
+        raise DataError(
+            f"{printable_path(root)} has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in any letter case, "
+            f"in subfolders too{skipped}); point DATA at a folder of images"
+        )
+    return scan
+
+
+def walk_images(root: Path) -> FolderScan:
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def skip(folder: Path, reason: str) -> None:
+        log.warning("skipping folder %s: %s", printable_path(folder), reason)
+        skipped.append((folder, reason))
+
+    def unreadable(error: OSError) -> None:
+        skip(Path(error.filename) if error.filename else root, f"cannot read the folder ({error.strerror or error})")
+
+    # Symlinked folders are followed; each real folder (st_dev, st_ino) is walked once, so a link back up the
+    # tree (a loop) or a second link to the same folder is skipped instead of walked forever or twice.
+    walked: dict[tuple[int, int], Path] = {}
+    with contextlib.suppress(OSError):  # an unreadable root is reported by os.walk's onerror below
+        info = os.stat(root)
+        walked[(info.st_dev, info.st_ino)] = root
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(dirpath)
+        kept = []
+        # Hidden entries (.git, macOS "._x.jpg" resource forks) are never training images.
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            folder = here / name
+            try:
+                info = os.stat(folder)
+            except OSError as exc:
+                unreadable(exc)
+                continue
+            first = walked.setdefault((info.st_dev, info.st_ino), folder)
+            if first == folder:
+                kept.append(name)
+            elif first in folder.parents:
+                skip(folder, f"symlink loop back to {printable_path(first)}")
+            else:
+                skip(folder, f"the same folder as {printable_path(first)}, walked there")
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(here / name)
+    return FolderScan(images, skipped)
+
+
+def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The one image decoder: 8-bit RGB, EXIF orientation applied, frame 0 of an animation, the file closed.
+
+    Only ACCEPTED_FORMATS, as PIL detects them from the bytes (not the extension). Transparency is composited on
+    white (BACKGROUND: how a logo or scan looks on a page). 16-bit and 32-bit integer grey (PNG, TIFF) keep their
+    levels, v -> round(v / 257); 16-bit colour keeps PIL's high byte; float grey in [0, 1] is scaled by 255, other
+    float ranges are stretched min..max. Images over `max_pixels` are refused from the header, before any pixel
+    is decoded (None: no limit; whoever passes None must log that). Every failure is a BadImage naming the reason.
+    """
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels {max_pixels} must be >= 1, or None for no limit")
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or exc})", path=path) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not a regular file", path=path)  # a FIFO named x.jpg would block the reader forever
+    if info.st_size == 0:
+        raise BadImage("empty file (0 bytes)", path=path)
+    with _PIL_BOMB_CHECK.off():
+        try:
+            with Image.open(path, formats=ACCEPTED_FORMATS) as img:
+                _check_pixels(img.size, max_pixels, path=path)
+                img.load()  # frame 0: an animation opens on its first frame
+                return _to_rgb(ImageOps.exif_transpose(img))
+        except BadImage:
+            raise
+        except UnidentifiedImageError as exc:
+            raise BadImage(_unaccepted(path), path=path) from exc
+        except MemoryError:
+            raise
+        # PIL's plugins raise a zoo for hostile bytes (OSError, ValueError, SyntaxError, EOFError, struct.error,
+        # IndexError, ...): whichever it is, this one file is unusable.
+        except Exception as exc:  # noqa: BLE001
+            raise BadImage(_failure(exc), path=path) from exc
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, *, path: Path) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise BadImage(f"no pixels ({width}x{height})", path=path)
+    if max_pixels is not None and width * height > max_pixels:
+        raise BadImage(
+            f"{width}x{height} = {_pixel_count(width * height)} exceeds the {_pixel_count(max_pixels)} limit; "
+            "raise --max-image-pixels",
+            path=path,
+        )
+
+
+def _pixel_count(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} Mpx" if pixels >= 100_000 else f"{pixels} px"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB by the rules in decode_image's docstring."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = Image.fromarray(_grey_levels(np.asarray(img)))  # (H, W) uint8: mode L
+    if img.has_transparency_data:  # RGBA, LA, PA, or a palette / grey / RGB image with a transparent colour
+        flat = Image.new("RGBA", img.size, (*BACKGROUND, 255))
+        img = Image.alpha_composite(flat, img.convert("RGBA"))
+    return img.convert("RGB")  # CMYK by PIL's (255 - C)(255 - K) / 255; 1-bit as 0 / 255
+
+
+def _grey_levels(values: np.ndarray) -> np.ndarray:
+    """(H, W) 16/32-bit integer or float grey as (H, W) uint8."""
+    if values.dtype.kind in "iu":
+        levels = np.clip(values.astype(np.int64), 0, 65535)
+        return ((levels + 128) // 257).astype(np.uint8)  # round(v / 257): 257 is odd, so there are no ties
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+    if low < 0.0 or high > 1.0:  # not intensities in [0, 1]: no scale to trust, use the range it has
+        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.where(finite, np.rint(np.clip(values, 0.0, 1.0) * 255), 0).astype(np.uint8)  # NaN, inf: black
+
+
+def _unaccepted(path: Path) -> str:
+    """Why PIL, limited to ACCEPTED_FORMATS, found no image: a broken header of one of them, another format, or none."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+        claimed = next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
+        if claimed is not None:
+            return f"truncated or corrupt {claimed} header"
+        with Image.open(path) as img:
+            found = img.format
+    except Exception:  # noqa: BLE001 - whatever fails here, the file is not an image we could name
+        return "not an image"
+    return f"format {found} is not accepted" if found else "not an image"
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot read the file ({exc.strerror or exc})"
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        return "truncated file"
+    return f"corrupt file ({one_line(exc)})"
+
+
+class _PilBombCheck:
+    """PIL's own decompression-bomb check, switched off while decode_image applies ours.
+
+    PIL reads the global Image.MAX_IMAGE_PIXELS at each check (on open, on GIF frames, on TIFF tiles), so it would
+    warn at half our default and refuse what a raised --max-image-pixels allows. The global is restored as soon as
+    no decode is running, so code outside decode_image keeps PIL's behaviour; the count makes decodes overlapping
+    in threads restore it once, not each to the other's value.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        with self._lock:
+            if self._running == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_PIL_BOMB_CHECK = _PilBombCheck()
+
+
+class ImageFiles(Dataset):
+    """Unlabelled image files: item i is the decoded PIL RGB image of paths[i] (BadImage when it cannot be)."""
+
+    def __init__(self, paths: Sequence[Path], *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 skipped_folders: Sequence[tuple[Path, str]] = ()) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.max_pixels = max_pixels
+        self.skipped_folders = list(skipped_folders)  # what the walk could not enter, for the bad-files report
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return decode_image(self.paths[index], max_pixels=self.max_pixels)

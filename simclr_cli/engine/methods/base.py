@@ -1,0 +1,68 @@
+"""The seam between the trainer and a pretraining method.
+
+A method says five things: which views it needs (`crops`), which modules it trains (`modules`, of which
+`network` is the encoder-and-head that encoder.safetensors publishes), its `loss` on a batch of views, what it
+does `after_step` (a momentum update, a queue push), and what `extra_state` its checkpoint carries beyond the
+modules' own state dicts. The trainer owns everything else: devices, process groups, the optimiser, the schedule,
+checkpoints, signals, logging. A method never touches a device, a file or a process group itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.model import SimCLR
+
+
+@dataclass(frozen=True)
+class Crops:
+    """`count` views of every image, each `size` pixels square."""
+
+    count: int
+    size: int
+
+
+class Method:
+    """Base of every pretraining method; see the module docstring for the five things a subclass defines."""
+
+    name: ClassVar[str]
+
+    def __init__(self, modules: nn.Module) -> None:
+        # Everything trained or updated, as one module: the trainer places it on the device, converts its BN for
+        # several processes, wraps it for DDP, checkpoints its state dict and optimises its parameters.
+        self.modules = modules
+
+    @classmethod
+    def from_config(cls, cfg, *, processes: int) -> Method:
+        """The method for a resolved pretraining config (configs.PretrainConfig), run by `processes` processes."""
+        raise NotImplementedError
+
+    @property
+    def network(self) -> SimCLR:
+        """The encoder f and head g written to encoder.safetensors, evaluated and monitored."""
+        raise NotImplementedError
+
+    def crops(self) -> tuple[Crops, ...]:
+        """The views each image gives per step, grouped by size; `loss` receives one tensor per group."""
+        raise NotImplementedError
+
+    def loss(self, net: Callable[[Tensor], tuple[Tensor, Tensor]], views: list[Tensor], *, rt: Runtime) -> Tensor:
+        """The training loss of one batch. `net` is `modules` as the trainer wraps it (DDP, compiled): forward through
+        it, not through `modules`, so gradients are averaged over processes. `views[g]` is (count * N, 3, S, S) for
+        crop group g, view-major (all first views, then all second views, ...)."""
+        raise NotImplementedError
+
+    def after_step(self, *, step: int) -> None:
+        """Called after every optimiser update that was applied (1-based `step`); nothing by default."""
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """Tensors the checkpoint carries beyond `modules.state_dict()`; none by default."""
+        return {}
+
+    def load_extra_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore what `extra_state` returned (already checked to hold the same names)."""

@@ -1,0 +1,50 @@
+"""Resuming a run: the newest complete and valid checkpoint, and refusing settings that would change what it computes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from simclr_cli.engine import checkpoint
+from simclr_cli.engine.plain import flatten
+from simclr_cli.engine.errors import CheckpointError, ConfigError
+from simclr_cli.engine.rundir import RunDir
+
+log = logging.getLogger("simclr")
+
+# Fields that may change when a run is resumed: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = {
+    "data.root", "data.workers", "data.download", "data.on_bad_image", "train.device", "train.log_every", "train.keep_checkpoints",
+    "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard", "data.cache_gb", "train.compile",
+    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips",
+}
+
+
+def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler) -> dict[str, Any]:
+    """Load the newest checkpoint that is complete and valid into the method's modules, the optimiser and the scaler,
+    saying why any newer one was skipped; returns its metadata."""
+    for path in run_dir.saved_checkpoints():
+        try:
+            meta = checkpoint.load_train_state(path, model=method.modules, optimizer=optimizer, scaler=scaler,
+                                               extra=method.extra_state(), restore_extra=method.load_extra_state)
+        except CheckpointError as exc:
+            log.warning("skipping %s: %s", path.name, exc)
+            continue
+        check_same_run(meta.get("config", {}), config, source=path)
+        log.info("resuming from %s (step %d)", path, meta["step"])
+        return meta
+    raise CheckpointError(f"no valid checkpoint to resume in {run_dir.checkpoints}; start a new run with --overwrite")
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], *, source: Path) -> None:
+    """Refuse to resume with settings that change what the run computes."""
+    saved, current = flatten(saved), flatten(current)
+    # A key the saved config lacks was added by a later simclr; its default reproduces what the run did before.
+    for key in sorted(saved.keys() - RESUMABLE_CHANGES):
+        was, now = saved.get(key), current.get(key)
+        if was != now:
+            raise ConfigError(
+                f"--resume would change {key} from {was!r} to {now!r} ({source.name}); "
+                "resume with the run's own settings, or start a new run"
+            )

@@ -1,0 +1,1 @@
+"""Tasks: one `run(cfg, ...)` per command. Tasks import blocks, never each other."""

@@ -1,0 +1,371 @@
+"""The method-agnostic pretraining loop: data in, the method's loss, the optimiser step, and the run's bookkeeping
+(logging, the non-finite guard, stop signals, the kNN monitor, checkpoints). SimCLR §2.1, Algorithm 1, with the
+method (engine/methods/) supplying the views it needs, the modules it trains and its loss.
+
+`fit` assembles a run from a resolved config; `Trainer` runs its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume, rundir, weights
+from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import ConfigError, Stopped
+from simclr_cli.engine.methods.base import Crops, Method
+from simclr_cli.engine.metrics import MetricsLog, Throughput, require_tensorboard
+from simclr_cli.engine.monitor import Monitor
+from simclr_cli.engine.nonfinite import NonFiniteGuard
+from simclr_cli.engine.optim import Schedule, build_optimizer, scaled_lr
+from simclr_cli.engine.plain import to_plain
+from simclr_cli.engine.report import Progress, StepStats
+from simclr_cli.engine.sampler import EpochSampler
+from simclr_cli.engine.signals import StopRequest, stop_requests
+from simclr_cli.engine.views import BatchViews
+
+log = logging.getLogger("simclr")
+
+@dataclass
+class TrainConfig:
+    """The `train:` section: which method, how many images and steps, and the loop's bookkeeping."""
+
+    method: str = "simclr"  # the pretraining method (engine/methods/): the views, modules and loss the trainer runs
+    batch_size: int | None = None  # the GLOBAL batch N (2N views a step); None = 256 on a GPU, 64 on a CPU, at most the dataset
+    epochs: int = 100
+    max_steps: int | None = None  # stop (and end the schedule) after this many steps
+    temperature: float = 0.1  # tau (SimCLR Table 5: 0.1 at batch 4096 on ImageNet, 0.5 on CIFAR)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    checkpoint_every: int | None = None  # steps between checkpoints; None = at the end of every epoch
+    keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
+    log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
+    sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
+    init: str | None = None  # start from these weights (not their optimiser state); see engine/weights.py
+    tensorboard: bool = False  # also log metrics as TensorBoard events in <run>/tensorboard (needs tensorboard)
+    compile: bool = False  # torch.compile the model: faster steps after a compile of a minute or more
+    on_nonfinite: str = "abort"  # abort: stop, saving nothing from the bad step on; skip: drop that update and go on
+    max_skips: int = 10  # with on_nonfinite=skip: stop after this many updates in a row were dropped
+
+    def validate(self) -> None:
+        methods.check_name(self.method)
+        for name in ("epochs", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} {getattr(self, name)} must be >= 1")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ConfigError("train.batch_size must be >= 2: NT-Xent needs other images in the batch as negatives")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
+        if self.on_nonfinite not in nonfinite.POLICIES:
+            raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(nonfinite.POLICIES)}")
+        if self.max_skips < 1:
+            raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_dir: Path
+    encoder: Path
+    steps: int
+    epochs_done: float
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    resumed_from: int | None
+    named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
+
+
+def source_images(cfg):
+    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit)."""
+    return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
+                            max_pixels=cfg.data.max_image_pixels or None)
+
+
+def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
+        held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
+    """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
+    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
+    images = source_images(cfg)
+    cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
+    monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
+    if cfg.train.tensorboard:
+        require_tensorboard()  # a missing package too
+    run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
+    run_dir = run_dir or rundir.RunDir(out)
+    pixels, cfg = _pixels(cfg, images, rt=rt)
+    config_dict = to_plain(cfg)  # resolved: what config.yaml and every checkpoint record
+
+    method = _method(cfg, world=world, rt=rt, init=not resume_run)
+    batch = cfg.train.batch_size
+    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
+    optimizer = build_optimizer(method.modules, cfg.optim, lr=peak_lr)
+    scaler = rt.grad_scaler()
+    schedule = Schedule.fit(peak_lr=peak_lr, steps_per_epoch=len(images) // batch, epochs=cfg.train.epochs,
+                            max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
+    step, elapsed_before, resumed_from = 0, 0.0, None
+    if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
+        meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler)
+        step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
+    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
+
+    sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
+    loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=cfg.data.workers,
+                             pin_memory=rt.device.type == "cuda")
+    bad = badfiles.BadFiles(on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction,
+                            max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
+    for folder, reason in getattr(images, "skipped_folders", ()):
+        bad.add_folder(folder, reason)
+    log.info(
+        "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
+        "peak lr %.4g, %s on %s, %d data workers%s%s",
+        cfg.model.arch, method.name, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
+        schedule.total_steps, schedule.steps_per_epoch, peak_lr, rt.precision, rt.device, cfg.data.workers,
+        f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
+        ", compiled" if cfg.train.compile else "",
+    )
+    info = checkpoint.EncoderInfo(model=cfg.model, image_size=cfg.augment.image_size, mean=cfg.augment.mean,
+                                  std=cfg.augment.std, interpolation=cfg.augment.interpolation, config=config_dict,
+                                  epoch=0, step=0)
+    metrics = None
+    if world.is_main:
+        metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
+    trainer = Trainer(
+        cfg.train, method=method, net=_wrap(method.modules, world=world, rt=rt, compile=cfg.train.compile),
+        views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer, scaler=scaler, schedule=schedule,
+        rt=rt, world=world, run_dir=run_dir, info=info, metrics=metrics, monitor=monitor, bad=bad,
+        num_images=len(images), progress=progress, elapsed_before=elapsed_before,
+    )
+    progress.start(total_steps=schedule.total_steps, completed=step, description="pretrain")
+    try:
+        with stop_requests() as requested:
+            step = trainer.train(loader, sampler, start_step=step, stop=requested)
+    finally:
+        progress.stop()
+        if metrics is not None:
+            metrics.close()
+    if bad.files or bad.folders:
+        log.warning("%s", bad.summary())
+    return PretrainResult(
+        run_dir=run_dir.root, encoder=run_dir.encoder, steps=step, epochs_done=step / schedule.steps_per_epoch,
+        first_loss=trainer.first_loss, last_loss=trainer.last_loss, seconds=trainer.elapsed(), resumed_from=resumed_from,
+        named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
+    )
+
+
+def _pixels(cfg, images, *, rt: Runtime):
+    """The uint8 pixels of `images`, decoded once into the cache when it fits; and `cfg` with the DataLoader workers
+    resolved, now that it is known whether batches decode (the cache fills with the workers a decode needs)."""
+    pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
+    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
+                                        workers=defaults.resolve_workers(cfg.data.workers, rt.device))
+    workers = defaults.resolve_workers(cfg.data.workers, rt.device, decoding=pixels.decoding)
+    return pixels, replace(cfg, data=replace(cfg.data, workers=workers))
+
+
+def _method(cfg, *, world: distributed.World, rt: Runtime, init: bool) -> Method:
+    """The method `cfg` names, its modules built from the seed (the same weights on every rank), initialised from
+    `train.init` when `init` (a resumed run's weights come from its checkpoint), and placed on the device."""
+    torch.manual_seed(cfg.train.seed)
+    method = methods.build(cfg, processes=world.world_size)
+    _check_views(method.crops(), image_size=cfg.augment.image_size, method=method.name)
+    if cfg.train.init and init:
+        report = weights.init_encoder(method.network, Path(cfg.train.init).expanduser())
+        log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
+                 ", projection head included" if report.head_loaded else "")
+        if report.note:
+            log.warning("%s", report.note)
+    method.modules = method.modules.to(rt.device)
+    if world.world_size > 1 and cfg.train.sync_bn:
+        method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)
+    if rt.channels_last:
+        method.modules = method.modules.to(memory_format=torch.channels_last)
+    return method
+
+
+def _wrap(modules: torch.nn.Module, *, world: distributed.World, rt: Runtime, compile: bool):
+    """What the step runs through: DDP over several processes, compiled on request; `modules` stays the plain
+    module that is saved and monitored."""
+    net = modules
+    if world.world_size > 1:
+        device_ids = [rt.device.index if rt.device.index is not None else torch.cuda.current_device()] if rt.device.type == "cuda" else None
+        net = DistributedDataParallel(net, device_ids=device_ids)
+    if compile:
+        net = torch.compile(net)  # compiles at the first step
+    return net
+
+
+def _check_views(crops: tuple[Crops, ...], *, image_size: int, method: str) -> None:
+    """The batched views make two crops of every image at augment.image_size; a method asking for others needs more."""
+    if crops != (Crops(count=2, size=image_size),):
+        raise ConfigError(f"method {method} asks for views {crops}; the view pipeline makes 2 crops at {image_size} px")
+
+
+def forward_backward(method: Method, net, views: list[torch.Tensor], *, rt: Runtime, optimizer, scaler) -> torch.Tensor:
+    """The method's loss on ready views and its gradients; the update is the caller's."""
+    net.train()
+    loss = method.loss(net, views, rt=rt)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    return loss.detach()
+
+
+class Trainer:
+    """The step loop and its bookkeeping (logging, the non-finite guard, monitor, checkpoints, stop requests)."""
+
+    def __init__(self, cfg: TrainConfig, *, method: Method, net, views: BatchViews, optimizer, scaler, schedule: Schedule,
+                 rt: Runtime, world: distributed.World, run_dir: rundir.RunDir, info: checkpoint.EncoderInfo,
+                 metrics: MetricsLog | None, monitor: Monitor | None, bad: badfiles.BadFiles, num_images: int,
+                 progress: Progress, elapsed_before: float = 0.0):
+        self.cfg, self.method, self.net, self.views = cfg, method, net, views
+        self.optimizer, self.scaler, self.schedule = optimizer, scaler, schedule
+        self.rt, self.world, self.run_dir, self.info = rt, world, run_dir, info
+        self.metrics, self.monitor, self.progress = metrics, monitor, progress
+        self.bad, self.num_images, self.drawn = bad, num_images, 0
+        self.guard = NonFiniteGuard(cfg.on_nonfinite, max_skips=cfg.max_skips, device=rt.device)
+        self.started, self.elapsed_before = time.perf_counter(), elapsed_before
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int, stop: StopRequest) -> int:
+        step, per_epoch, total = start_step, self.schedule.steps_per_epoch, self.schedule.total_steps
+        window = Throughput(images_per_step=self.cfg.batch_size)
+        while step < total:
+            epoch = step // per_epoch
+            sampler.set_epoch(epoch, start_batch=step - epoch * per_epoch)
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                try:
+                    batch = next(batches, None)  # the time spent here is the time the model waits for data
+                except RuntimeError:  # a worker ended by the same SIGTERM that asked us to stop
+                    if stop.signal is None:
+                        raise
+                    self.stop_here(stop, step=step, epoch=epoch)
+                window.waited(time.perf_counter() - waited)
+                if batch is None:
+                    break
+                self.report_skipped(batch.skipped)
+                lr = self.schedule.lr(step)
+                loss = self.step(batch, lr=lr, step=step, epoch=epoch)
+                step += 1
+                window.stepped()
+                last = step == total
+                if step % self.cfg.log_every == 0 or last or step % per_epoch == 0:
+                    images_per_s, data_wait = window.take()
+                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
+                # the kNN check first, so the plots drawn when saving include it
+                if self.monitor and self.world.is_main and self.monitor.due(step, steps_per_epoch=per_epoch, last=last):
+                    record = self.monitor.check(self.method.network, self.encoder_info(step=step, epoch=epoch), rt=self.rt)
+                    self.write_metrics({"step": step, "epoch": epoch, **record, "time": round(self.elapsed(), 3)})
+                if self.checkpoint_due(step) or last:
+                    self.save(step=step, epoch=epoch)
+                if last:
+                    break
+                if stop.agreed(self.world, step=step, every=self.cfg.log_every, device=self.rt.device):
+                    self.stop_here(stop, step=step, epoch=epoch)
+        return step
+
+    def step(self, batch: pipeline.PixelBatch, *, lr: float, step: int, epoch: int) -> torch.Tensor:
+        """One optimisation step on a batch of N images; returns the loss without syncing the host."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
+        x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
+        x = x.contiguous(memory_format=memory_format)
+        loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
+        if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(step=step + 1)
+        self.guard.record(loss, step=step)
+        return loss
+
+    def report_skipped(self, skipped: list[pipeline.Skipped]) -> None:
+        """Name the images a batch replaced, and stop if most of what was drawn so far is unreadable."""
+        self.drawn += self.cfg.batch_size // self.world.world_size + len(skipped)
+        for item in skipped:
+            self.bad.add(item.path, item.reason)
+        if skipped:
+            self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
+
+    def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
+        """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
+        if not self.checkpoint_due(step):
+            self.save(step=step, epoch=epoch)
+        name = signal.Signals(stop.signal).name
+        self.write_metrics({"step": step, "epoch": epoch, "event": f"stopped by {name}", "time": round(self.elapsed(), 3)})
+        raise Stopped(
+            f"stopped by {name} at step {step}/{self.schedule.total_steps}; saved {self.run_dir.checkpoint(step)}. "
+            f"Continue with: simclr pretrain --resume --out {self.run_dir.root}",
+            signal_number=stop.signal,
+        )
+
+    def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
+        """What the encoder file says about the network being trained: architecture, eval transform, config."""
+        return replace(self.info, step=step, epoch=epoch)
+
+    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
+        self.guard.check()
+        value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
+        if not math.isfinite(value):
+            value = None  # a dropped update (on_nonfinite=skip); JSON has no NaN
+        elif self.first_loss is None:
+            self.first_loss = value
+        if value is not None:
+            self.last_loss = value
+        self.write_metrics({"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
+                            "images_per_s": round(images_per_s, 2), "data_wait": round(data_wait, 4),
+                            "rss_mb": round(memory.resident_mb(), 1)})
+        self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.schedule.total_steps, loss=value, lr=lr,
+                                       images_per_s=images_per_s, data_wait=data_wait))
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint_every
+        return step % every == 0 if every else step % self.schedule.steps_per_epoch == 0
+
+    def save(self, *, step: int, epoch: int) -> None:
+        """Training state for --resume, then the encoder file the other commands read; never non-finite."""
+        self.guard.check()
+        if not self.world.is_main:
+            return  # every rank holds the same weights; one writes them
+        path = self.run_dir.checkpoint(step)
+        checkpoint.save_train_state(
+            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            config=self.info.config, elapsed=self.elapsed(), extra=self.method.extra_state(),
+        )
+        for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        log.debug("saved %s and %s", path, self.run_dir.encoder)
+        if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
+            plots.plot_run(self.run_dir.root)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None

@@ -1,0 +1,56 @@
+"""engine/defaults.py: where every "auto" value of a pretraining config becomes a number, once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simclr_cli.engine import defaults
+from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.errors import ConfigError, DataError
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_the_data_name_sets_the_image_size_under_the_preset():
+    assert defaults.for_data("cifar10") == {"augment": {"image_size": 32}}
+    assert defaults.for_data("stl10")["augment"]["image_size"] == 96
+    assert defaults.for_data(None)["augment"]["image_size"] == 32  # the digits demo
+    assert defaults.for_data("/some/folder")["augment"]["image_size"] == 224
+
+
+def test_sizes_follow_the_image_size():
+    cfg = PretrainConfig()
+    cfg.augment.image_size = 32
+    resolved = defaults.resolve_sizes(cfg)
+    assert resolved.model.stem == "small" and resolved.augment.blur_p == 0.0 and resolved.data.decode_side == 64
+    assert cfg.model.stem is None  # a copy: the config given is left as it was
+
+
+def test_the_batch_follows_the_machine_the_processes_and_the_data():
+    cfg = PretrainConfig()
+    assert defaults.resolve_pretrain(cfg, device=CPU, world_size=1, num_images=1000).train.batch_size == 64
+    assert defaults.resolve_pretrain(cfg, device=GPU, world_size=1, num_images=1000).train.batch_size == 256
+    assert defaults.resolve_pretrain(cfg, device=CPU, world_size=3, num_images=100).train.batch_size == 99  # split evenly
+    assert defaults.resolve_pretrain(cfg, device=CPU, world_size=1, num_images=10).train.batch_size == 10  # at most the data
+
+
+def test_a_batch_that_cannot_work_fails_before_anything_runs():
+    cfg = PretrainConfig()
+    with pytest.raises(DataError, match="SimCLR needs at least 2 per batch"):
+        defaults.resolve_pretrain(cfg, device=CPU, world_size=1, num_images=1)
+    cfg.train.batch_size = 64
+    with pytest.raises(DataError, match="--batch-size 64 is larger than the dataset"):
+        defaults.resolve_pretrain(cfg, device=CPU, world_size=1, num_images=10)
+    with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
+        defaults.resolve_pretrain(cfg, device=CPU, world_size=3, num_images=100)
+
+
+def test_workers_are_the_ones_asked_for_or_the_machines(monkeypatch):
+    monkeypatch.setattr(defaults, "available_cpus", lambda: 8)
+    assert defaults.resolve_workers(3, CPU) == 3
+    assert defaults.resolve_workers(None, CPU) == 4  # decoding on a CPU: half the cores, at most 4
+    assert defaults.resolve_workers(None, CPU, decoding=False) == 0  # cached pixels: a batch is a copy
+    assert defaults.resolve_workers(None, GPU, decoding=False) == 2
+    monkeypatch.setattr(defaults, "available_cpus", lambda: 2)
+    assert defaults.resolve_workers(None, CPU) == 0  # a small CPU machine gives its cores to the model
