@@ -344,7 +344,8 @@ def test_encoder_metadata_fields(tmp_path):
     save_encoder(path, tiny(), info=encoder_info(ModelConfig(arch="resnet18", width=0.25, stem="small")))
     meta = load(path, kind="encoder").meta
     assert meta == {
-        "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128},
+        "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
+                  "zero_init_residual": False},
         "transform": {"image_size": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"},
         "config": {"train": {"epochs": 2}, "augment": {"crop_scale": [0.3, 1.0]}},
         "epoch": 1,
@@ -386,7 +387,8 @@ def test_load_encoder_weights_that_do_not_match_the_metadata(tmp_path):
     weights["head.extra"] = torch.zeros(1)
     del weights["encoder.conv1.weight"]
     save(path, weights, kind="encoder", meta={
-        "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128},
+        "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
+                  "zero_init_residual": False},
         "transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},
         "config": {}, "epoch": 0, "step": 0,
     })

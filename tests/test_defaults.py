@@ -27,6 +27,37 @@ def test_sizes_follow_the_image_size():
     assert cfg.model.stem is None  # a copy: the config given is left as it was
 
 
+@pytest.mark.parametrize("size, temperature, lr", [(32, 0.5, 1.0), (64, 0.5, 1.0), (96, 0.1, 0.3), (224, 0.1, 0.3)])
+def test_temperature_and_base_lr_follow_the_image_size(size, temperature, lr):
+    """The CIFAR recipe at <= 64 px (app. B.9: tau 0.5, LARS 1.0 x B/256), the ImageNet one above (tau 0.1, 0.3 x B/256)."""
+    cfg = PretrainConfig()
+    cfg.augment.image_size = size
+    resolved = defaults.resolve_sizes(cfg)
+    assert resolved.train.temperature == temperature and resolved.optim.lr == lr
+    assert cfg.train.temperature is None and cfg.optim.lr is None  # a copy: the config given is left as it was
+
+
+def test_square_root_scaling_gets_its_own_base_rate():
+    """0.075 x sqrt(B), app. B.1: the same 4.8 peak as 0.3 x B/256 at batch 4096, not 0.3 x 64 = 19.2."""
+    from simclr_cli import config
+    from simclr_cli.engine.optim import scaled_lr
+
+    cfg = defaults.resolve_sizes(config.resolve_pretrain(data="imagenet", preset="imagenet", sets=None,
+                                                         flags={"optim.lr_scaling": "sqrt"}))
+    assert cfg.optim.lr == 0.075
+    assert scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling) == pytest.approx(4.8)
+    linear = defaults.resolve_sizes(config.resolve_pretrain(data="imagenet", preset="imagenet", sets=None, flags={}))
+    assert scaled_lr(linear.optim.lr, linear.train.batch_size, linear.optim.lr_scaling) == pytest.approx(4.8)
+
+
+def test_values_given_are_kept():
+    cfg = PretrainConfig()
+    cfg.augment.image_size = 32
+    cfg.train.temperature, cfg.optim.lr, cfg.optim.lr_scaling = 0.2, 0.6, "sqrt"
+    resolved = defaults.resolve_sizes(cfg)
+    assert resolved.train.temperature == 0.2 and resolved.optim.lr == 0.6
+
+
 def test_the_batch_follows_the_machine_the_processes_and_the_data():
     cfg = PretrainConfig()
     assert defaults.resolve_pretrain(cfg, device=CPU, world_size=1, num_images=1000).train.batch_size == 64

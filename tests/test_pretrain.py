@@ -61,6 +61,7 @@ def test_run_writes_config_metrics_checkpoints_and_encoder(image_folder, tmp_pat
     assert result.steps == 6 and result.epochs_done == 2.0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["stem"] == "small" and saved["augment"]["blur_p"] == 0.0  # auto values resolved
+    assert saved["train"]["temperature"] == 0.5 and saved["optim"]["lr"] == 1.0  # the small-image recipe, written out
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert {"step", "epoch", "loss", "lr", "time"} <= set(lines[0])
@@ -116,7 +117,7 @@ def test_resume_refuses_a_changed_recipe(image_folder, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         task.run(tiny_config(image_folder, checkpoint_every=2), out=out, progress=CrashAt(3))
     changed = tiny_config(image_folder, checkpoint_every=2, temperature=0.2)
-    with pytest.raises(ConfigError, match=r"--resume would change train.temperature from 0.1 to 0.2"):
+    with pytest.raises(ConfigError, match=r"--resume would change train.temperature from 0.5 to 0.2"):
         task.run(changed, out=out, resume=True)
 
 

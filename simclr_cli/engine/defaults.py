@@ -4,8 +4,8 @@ config.yaml, the checkpoints and results.json record.
 Three moments, three functions: `for_data` gives the defaults that follow the data's name (merged under the
 preset, so a preset or a flag still wins); `resolve_pretrain` fills what follows the image size, the machine and
 the dataset's length when a pretraining run opens; `resolve_workers` fills the DataLoader workers once it is known
-whether the images are decoded every epoch. Defaults that should follow the data (a temperature, a learning rate)
-belong in `for_data` or `resolve_pretrain`.
+whether the images are decoded every epoch. The temperature and the base learning rate follow the image size
+(the CIFAR recipe at <= 64 px, the ImageNet one above), like colour strength, blur and the stem.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from typing import Any
 import torch
 
 from simclr_cli.engine import pipeline
+from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE
 from simclr_cli.engine.device import available_cpus
 from simclr_cli.engine.errors import ConfigError, DataError
 
 # Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
 NATIVE_IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
 DEFAULT_IMAGE_SIZE = 224
+SMALL_IMAGE_TEMPERATURE, IMAGENET_TEMPERATURE = 0.5, 0.1
 
 
 def for_data(data: str | None) -> dict[str, Any]:
@@ -53,15 +55,26 @@ def resolve_workers(workers: int | None, device: torch.device, *, decoding: bool
     return workers if workers is not None else default_workers(device, decoding=decoding)
 
 
+def default_temperature(image_size: int) -> float:
+    """NT-Xent's tau for the recipe the image size implies: CIFAR's 0.5 at <= 64 px (app. B.9), ImageNet's 0.1
+    above (Table 5). At small images and short runs 0.5 also trained better here (BENCHMARKS.md, "Quality")."""
+    return SMALL_IMAGE_TEMPERATURE if image_size <= SMALL_IMAGE_MAX_SIZE else IMAGENET_TEMPERATURE
+
+
 def resolve_sizes(cfg):
     """`cfg` (a configs.PretrainConfig) validated, with what follows the image size filled in: colour and blur
-    strength, stem, decode side. Needs no machine and no data, so a bad config is reported before any process starts."""
+    strength, stem, decode side, temperature and base lr. Needs no machine and no data, so a bad config is reported
+    before any process starts."""
     cfg.validate()
     augment = cfg.augment.resolved()
-    data = cfg.data
+    size = augment.image_size
+    data, train = cfg.data, cfg.train
     if data.decode_side is None:
-        data = replace(data, decode_side=pipeline.decode_side(augment.image_size))
-    return replace(cfg, data=data, augment=augment, model=cfg.model.resolved(image_size=augment.image_size))
+        data = replace(data, decode_side=pipeline.decode_side(size))
+    if train.temperature is None:
+        train = replace(train, temperature=default_temperature(size))
+    return replace(cfg, data=data, augment=augment, train=train, optim=cfg.optim.resolved(image_size=size),
+                   model=cfg.model.resolved(image_size=size))
 
 
 def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: int):

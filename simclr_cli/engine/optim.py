@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE
 from simclr_cli.engine.errors import ConfigError
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
+LINEAR_BASE_LR = 0.3  # x B/256 = 4.8 at batch 4096 (§3)
+SQRT_BASE_LR = 0.075  # x sqrt(B) = 4.8 at batch 4096 (app. B.1)
+SMALL_IMAGE_BASE_LR = 1.0  # x B/256, CIFAR-10 (app. B.9 sweeps 0.5-1.5)
 
 
 class LARS(torch.optim.Optimizer):
@@ -92,7 +96,7 @@ class OptimConfig:
     """The optimizer and its schedule; defaults are the SimCLR v1 ImageNet recipe (§3 "Default setting")."""
 
     name: str = "lars"  # lars | sgd | adamw
-    lr: float = 0.3  # BASE lr, scaled by lr_scaling with the global batch (§3: 0.3 x BatchSize/256)
+    lr: float | None = None  # BASE lr, scaled by lr_scaling with the global batch; None = `resolved`'s rule
     lr_scaling: str = "linear"  # linear: lr*B/256 ; sqrt: lr*sqrt(B) (app. B.1: 0.075 x sqrt(BatchSize))
     momentum: float = 0.9
     weight_decay: float = 1e-6  # v1 paper; v2 and the later official code use 1e-4
@@ -102,8 +106,8 @@ class OptimConfig:
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optim.name '{self.name}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"optim.lr {self.lr} must be a positive number; use e.g. 0.3 (linear) or 0.075 (sqrt)")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr {self.lr} must be a positive number; use e.g. 0.3 (linear) or 0.075 (sqrt), or unset")
         if self.lr_scaling not in LR_SCALINGS:
             raise ConfigError(
                 f"optim.lr_scaling '{self.lr_scaling}' is not supported; choose one of {', '.join(LR_SCALINGS)}"
@@ -116,6 +120,17 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_epochs {self.warmup_epochs} must be >= 0; use e.g. 10, or 0 for none")
         if not (math.isfinite(self.trust_coefficient) and self.trust_coefficient > 0):
             raise ConfigError(f"optim.trust_coefficient {self.trust_coefficient} must be > 0; use e.g. 0.001")
+
+
+    def resolved(self, *, image_size: int) -> OptimConfig:
+        """Copy with the base lr filled in when unset: the scaling rule's own base, so every rule peaks at the paper's
+        4.8 at batch 4096 (0.3 x B/256, §3; 0.075 x sqrt(B), app. B.1), and CIFAR's 1.0 x B/256 for images of
+        <= 64 px (app. B.9), which also trained best at small budgets here (BENCHMARKS.md, "Quality")."""
+        if self.lr is not None:
+            return self
+        if self.lr_scaling == "sqrt":
+            return replace(self, lr=SQRT_BASE_LR)
+        return replace(self, lr=SMALL_IMAGE_BASE_LR if image_size <= SMALL_IMAGE_MAX_SIZE else LINEAR_BASE_LR)
 
 
 def scaled_lr(base_lr: float, global_batch_size: int, scaling: str) -> float:

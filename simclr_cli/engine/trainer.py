@@ -45,7 +45,7 @@ class TrainConfig:
     batch_size: int | None = None  # the GLOBAL batch N (2N views a step); None = 256 on a GPU, 64 on a CPU, at most the dataset
     epochs: int = 100
     max_steps: int | None = None  # stop (and end the schedule) after this many steps
-    temperature: float = 0.1  # tau (SimCLR Table 5: 0.1 at batch 4096 on ImageNet, 0.5 on CIFAR)
+    temperature: float | None = None  # tau; None = 0.5 for images of <= 64 px (app. B.9, CIFAR), else 0.1 (Table 5, ImageNet)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -74,7 +74,7 @@ class TrainConfig:
             raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(nonfinite.POLICIES)}")
         if self.max_skips < 1:
             raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
 
 
