@@ -524,6 +524,7 @@ def info(
             ("trained", f"step {described.step}, epoch {described.epoch}"),
             ("data", str((described.config.get('data') or {}).get('source'))),
         ]
-        rows += [(f"eval: {e.command}", "unreadable" if e.error else f"top-1 {_pct(e.top1)}, top-5 {_pct(e.top5)}")
+        rows += [(f"eval: {e.command}", "unreadable" if e.error else
+                  f"{'random-init baseline: ' if e.baseline else ''}top-1 {_pct(e.top1)}, top-5 {_pct(e.top5)}")
                  for e in described.evaluations]
         show_table(str(described.path), rows)

@@ -87,6 +87,35 @@ def test_random_init_baseline_is_labelled_as_such(encoder_file, labelled, tmp_pa
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert saved["random_init"] is True and saved["checkpoint"] is None
+    assert saved["weights"].startswith("random init (torchvision's")
+    beside = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", "--random-init", *COMMON])
+    assert beside.exit_code == 0, beside.output  # results.json beside the checkpoint, where info looks
+    info = runner.invoke(app, ["info", str(encoder_file)])
+    assert info.exit_code == 0, info.output
+    assert "random-init baseline: top-1" in info.output
+
+
+def test_a_trained_encoder_s_results_and_info_say_trained(encoder_file, labelled):
+    result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", *COMMON])
+    assert result.exit_code == 0, result.output
+    (results,) = encoder_file.parent.glob("eval/knn-*/results.json")
+    assert json.loads(results.read_text())["weights"] == "trained"
+    info = runner.invoke(app, ["info", str(encoder_file), "--json"])
+    assert [e["baseline"] for e in json.loads(info.output)["evaluations"]] == [False]
+
+
+def test_the_random_init_baseline_is_torchvision_s_init_whatever_the_file_used(tmp_path):
+    """A file trained from zero-initialised residual branches still gets the standard untrained ResNet as its baseline."""
+    from simclr_cli.engine.features import open_encoder
+
+    cfg = ModelConfig(arch="resnet18", width=0.25, zero_init_residual=True).resolved(image_size=16)
+    info = checkpoint.EncoderInfo(model=cfg, image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                  interpolation="bicubic", config={}, epoch=0, step=0)
+    path = tmp_path / "encoder.safetensors"
+    checkpoint.save_encoder(path, build_model(cfg), info=info)
+    baseline = open_encoder(path, random_init=True, seed=0).model.encoder
+    for block in (m for m in baseline.modules() if hasattr(m, "last_bn")):
+        assert torch.all(block.last_bn.weight == 1)
 
 
 def test_finetune_runs_on_a_label_fraction_and_its_model_is_accepted_by_embed(encoder_file, labelled, tmp_path):

@@ -76,7 +76,7 @@ def test_describe_an_encoder_with_evaluations_beside_it(tmp_path):
     }
     assert out["mean"] == [0.5, 0.4, 0.3] and out["path"] == str(path)
     assert out["evaluations"][1] == {
-        "path": str(knn), "command": "knn-x", "protocol": "knn", "data": "digits", "top1": 0.5, "top5": 0.875, "error": None,
+        "path": str(knn), "command": "knn-x", "protocol": "knn", "data": "digits", "top1": 0.5, "top5": 0.875, "error": None, "baseline": False,
     }
 
 

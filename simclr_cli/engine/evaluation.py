@@ -13,7 +13,7 @@ from typing import Any
 from simclr_cli.engine import defaults, distributed, rundir
 from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledSplits, labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
-from simclr_cli.engine.features import Encoder, open_encoder
+from simclr_cli.engine.features import Encoder, open_encoder, weights_of
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_results
 
@@ -53,7 +53,8 @@ def run(cfg, *, checkpoint: Path | None, out: Path | None, command: str, progres
         if not world.is_main:
             return None
         return Evaluated(result=result, data=opened.splits.name,
-                         results_file=write_results(folder, {**result.to_dict(), "data": opened.splits.name}))
+                         results_file=write_results(folder, {**result.to_dict(), "data": opened.splits.name,
+                                                             "weights": weights_of(opened.encoder)}))
 
 
 def open_labelled(cfg, checkpoint: Path | None) -> Opened:

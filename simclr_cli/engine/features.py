@@ -64,6 +64,14 @@ def open_encoder(checkpoint: Path, *, random_init: bool = False, seed: int = 0) 
     return Encoder(model=model, info=info, source=None)
 
 
+RANDOM_INIT = "random init (torchvision's: He-normal convs, every BN gamma 1; untrained)"
+
+
+def weights_of(encoder: Encoder) -> str:
+    """What an evaluation measured, for results.json: the file's trained weights, or the random-init baseline."""
+    return RANDOM_INIT if encoder.source is None else "trained"
+
+
 def check_layer(encoder: Encoder, layer: str) -> None:
     """ConfigError unless `layer` exists in this encoder (head2 needs a 3-layer SimCLRv2 head)."""
     if layer not in LAYERS:

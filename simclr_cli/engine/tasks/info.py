@@ -33,11 +33,12 @@ class EvalRecord:
     top1: float | None  # fractions in [0, 1]
     top5: float | None
     error: str | None = None  # why the file could not be read
+    baseline: bool = False  # measured on a random-init network (--random-init), not on this file's weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "command": self.command, "protocol": self.protocol, "data": self.data,
-            "top1": self.top1, "top5": self.top5, "error": self.error,
+            "top1": self.top1, "top5": self.top5, "error": self.error, "baseline": self.baseline,
         }
 
 
@@ -158,6 +159,8 @@ def _read_record(path: Path) -> EvalRecord:
         data=_text(results.get("data")),
         top1=_number(results.get("top1")),
         top5=_number(results.get("top5")),
+        # older results.json files say it by random_init (knn) or by a null checkpoint (linear-eval, finetune)
+        baseline=results.get("random_init") is True or ("checkpoint" in results and results["checkpoint"] is None),
     )
 
 
