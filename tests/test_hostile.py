@@ -375,3 +375,180 @@ def test_other_os_errors_are_still_reported_as_bugs(good, monkeypatch):
     result = runner.invoke(app, ["info", str(good)])
     assert result.exit_code == 1
     assert "internal error: OSError" in result.output and "Traceback" not in result.output
+
+
+# --- crafted files: nesting, huge integers, wrong types, absurd sizes (issue 18, items 3 and 4) ---------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+HUGE_INT = "9" * 5000  # past Python's 4,300-digit limit for int('...')
+
+
+def with_header(good: Path, dst: Path, key: str, raw_json: str) -> Path:
+    """`good` with an extra top-level entry `key: raw_json` in its safetensors header (written as raw text)."""
+    data = good.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].rstrip(b" ")
+    header = header[:-1] + f',"{key}":{raw_json}}}'.encode()
+    dst.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length:])
+    return dst
+
+
+def meta_set(**raw: str):
+    """A `rewritten` change setting header metadata entries to raw JSON text."""
+    return lambda tensors, meta: meta.update(raw)
+
+
+def meta_edit(field: str, edit: Callable[[dict], None]):
+    """A `rewritten` change editing one JSON metadata entry as data."""
+    import json
+
+    def change(tensors, meta):
+        value = json.loads(meta[field])
+        edit(value)
+        meta[field] = json.dumps(value)
+
+    return change
+
+
+CRAFTED = [
+    Bad("header-deeply-nested", lambda g, d, m: with_header(g, d, "x", DEEP),
+        r"is not a readable safetensors file: its header cannot be read \(it is nested too deeply\); "),
+    Bad("header-huge-integer", lambda g, d, m: with_header(g, d, "x", HUGE_INT),
+        r"is not a readable safetensors file: its header cannot be read \(it holds a number of more than 4300 digits\); "),
+    Bad("metadata-deeply-nested", lambda g, d, m: rewritten(g, d, meta_set(config=DEEP)),
+        r"has corrupt metadata \(config: it is nested too deeply\); the file is damaged$"),
+    Bad("metadata-nested-past-the-limit", lambda g, d, m: rewritten(g, d, meta_set(config="[" * 200 + "]" * 200)),
+        r"has corrupt metadata \(config: it nests deeper than 32 levels\); the file is damaged$"),
+    Bad("metadata-huge-integer", lambda g, d, m: rewritten(g, d, meta_set(step=HUGE_INT)),
+        r"has corrupt metadata \(step: it holds a number of more than 4300 digits\); the file is damaged$"),
+    Bad("metadata-nan", lambda g, d, m: rewritten(g, d, meta_set(step="NaN")),
+        r"has corrupt metadata \(step: NaN is not JSON\); the file is damaged$"),
+]
+
+
+@pytest.mark.parametrize("bad", CRAFTED, ids=lambda b: b.name)
+def test_every_command_refuses_a_crafted_checkpoint_in_one_line(bad, good, images, marker, tmp_path):
+    path = make_bad(bad, good, marker)
+    for command, args in COMMANDS.items():
+        out = tmp_path / "out" / command.replace(" ", "")
+        line = the_error(runner.invoke(app, args(path, images, out)))
+        assert re.search(bad.message, line), f"{command}: {line}"
+        assert str(path) in line and len(line) < 400, f"{command}: {line[:400]}"
+        assert files_under(out) == [], f"{command} wrote {files_under(out)}"
+
+
+# Values that parse but are wrong: each read by some command, each refused by every command that opens the file.
+WRONG_VALUES = {
+    "step-past-any-run": (meta_set(step=str(10**30)), r"step 10{30} is not a whole number between 0 and"),
+    "image-size-30000": (meta_edit("transform", lambda t: t.update(image_size=30000)),
+                         r"augment\.image_size 30000 is not valid; .*at most 1024"),
+    "width-1000": (meta_edit("model", lambda m: m.update(width=1000)), r"model\.width 1000 is not valid; .*at most 64"),
+    "proj-dim-huge": (meta_edit("model", lambda m: m.update(proj_dim=10**9)), r"model\.proj_dim 1000000000 is not valid"),
+    "config-not-a-mapping": (meta_set(config="[1, 2]"), r"config is a list, not a mapping"),
+    "config-data-not-a-mapping": (meta_set(config='{"data": "cifar10"}'), r"config\.data is a str, not a mapping"),
+    "config-data-source-a-list": (meta_set(config='{"data": {"source": [1]}}'), r"config\.data\.source is a list, not text"),
+    "extra-not-a-mapping": (meta_set(extra='"abc"'), r"extra is a str, not a mapping"),
+    "extra-task-a-list": (meta_set(extra='{"task": [1]}'), r"extra\.task is a list, not text"),
+}
+
+
+@pytest.mark.parametrize("change", WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+@pytest.mark.parametrize("command", ["embed", "knn", "info", "export"])
+def test_a_wrong_metadata_value_is_refused_in_one_line(change, command, good, images, tmp_path):
+    edit, message = change
+    path = rewritten(good, tmp_path / "bad.safetensors", edit)
+    out = tmp_path / "out"
+    line = the_error(runner.invoke(app, COMMANDS[command](path, images, out)))
+    # "incomplete" for a value of the wrong type, as the older checks word it; "invalid" for a value out of range
+    assert re.match(rf"error: {re.escape(str(path))} has (incomplete|invalid) metadata \(", line), line
+    assert line.endswith("; the file is damaged or from another tool"), line
+    assert re.search(message, line), line
+    assert files_under(out) == []
+
+
+def finetuned(good: Path, dst: Path, **extra) -> Path:
+    """`good` as `simclr finetune` writes it (a classifier on h), with `extra` metadata values overriding."""
+    import json
+
+    def change(tensors, meta):
+        tensors["extra/classifier.weight"] = torch.zeros(3, 128)
+        tensors["extra/classifier.bias"] = torch.zeros(3)
+        meta["extra"] = json.dumps({"task": "finetune", "num_classes": 3, "from_head_layer": 0, **extra})
+
+    return rewritten(good, dst, change)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"from_head_layer": "abc"}, r"extra\.from_head_layer 'abc' is not a whole number between 0 and 1"),
+        ({"from_head_layer": 7}, r"extra\.from_head_layer 7 is not a whole number between 0 and 1"),
+        ({"num_classes": "many"}, r"extra\.num_classes 'many' is not the classifier's 3 classes"),
+        ({"num_classes": 5}, r"extra\.num_classes 5 is not the classifier's 3 classes"),
+    ],
+)
+def test_export_include_fc_refuses_bad_classifier_metadata(extra, message, good, tmp_path):
+    path = finetuned(good, tmp_path / "finetuned.safetensors", **extra)
+    out = tmp_path / "out" / "tv.safetensors"
+    line = the_error(runner.invoke(app, ["export", str(path), "--to", "torchvision", "--include-fc", "-o", str(out)]))
+    assert re.search(message, line), line
+    assert files_under(out.parent) == []
+
+
+def test_a_fine_tuned_file_without_its_classifier_bias_is_refused(good, tmp_path):
+    path = rewritten(finetuned(good, tmp_path / "f.safetensors"), tmp_path / "nobias.safetensors",
+                     lambda tensors, meta: tensors.pop("extra/classifier.bias"))
+    line = the_error(runner.invoke(app, ["info", str(path)]))
+    assert "a fine-tuned file needs extra/classifier.weight (classes x features) and extra/classifier.bias" in line, line
+
+
+def train_state_meta(path: Path, **raw: str) -> None:
+    rewritten(path, path, meta_set(**raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"elapsed": '"abc"'}, "elapsed 'abc' is not a number of seconds >= 0"),
+        ({"elapsed": "-5"}, "elapsed -5 is not a number of seconds >= 0"),
+        ({"config": '"abc"'}, "config is a str, not a mapping"),
+        ({"config": DEEP}, "config: it is nested too deeply"),
+        ({"step": HUGE_INT}, "step: it holds a number of more than 4300 digits"),
+        ({"step": str(10**9)}, "step 1000000000 is past the end of this run's schedule (2 steps)"),
+    ],
+    ids=["elapsed-text", "elapsed-negative", "config-text", "config-deep", "step-huge-int", "step-past-schedule"],
+)
+def test_resume_steps_over_a_crafted_newest_checkpoint(raw, reason, images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    newest = out / "checkpoints" / "step-000000002.safetensors"
+    train_state_meta(newest, **raw)
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert "skipping step-000000002.safetensors" in said and reason in said, said
+    assert "(step 1)" in said  # resumed from the valid one beside it
+    assert checkpoint.load(newest, kind=checkpoint.TRAIN_STATE).meta["step"] == 2  # step 2 ran again, saved whole
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image-size", "20000"], "augment.image_size 20000 is not valid; use a whole number of pixels >= 8 and at most 1024"),
+        (["--width", "1000"], "model.width 1000.0 is not valid; use at most 64 (SimCLR's widest is 4)"),
+        (["--set", "model.proj_dim=100000000"], "model.proj_dim 100000000 is not valid; use a whole number >= 1 and at most 16384"),
+        (["--preset", "PRESET"], "model.proj_dim 100000000 is not valid"),
+        # within the bounds, but no machine this runs on holds 4 x 255e9 fp32 parameters: refused before allocating
+        (["--arch", "resnet152", "--width", "64"], "resnet152 at width 64 needs about 3,"),
+    ],
+    ids=["image-size", "width", "proj-dim", "preset", "memory"],
+)
+def test_absurd_sizes_are_refused_before_anything_is_allocated(args, message, images, tmp_path):
+    preset = tmp_path / "huge.yaml"
+    preset.write_text("model:\n  proj_dim: 100000000\n")
+    args = [str(preset) if a == "PRESET" else a for a in args]
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(out), *args])
+    line = the_error(result)
+    assert message in line, line
+    assert files_under(out) == []

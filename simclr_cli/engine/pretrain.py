@@ -32,7 +32,7 @@ from simclr_cli.engine.data import (
 from simclr_cli.engine.device import Runtime, available_cpus, resolve_device, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
-from simclr_cli.engine.model import ModelConfig, build_model
+from simclr_cli.engine.model import ModelConfig, build_model, parameter_count
 from simclr_cli.engine.optim import OptimConfig, build_optimizer, lr_at, scaled_lr, warmup_steps_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 from simclr_cli.engine.views import BatchViews
@@ -220,6 +220,8 @@ def restarted_by_torchrun() -> bool:
 def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bool, overwrite: bool,
          held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     rt = runtime(device=cfg.train.device, precision=cfg.train.precision)
+    memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
+                                what=f"{cfg.model.arch} at width {cfg.model.width:g}")
     images = source_images(cfg)
     batch = cfg.train.batch_size
     if batch is None:
@@ -267,7 +269,7 @@ def _run(cfg: PretrainConfig, *, world: distributed.World, out: Path, resume: bo
 
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume:  # every rank reads the same file: checkpoints live on storage all nodes share
-        meta = _resume(run_dir, cfg=config_dict, model=model, optimizer=optimizer, scaler=scaler)
+        meta = _resume(run_dir, cfg=config_dict, model=model, optimizer=optimizer, scaler=scaler, total_steps=total_steps)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
     distributed.on_main(world, lambda: _start_files(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
     trained = model  # the bare model: what is saved, monitored and returned
@@ -618,11 +620,11 @@ class _Monitor:
                 "knn_k": result.scores[0].k_used, "time": round(trainer.elapsed(), 3)}
 
 
-def _resume(run_dir: rundir.RunDir, *, cfg: dict[str, Any], model, optimizer, scaler) -> dict[str, Any]:
+def _resume(run_dir: rundir.RunDir, *, cfg: dict[str, Any], model, optimizer, scaler, total_steps: int) -> dict[str, Any]:
     """Load the newest checkpoint that is complete and valid, saying why any newer one was skipped."""
     for path in run_dir.saved_checkpoints():
         try:
-            meta = checkpoint.load_train_state(path, model=model, optimizer=optimizer, scaler=scaler)
+            meta = checkpoint.load_train_state(path, model=model, optimizer=optimizer, scaler=scaler, total_steps=total_steps)
         except CheckpointError as exc:
             log.warning("skipping %s: %s", path.name, exc)
             continue
