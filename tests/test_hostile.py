@@ -552,3 +552,51 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(args, message, im
     line = the_error(result)
     assert message in line, line
     assert files_under(out) == []
+
+
+# --- hostile YAML: alias bombs, undecodable presets, huge echoed values (issue 18, items 5 and 7) -------------
+
+# 8 levels of 8 aliases each: 8**8 (16.8 million) elements once expanded, in under 250 characters
+ALIAS_BOMB = "[" + ",".join(["&a [1,1,1,1,1,1,1,1]"] + [f"&{b} [{','.join([f'*{a}'] * 8)}]" for a, b in zip("abcdefg", "bcdefgh")]) + "]"
+
+
+def pretrain_config_error(images: Path, tmp_path: Path, *args: str) -> str:
+    out = tmp_path / "run"
+    line = the_error(runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(out), *args]))
+    assert files_under(out) == []
+    return line
+
+
+def test_an_alias_bomb_in_a_set_value_is_refused_in_one_short_line(images, tmp_path):
+    assert len(ALIAS_BOMB) < 250
+    line = pretrain_config_error(images, tmp_path, "--set", f"model.proj_dim={ALIAS_BOMB}")
+    assert len(line) < 400, line[:400]
+    assert line.endswith("YAML aliases (*a) are not accepted; write the value out in full"), line
+
+
+def test_an_alias_bomb_in_a_preset_is_refused_in_one_short_line(images, tmp_path):
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(f"model:\n  proj_dim: {ALIAS_BOMB}\n")
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset}: YAML aliases (*a) are not accepted; write the value out in full", line
+
+
+def test_a_preset_that_is_not_utf8_is_refused_in_one_line(images, tmp_path):
+    preset = tmp_path / "latin1.yaml"
+    preset.write_bytes("# caf\xe9\nmodel:\n  arch: resnet18\n".encode("latin-1"))
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset} is not UTF-8 text (byte 5 is 0xe9); save it as UTF-8", line
+
+
+def test_a_huge_value_is_echoed_cut_short(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", "augment.interpolation=" + "x" * 100_000)
+    assert line.startswith("error: augment.interpolation 'xxxx")
+    assert len(line) < 1100 and line.endswith(" more characters)"), len(line)
+
+
+def test_a_seed_past_64_bits_is_refused(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", f"train.seed={10**23}")
+    assert line == "error: train.seed 100000000000000000000000 must be a whole number from 0 to 2**63 - 1"
+    result = runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(tmp_path / "run"), "--seed", str(10**23)])
+    assert result.exit_code == 2 and "internal error" not in result.output
+    assert "Invalid value for '--seed'" in result.output

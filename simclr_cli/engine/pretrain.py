@@ -103,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(NONFINITE_POLICIES)}")
         if self.max_skips < 1:
             raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
+        if not 0 <= self.seed < 2**63:  # what torch.manual_seed and numpy's generators all take
+            raise ConfigError(f"train.seed {str(self.seed)[:30]} must be a whole number from 0 to 2**63 - 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
 
