@@ -600,3 +600,96 @@ def test_a_seed_past_64_bits_is_refused(images, tmp_path):
     result = runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(tmp_path / "run"), "--seed", str(10**23)])
     assert result.exit_code == 2 and "internal error" not in result.output
     assert "Invalid value for '--seed'" in result.output
+
+
+# --- what kill -9, SIGTERM and a second run leave behind (issue 18, item 7) ------------------------------------
+
+
+def test_resume_removes_the_temp_files_of_a_save_cut_short(images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    # what kill -9 during a save leaves: atomic_write's temp files, named .<file>.<pid>.<8 hex>.tmp
+    stale = [out / "checkpoints" / ".step-000000003.safetensors.4242.0badf00d.tmp", out / ".encoder.safetensors.4242.deadbeef.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 100_000)
+    kept = [out / "notes.tmp", out / "checkpoints" / ".step-1.safetensors.tmp"]  # not atomic_write's names: not ours
+    for path in kept:
+        path.write_text("mine")
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "removed 2 temp file(s) of an interrupted save (0.2 MB)" in " ".join(resumed.output.split())
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_text() == "mine" for p in kept)
+
+
+def test_two_embeds_to_one_file_the_second_is_refused_and_the_first_kept(good, images, tmp_path, monkeypatch):
+    from simclr_cli.engine import embed
+
+    out = tmp_path / "vecs.npy"
+    real = embed._write_rows
+
+    def another_run_finishes_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        out.write_bytes(b"the other run's embeddings")  # it passed the same existence check and finished first
+        return result
+
+    monkeypatch.setattr(embed, "_write_rows", another_run_finishes_meanwhile)
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON]))
+    assert line == (f"error: {out} was created by another run while this one was embedding; it is kept as it is. "
+                    "Pass --overwrite to replace it, or choose another --out")
+    assert out.read_bytes() == b"the other run's embeddings"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch or temp file left
+
+
+def test_sigterm_during_embed_removes_the_partial_file_and_says_so(good, images, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out" / "vecs.npy"
+    # each batch takes a second, so the signal arrives mid-run, with the full-size scratch file on disk
+    slow = ("import sys, time; from simclr_cli.engine import embed; encode = embed.encode; "
+            "embed.encode = lambda *a, **k: (time.sleep(1), encode(*a, **k))[1]; "
+            "from simclr_cli.cli import app; sys.argv[0] = 'simclr'; app()")
+    args = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON[:-1], "4"]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(".vecs.npy.*.partial.npy")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(out.parent.glob(".vecs.npy.*.partial.npy")), "the scratch file never appeared"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    said = " ".join(output.split())
+    assert "embed stopped by SIGTERM: the unfinished .vecs.npy." in said and "was removed and nothing was written to" in said
+    assert "Traceback" not in output
+    assert files_under(out.parent) == []
+
+
+def test_an_image_too_large_for_memory_with_the_pixel_limit_off_is_one_line(good, images, tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    bomb = images / "a" / "zz_bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def load(self):  # what decoding 40000 x 40000 x 3 bytes does on a machine without 4.8 GB to spare
+        if self.size == (40000, 40000):
+            raise MemoryError
+        return real_load(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    out = tmp_path / "out" / "vecs.npy"
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON, "--max-image-pixels", "0"]))
+    assert line == (f"error: decoding {bomb} ran out of memory (its 40000x40000 = 1600.0 Mpx); the pixel limit is off "
+                    "(--max-image-pixels 0): set a limit to skip such images, or remove the file")
+    assert files_under(out.parent) == []

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from simclr_cli.engine.checkpoint import TEMP_FILE
 from simclr_cli.engine.errors import ConfigError, OutputError
 
 log = logging.getLogger("simclr")
@@ -90,6 +91,8 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
         hold.enter_context(lock(root))
     if root.is_dir():
         _refuse_if_in_use(root)
+        if resume or overwrite:
+            _remove_stale_temp_files(run)
     if resume:
         if not run.saved_checkpoints():
             raise ConfigError(f"nothing to resume in {root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
@@ -179,6 +182,21 @@ def _acquire(root: Path) -> int | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
     return fd
+
+
+def _remove_stale_temp_files(run: RunDir) -> None:
+    """Remove the temp files of saves cut short (kill -9, power loss) in `run`, which no live run is using (its lock
+    was checked): each can be as large as a checkpoint, and nothing else would ever remove them."""
+    stale = [p for folder in (run.root, run.checkpoints) if folder.is_dir() for p in folder.iterdir()
+             if TEMP_FILE.fullmatch(p.name) and p.is_file()]
+    size = 0
+    for path in stale:
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+            path.unlink()
+    if stale:
+        log.info("removed %d temp file(s) of an interrupted save (%.1f MB): %s", len(stale), size / 1e6,
+                 ", ".join(p.name for p in stale[:3]) + (f" (+{len(stale) - 3} more)" if len(stale) > 3 else ""))
 
 
 def _refuse_if_in_use(root: Path) -> None:
