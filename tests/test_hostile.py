@@ -693,3 +693,12 @@ def test_an_image_too_large_for_memory_with_the_pixel_limit_off_is_one_line(good
     assert line == (f"error: decoding {bomb} ran out of memory (its 40000x40000 = 1600.0 Mpx); the pixel limit is off "
                     "(--max-image-pixels 0): set a limit to skip such images, or remove the file")
     assert files_under(out.parent) == []
+
+
+def test_a_worker_count_past_any_machine_is_refused_before_a_process_starts(good, images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--workers", "100000")
+    assert line == "error: data.workers 100000 is more than 256; use about one per CPU core"
+    out = tmp_path / "out" / "vecs.npy"
+    embed = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON, "--workers", "100000"]
+    assert the_error(runner.invoke(app, embed)) == "error: --workers 100000 is more than 256; use about one per CPU core"
+    assert files_under(out.parent) == []

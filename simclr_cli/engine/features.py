@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from simclr_cli.engine import distributed
 from simclr_cli.engine.augment import eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder
-from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.device import MAX_WORKERS, Runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import SimCLR, build_model
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -149,6 +149,8 @@ def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, coll
     _check_batch_size(batch_size)
     if workers < 0:
         raise ConfigError(f"--workers {workers} must be >= 0; use 0 to load in the main process")
+    if workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {workers} is more than {MAX_WORKERS}; use about one per CPU core")
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -29,7 +29,7 @@ from simclr_cli.engine.data import (
     labelled_splits,
     pretrain_dataset,
 )
-from simclr_cli.engine.device import Runtime, available_cpus, resolve_device, runtime
+from simclr_cli.engine.device import MAX_WORKERS, Runtime, available_cpus, resolve_device, runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, Stopped
 from simclr_cli.engine.loss import nt_xent, nt_xent_distributed
 from simclr_cli.engine.model import ModelConfig, build_model, parameter_count
@@ -55,6 +55,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
+        if self.workers is not None and self.workers > MAX_WORKERS:
+            raise ConfigError(f"data.workers {self.workers} is more than {MAX_WORKERS}; use about one per CPU core")
         if self.decode_side is not None and (isinstance(self.decode_side, bool) or not isinstance(self.decode_side, int)
                                              or self.decode_side < 8):
             raise ConfigError(f"data.decode_side {self.decode_side!r} must be a whole number of pixels >= 8, or unset for 2x the image size")
