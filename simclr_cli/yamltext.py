@@ -41,6 +41,8 @@ def parse(text: str, *, source: str) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except _AliasRefused as exc:
         raise ConfigError(f"{source}: YAML aliases (*{exc.name}) are not accepted; write the value out in full") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply to read; a config nests a few levels") from None
     except ValueError as exc:  # an integer past Python's 4,300-digit limit for int('...')
         raise ConfigError(f"{source}: {str(exc).split(';')[0]}; write a shorter number") from None
 

@@ -702,3 +702,26 @@ def test_a_worker_count_past_any_machine_is_refused_before_a_process_starts(good
     embed = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON, "--workers", "100000"]
     assert the_error(runner.invoke(app, embed)) == "error: --workers 100000 is more than 256; use about one per CPU core"
     assert files_under(out.parent) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  proj_dim: " + "[" * 5000 + "]" * 5000 + "\n", "the YAML is nested too deeply to read; a config nests a few levels"),
+        ("model:\n  proj_dim: " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits) for integer string conversion"),
+    ],
+    ids=["deeply-nested", "huge-integer"],
+)
+def test_a_crafted_preset_is_refused_in_one_line(text, message, images, tmp_path):
+    preset = tmp_path / "crafted.yaml"
+    preset.write_text(text)
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line.startswith(f"error: {preset}: {message}") and len(line) < 400, line[:400]
+
+
+def test_resume_refuses_a_crafted_config_yaml_in_one_line(images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    (out / "config.yaml").write_text(f"model:\n  proj_dim: {ALIAS_BOMB}\n")
+    line = the_error(runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"]))
+    assert line == f"error: {out / 'config.yaml'}: YAML aliases (*a) are not accepted; write the value out in full"
