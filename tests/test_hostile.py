@@ -725,3 +725,18 @@ def test_resume_refuses_a_crafted_config_yaml_in_one_line(images, tmp_path):
     (out / "config.yaml").write_text(f"model:\n  proj_dim: {ALIAS_BOMB}\n")
     line = the_error(runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"]))
     assert line == f"error: {out / 'config.yaml'}: YAML aliases (*a) are not accepted; write the value out in full"
+
+
+def test_info_lists_crafted_evaluation_results_without_crashing(good):
+    for name, text in [("deep", "[" * 100_000), ("big", '{"top1": ' + "9" * 400 + "}"), ("huge", '{"top1": ' + "9" * 5000 + "}")]:
+        folder = good.parent / "eval" / f"knn-{name}-20261206-100000"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(text)
+    result = runner.invoke(app, ["info", str(good), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    records = {Path(e["path"]).parent.name.split("-")[1]: e for e in json.loads(result.output)["evaluations"]}
+    assert records["deep"]["error"] == "nested too deeply"
+    assert records["big"]["top1"] is None and records["big"]["error"] is None
+    assert "4300 digits" in records["huge"]["error"]
