@@ -144,6 +144,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"'{key}' must be a whole number, got {_describe(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+                raise ConfigError(f"'{key}' must be a number, got {_describe(value)}, too large for a float")
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
             try:

@@ -449,6 +449,8 @@ WRONG_VALUES = {
     "config-data-source-a-list": (meta_set(config='{"data": {"source": [1]}}'), r"config\.data\.source is a list, not text"),
     "extra-not-a-mapping": (meta_set(extra='"abc"'), r"extra is a str, not a mapping"),
     "extra-task-a-list": (meta_set(extra='{"task": [1]}'), r"extra\.task is a list, not text"),
+    "mean-no-float-holds": (meta_edit("transform", lambda t: t.update(mean=[10**400, 0, 0])), r"augment\.mean \(1000+, 0, 0\) is not valid"),
+    "width-no-float-holds": (meta_edit("model", lambda m: m.update(width=10**400)), r"model\.width 1000"),
 }
 
 
@@ -740,3 +742,8 @@ def test_info_lists_crafted_evaluation_results_without_crashing(good):
     assert records["deep"]["error"] == "nested too deeply"
     assert records["big"]["top1"] is None and records["big"]["error"] is None
     assert "4300 digits" in records["huge"]["error"]
+
+
+def test_a_number_no_float_holds_is_refused_in_one_line(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", f"train.temperature={10**400}")
+    assert line == "error: 'train.temperature' must be a number, got <a 1329-bit integer> (int), too large for a float"

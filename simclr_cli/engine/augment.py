@@ -223,7 +223,9 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) <= 1e300  # a larger int is no float (math.isfinite would overflow)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _is_triple(value: object) -> bool:

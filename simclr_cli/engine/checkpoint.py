@@ -434,7 +434,7 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
         if not isinstance(info.config, dict):
             raise TypeError(f"config is a {type(info.config).__name__}, not a mapping")
         _check_encoder_values(info)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"{path} has incomplete metadata ({exc!r}); the file is damaged or from another tool") from exc
     except ConfigError as exc:  # worded for a command-line option; here it is the file that is wrong
         raise CheckpointError(f"{path} has invalid metadata ({exc}); the file is damaged or from another tool") from exc
@@ -552,7 +552,8 @@ def load_train_state(
     scaler_state = meta.get("scaler") or {}
     if scaler_state and scaler.is_enabled():
         numbers = isinstance(scaler_state, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scaler_state.values()
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < math.inf and abs(v) <= 1e300
+            for v in scaler_state.values()
         )
         if not numbers or set(scaler_state) != set(scaler.state_dict()):
             raise CheckpointError(f"{path} has a malformed 'scaler' entry in its metadata; the file is damaged")

@@ -76,7 +76,7 @@ class ModelConfig:
 
 
 def _is_valid_width(width: object) -> bool:
-    if isinstance(width, bool) or not isinstance(width, (int, float)):
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or abs(width) > 1e300:  # no float holds it
         return False
     channels = 64 * width
     return math.isfinite(channels) and channels >= 1 and float(channels).is_integer()
