@@ -517,8 +517,11 @@ def train_state_meta(path: Path, **raw: str) -> None:
         ({"config": DEEP}, "config: it is nested too deeply"),
         ({"step": HUGE_INT}, "step: it holds a number of more than 4300 digits"),
         ({"step": str(10**9)}, "step 1000000000 is past the end of this run's schedule (2 steps)"),
+        ({"elapsed": str(10**400)}, "elapsed a 1329-bit integer is not a number of seconds >= 0"),
+        ({"elapsed": "1e999"}, "elapsed inf is not a number of seconds >= 0"),
     ],
-    ids=["elapsed-text", "elapsed-negative", "config-text", "config-deep", "step-huge-int", "step-past-schedule"],
+    ids=["elapsed-text", "elapsed-negative", "config-text", "config-deep", "step-huge-int", "step-past-schedule",
+         "elapsed-no-float-holds", "elapsed-inf"],
 )
 def test_resume_steps_over_a_crafted_newest_checkpoint(raw, reason, images, tmp_path):
     out = tmp_path / "run"

@@ -441,8 +441,9 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
     return info
 
 
-# No run takes more steps than this; a larger count is forged (and would print as thousands of digits).
+# No run takes more steps or seconds than these; a larger value is forged (and might print as thousands of digits).
 MAX_COUNT = 2**53
+MAX_SECONDS = 1e12
 CLASSIFIER_WEIGHT, CLASSIFIER_BIAS = "classifier.weight", "classifier.bias"  # a fine-tuned file's extra tensors
 
 
@@ -487,6 +488,8 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 
 def _shown(value: Any) -> str:
     """A value from a file as it may appear in a one-line message: its repr, cut short."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit integer"
     text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else f"a {type(value).__name__}"
     return text if len(text) <= 40 else f"{text[:37]}..."
 
@@ -534,7 +537,7 @@ def load_train_state(
     elapsed = meta.get("elapsed", 0.0)
     if total_steps is not None and meta["step"] > total_steps:
         problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
-    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
         problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
     elif not isinstance(meta.get("config", {}), dict):
         problem = f"config is a {type(meta['config']).__name__}, not a mapping"
@@ -552,7 +555,7 @@ def load_train_state(
     scaler_state = meta.get("scaler") or {}
     if scaler_state and scaler.is_enabled():
         numbers = isinstance(scaler_state, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < math.inf and abs(v) <= 1e300
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e300  # finite, and float() holds it
             for v in scaler_state.values()
         )
         if not numbers or set(scaler_state) != set(scaler.state_dict()):
