@@ -750,3 +750,17 @@ def test_info_lists_crafted_evaluation_results_without_crashing(good):
 def test_a_number_no_float_holds_is_refused_in_one_line(images, tmp_path):
     line = pretrain_config_error(images, tmp_path, "--set", f"train.temperature={10**400}")
     assert line == "error: 'train.temperature' must be a number, got <a 1329-bit integer> (int), too large for a float"
+
+
+def test_a_batch_too_large_for_memory_is_one_line_with_the_fix(good, images, tmp_path, monkeypatch):
+    from simclr_cli.engine.model import ResNet
+
+    def no_memory(self, x):  # what a 1024 px batch of 256 does on a machine without the memory for it
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
+                           "allocate 103079215104 bytes.")
+
+    monkeypatch.setattr(ResNet, "forward", no_memory)
+    out = tmp_path / "out" / "vecs.npy"
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON]))
+    assert line == "error: encoding a batch of 8 images of 16 px ran out of memory; lower --batch-size"
+    assert files_under(out.parent) == []
