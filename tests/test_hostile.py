@@ -764,3 +764,10 @@ def test_a_batch_too_large_for_memory_is_one_line_with_the_fix(good, images, tmp
     line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON]))
     assert line == "error: encoding a batch of 8 images of 16 px ran out of memory; lower --batch-size"
     assert files_under(out.parent) == []
+
+
+def test_a_preset_past_1_mb_is_refused_unread(images, tmp_path):
+    preset = tmp_path / "big.yaml"
+    preset.write_text("# padding\n" * 100_001)
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset} is larger than 1,000,000 bytes; a preset is a short YAML file"
