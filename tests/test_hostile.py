@@ -771,3 +771,37 @@ def test_a_preset_past_1_mb_is_refused_unread(images, tmp_path):
     preset.write_text("# padding\n" * 100_001)
     line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
     assert line == f"error: {preset} is larger than 1,000,000 bytes; a preset is a short YAML file"
+
+
+# --- a crafted retrieval index: its settings file and its array ---------------------------------------------
+
+
+def crafted_index(folder: Path, vectors, settings: str | None) -> Path:
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "vecs.npy"
+    np.save(index, vectors)
+    (folder / "vecs.paths.txt").write_text("".join(f"img_{i}.png\n" for i in range(len(vectors))))
+    if settings is not None:
+        (folder / "vecs.json").write_text(settings)
+    return index
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "settings", "message"),
+    [
+        ((4, 128), "float32", "[" * 100_000, r"vecs\.json is not valid JSON \(.*\); re-run `simclr embed` or delete it$"),
+        ((4, 128), "float32", '{"n": ' + "9" * 5000 + "}", r"vecs\.json is not valid JSON \(Exceeds the limit"),
+        ((4, 128), "float32", "[1, 2]", r"vecs\.json is not a JSON object of settings"),
+        ((4, 128), "float32", '{"checkpoint": [1]}', r"vecs\.json has a 'checkpoint' that is not text"),
+    ],
+    ids=["settings-deep", "settings-huge-int", "settings-list", "settings-checkpoint-list"],
+)
+def test_retrieval_refuses_a_crafted_index_in_one_line(shape, dtype, settings, message, good, images, tmp_path):
+    import numpy as np
+
+    index = crafted_index(tmp_path / "index", np.zeros(shape, dtype=dtype), settings)
+    query = next((images / "a").iterdir())
+    line = the_error(runner.invoke(app, ["knn", str(good), "--index", str(index), "--query", str(query), *COMMON]))
+    assert re.search(message, line), line

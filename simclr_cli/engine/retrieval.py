@@ -50,9 +50,15 @@ def index_metadata(index: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run `simclr embed` or delete it") from exc
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the recursion limit, a huge integer
+        raise DataError(f"{path} is not valid JSON ({str(exc)[:100] or 'nested too deeply'}); re-run `simclr embed` or delete it") from exc
+    if not isinstance(settings, dict):
+        raise DataError(f"{path} is not a JSON object of settings; re-run `simclr embed` or delete it")
+    for key in ("checkpoint", "layer"):  # the two settings retrieval uses
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise DataError(f"{path} has a '{key}' that is not text; re-run `simclr embed` or delete it")
+    return settings
 
 
 def search(
