@@ -805,3 +805,16 @@ def test_retrieval_refuses_a_crafted_index_in_one_line(shape, dtype, settings, m
     query = next((images / "a").iterdir())
     line = the_error(runner.invoke(app, ["knn", str(good), "--index", str(index), "--query", str(query), *COMMON]))
     assert re.search(message, line), line
+
+
+@pytest.mark.parametrize("content", ["[" * 4000, '{"pid": ' + "9" * 4090 + "}", '{"pid": [1], "host": 2}'])
+def test_a_crafted_lock_file_still_gives_the_in_use_line(content, tmp_path):
+    from simclr_cli.engine import rundir
+    from simclr_cli.engine.errors import ConfigError
+
+    root = tmp_path / "r"
+    with rundir.lock(root):
+        (root / ".lock").write_text(content)  # the holder's own words overwritten
+        with pytest.raises(ConfigError) as err, rundir.lock(root):
+            pass
+    assert str(err.value) == f"{root} is in use by another simclr run (pid unknown); wait for it to finish or choose another --out"

@@ -227,7 +227,7 @@ def _holder(path: Path) -> str:
         with open(path, "rb") as handle:
             holder = json.loads(handle.read(4096))
         return f"pid {int(holder['pid'])} on {holder['host']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # a lock file someone wrote into
         return "pid unknown"  # taken a moment ago: the holder has not written its pid yet
 
 
