@@ -244,7 +244,8 @@ def main() -> None:
     args = parser.parse_args()
 
     variants = dict(v.split("=", 1) for v in args.variant) or {"defaults": ""}
-    order = (list(RANDOM) if args.random_init else []) + ([] if args.no_peer else [PEER]) + ([] if args.peer_only else list(variants))
+    randoms = [name for name, whose in RANDOM.items() if whose == "ours" or not args.no_peer] if args.random_init else []
+    order = randoms + ([] if args.no_peer else [PEER]) + ([] if args.peer_only else list(variants))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work or Path(tempfile.mkdtemp(prefix="simclr-quality-"))
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from simclr_cli import yamltext
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.plain import to_plain
 
@@ -51,13 +52,8 @@ def preset_path(name_or_file: str) -> Path:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping, read with `safe_load` only (no object construction)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    """A YAML mapping, read as bounded data (no object construction, no aliases: see yamltext)."""
+    data = yamltext.read(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -146,6 +142,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"'{key}' must be a whole number, got {_describe(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+                raise ConfigError(f"'{key}' must be a number, got {_describe(value)}, too large for a float")
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
             try:
@@ -161,7 +159,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{yamltext.shown(value)} ({type(value).__name__})"
 
 
 DEMO_PRESET = "demo"
@@ -173,11 +171,11 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set augment.crop_scale=[0.2,1.0]")
+            raise ConfigError(f"--set {yamltext.shown(item)} is not KEY=VALUE; write e.g. --set augment.crop_scale=[0.2,1.0]")
         try:
-            dotted[key.strip()] = yaml.safe_load(text)
+            dotted[key.strip()] = yamltext.parse(text, source=f"--set {yamltext.shown(item)}")
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+            raise ConfigError(f"--set {yamltext.shown(item)}: the value is not valid YAML ({exc.__class__.__name__})") from exc
     return nest(dotted, drop_none=False)  # `--set model.stem=null` restores an auto default
 
 

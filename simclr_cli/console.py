@@ -58,7 +58,7 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
             raise typer.Exit(EXIT_USER_ERROR) from None
         if not verbose:
             console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc} — rerun with --verbose for the traceback "
+                f"[bold red]internal error:[/] {type(exc).__name__}: {_message(exc)} — rerun with --verbose for the traceback "
                 "and report it",
                 highlight=False,
                 soft_wrap=True,
@@ -112,14 +112,18 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
+# An error line echoes values from the user's input; whatever they hold, the line stays readable.
+MAX_LINE = 1000
+
+
 def _message(exc: BaseException) -> str:
-    """The message itself: an error raised in a DataLoader worker arrives wrapped with the worker's traceback,
-    whose last line is the original "module.ErrorClass: message"."""
+    """The message itself, at most MAX_LINE characters: an error raised in a DataLoader worker arrives wrapped with
+    the worker's traceback, whose last line is the original "module.ErrorClass: message"."""
     text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if ": " in last else last
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text if len(text) <= MAX_LINE else f"{text[:MAX_LINE]}... ({len(text) - MAX_LINE:,} more characters)"
 
 
 def _os_error_line(exc: OSError) -> str:

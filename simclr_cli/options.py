@@ -51,7 +51,7 @@ FinetuneBatchSize = Annotated[
 Workers = Annotated[
     int | None, typer.Option("--workers", "-j", help="Data loading processes. Default: chosen from the machine (0 on 2-core CPUs).")
 ]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for initialisation, data order and augmentations.")]
+Seed = Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed for initialisation, data order and augmentations.")]
 Epochs = Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the data; the schedule spans them.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug messages and full tracebacks.")]
 Out = Annotated[

@@ -375,3 +375,446 @@ def test_other_os_errors_are_still_reported_as_bugs(good, monkeypatch):
     result = runner.invoke(app, ["info", str(good)])
     assert result.exit_code == 1
     assert "internal error: OSError" in result.output and "Traceback" not in result.output
+
+
+# --- crafted files: nesting, huge integers, wrong types, absurd sizes (issue 18, items 3 and 4) ---------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+HUGE_INT = "9" * 5000  # past Python's 4,300-digit limit for int('...')
+
+
+def with_header(good: Path, dst: Path, key: str, raw_json: str) -> Path:
+    """`good` with an extra top-level entry `key: raw_json` in its safetensors header (written as raw text)."""
+    data = good.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].rstrip(b" ")
+    header = header[:-1] + f',"{key}":{raw_json}}}'.encode()
+    dst.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length:])
+    return dst
+
+
+def meta_set(**raw: str):
+    """A `rewritten` change setting header metadata entries to raw JSON text."""
+    return lambda tensors, meta: meta.update(raw)
+
+
+def meta_edit(field: str, edit: Callable[[dict], None]):
+    """A `rewritten` change editing one JSON metadata entry as data."""
+    import json
+
+    def change(tensors, meta):
+        value = json.loads(meta[field])
+        edit(value)
+        meta[field] = json.dumps(value)
+
+    return change
+
+
+CRAFTED = [
+    Bad("header-deeply-nested", lambda g, d, m: with_header(g, d, "x", DEEP),
+        r"is not a readable safetensors file: its header cannot be read \(it is nested too deeply\); "),
+    Bad("header-huge-integer", lambda g, d, m: with_header(g, d, "x", HUGE_INT),
+        r"is not a readable safetensors file: its header cannot be read \(it holds a number of more than 4300 digits\); "),
+    Bad("metadata-deeply-nested", lambda g, d, m: rewritten(g, d, meta_set(config=DEEP)),
+        r"has corrupt metadata \(config: it is nested too deeply\); the file is damaged$"),
+    Bad("metadata-nested-past-the-limit", lambda g, d, m: rewritten(g, d, meta_set(config="[" * 200 + "]" * 200)),
+        r"has corrupt metadata \(config: it nests deeper than 32 levels\); the file is damaged$"),
+    Bad("metadata-huge-integer", lambda g, d, m: rewritten(g, d, meta_set(step=HUGE_INT)),
+        r"has corrupt metadata \(step: it holds a number of more than 4300 digits\); the file is damaged$"),
+    Bad("metadata-nan", lambda g, d, m: rewritten(g, d, meta_set(step="NaN")),
+        r"has corrupt metadata \(step: NaN is not JSON\); the file is damaged$"),
+]
+
+
+@pytest.mark.parametrize("bad", CRAFTED, ids=lambda b: b.name)
+def test_every_command_refuses_a_crafted_checkpoint_in_one_line(bad, good, images, marker, tmp_path):
+    path = make_bad(bad, good, marker)
+    for command, args in COMMANDS.items():
+        out = tmp_path / "out" / command.replace(" ", "")
+        line = the_error(runner.invoke(app, args(path, images, out)))
+        assert re.search(bad.message, line), f"{command}: {line}"
+        assert str(path) in line and len(line) < 400, f"{command}: {line[:400]}"
+        assert files_under(out) == [], f"{command} wrote {files_under(out)}"
+
+
+# Values that parse but are wrong: each read by some command, each refused by every command that opens the file.
+WRONG_VALUES = {
+    "step-past-any-run": (meta_set(step=str(10**30)), r"step 10{30} is not a whole number between 0 and"),
+    "image-size-30000": (meta_edit("transform", lambda t: t.update(image_size=30000)),
+                         r"augment\.image_size 30000 is not valid; .*at most 1024"),
+    "width-1000": (meta_edit("model", lambda m: m.update(width=1000)), r"model\.width 1000 is not valid; .*at most 64"),
+    "proj-dim-huge": (meta_edit("model", lambda m: m.update(proj_dim=10**9)), r"model\.proj_dim 1000000000 is not valid"),
+    "config-not-a-mapping": (meta_set(config="[1, 2]"), r"config is a list, not a mapping"),
+    "config-data-not-a-mapping": (meta_set(config='{"data": "cifar10"}'), r"config\.data is a str, not a mapping"),
+    "config-data-source-a-list": (meta_set(config='{"data": {"source": [1]}}'), r"config\.data\.source is a list, not text"),
+    "extra-not-a-mapping": (meta_set(extra='"abc"'), r"extra is a str, not a mapping"),
+    "extra-task-a-list": (meta_set(extra='{"task": [1]}'), r"extra\.task is a list, not text"),
+    "mean-no-float-holds": (meta_edit("transform", lambda t: t.update(mean=[10**400, 0, 0])), r"augment\.mean \(1000+, 0, 0\) is not valid"),
+    "width-no-float-holds": (meta_edit("model", lambda m: m.update(width=10**400)), r"model\.width 1000"),
+}
+
+
+@pytest.mark.parametrize("change", WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+@pytest.mark.parametrize("command", ["embed", "knn", "info", "export"])
+def test_a_wrong_metadata_value_is_refused_in_one_line(change, command, good, images, tmp_path):
+    edit, message = change
+    path = rewritten(good, tmp_path / "bad.safetensors", edit)
+    out = tmp_path / "out"
+    line = the_error(runner.invoke(app, COMMANDS[command](path, images, out)))
+    # "incomplete" for a value of the wrong type, as the older checks word it; "invalid" for a value out of range
+    assert re.match(rf"error: {re.escape(str(path))} has (incomplete|invalid) metadata \(", line), line
+    assert line.endswith("; the file is damaged or from another tool"), line
+    assert re.search(message, line), line
+    assert files_under(out) == []
+
+
+def finetuned(good: Path, dst: Path, **extra) -> Path:
+    """`good` as `simclr finetune` writes it (a classifier on h), with `extra` metadata values overriding."""
+    import json
+
+    def change(tensors, meta):
+        tensors["extra/classifier.weight"] = torch.zeros(3, 128)
+        tensors["extra/classifier.bias"] = torch.zeros(3)
+        meta["extra"] = json.dumps({"task": "finetune", "num_classes": 3, "from_head_layer": 0, **extra})
+
+    return rewritten(good, dst, change)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"from_head_layer": "abc"}, r"extra\.from_head_layer 'abc' is not a whole number between 0 and 1"),
+        ({"from_head_layer": 7}, r"extra\.from_head_layer 7 is not a whole number between 0 and 1"),
+        ({"num_classes": "many"}, r"extra\.num_classes 'many' is not the classifier's 3 classes"),
+        ({"num_classes": 5}, r"extra\.num_classes 5 is not the classifier's 3 classes"),
+    ],
+)
+def test_export_include_fc_refuses_bad_classifier_metadata(extra, message, good, tmp_path):
+    path = finetuned(good, tmp_path / "finetuned.safetensors", **extra)
+    out = tmp_path / "out" / "tv.safetensors"
+    line = the_error(runner.invoke(app, ["export", str(path), "--to", "torchvision", "--include-fc", "-o", str(out)]))
+    assert re.search(message, line), line
+    assert files_under(out.parent) == []
+
+
+def test_a_fine_tuned_file_without_its_classifier_bias_is_refused(good, tmp_path):
+    path = rewritten(finetuned(good, tmp_path / "f.safetensors"), tmp_path / "nobias.safetensors",
+                     lambda tensors, meta: tensors.pop("extra/classifier.bias"))
+    line = the_error(runner.invoke(app, ["info", str(path)]))
+    assert "a fine-tuned file needs extra/classifier.weight (classes x features) and extra/classifier.bias" in line, line
+
+
+def train_state_meta(path: Path, **raw: str) -> None:
+    rewritten(path, path, meta_set(**raw))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"elapsed": '"abc"'}, "elapsed 'abc' is not a number of seconds >= 0"),
+        ({"elapsed": "-5"}, "elapsed -5 is not a number of seconds >= 0"),
+        ({"config": '"abc"'}, "config is a str, not a mapping"),
+        ({"config": DEEP}, "config: it is nested too deeply"),
+        ({"step": HUGE_INT}, "step: it holds a number of more than 4300 digits"),
+        ({"step": str(10**9)}, "step 1000000000 is past the end of this run's schedule (2 steps)"),
+        ({"elapsed": str(10**400)}, "elapsed a 1329-bit integer is not a number of seconds >= 0"),
+        ({"elapsed": "1e999"}, "elapsed inf is not a number of seconds >= 0"),
+    ],
+    ids=["elapsed-text", "elapsed-negative", "config-text", "config-deep", "step-huge-int", "step-past-schedule",
+         "elapsed-no-float-holds", "elapsed-inf"],
+)
+def test_resume_steps_over_a_crafted_newest_checkpoint(raw, reason, images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    newest = out / "checkpoints" / "step-000000002.safetensors"
+    train_state_meta(newest, **raw)
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert "skipping step-000000002.safetensors" in said and reason in said, said
+    assert "(step 1)" in said  # resumed from the valid one beside it
+    assert checkpoint.load(newest, kind=checkpoint.TRAIN_STATE).meta["step"] == 2  # step 2 ran again, saved whole
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image-size", "20000"], "augment.image_size 20000 is not valid; use a whole number of pixels >= 8 and at most 1024"),
+        (["--width", "1000"], "model.width 1000.0 is not valid; use at most 64 (SimCLR's widest is 4)"),
+        (["--set", "model.proj_dim=100000000"], "model.proj_dim 100000000 is not valid; use a whole number >= 1 and at most 16384"),
+        (["--preset", "PRESET"], "model.proj_dim 100000000 is not valid"),
+        # within the bounds, but no machine this runs on holds 4 x 255e9 fp32 parameters: refused before allocating
+        (["--arch", "resnet152", "--width", "64"], "resnet152 at width 64 needs about 3,"),
+    ],
+    ids=["image-size", "width", "proj-dim", "preset", "memory"],
+)
+def test_absurd_sizes_are_refused_before_anything_is_allocated(args, message, images, tmp_path):
+    preset = tmp_path / "huge.yaml"
+    preset.write_text("model:\n  proj_dim: 100000000\n")
+    args = [str(preset) if a == "PRESET" else a for a in args]
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(out), *args])
+    line = the_error(result)
+    assert message in line, line
+    assert files_under(out) == []
+
+
+# --- hostile YAML: alias bombs, undecodable presets, huge echoed values (issue 18, items 5 and 7) -------------
+
+# 8 levels of 8 aliases each: 8**8 (16.8 million) elements once expanded, in under 250 characters
+ALIAS_BOMB = "[" + ",".join(["&a [1,1,1,1,1,1,1,1]"] + [f"&{b} [{','.join([f'*{a}'] * 8)}]" for a, b in zip("abcdefg", "bcdefgh")]) + "]"
+
+
+def pretrain_config_error(images: Path, tmp_path: Path, *args: str) -> str:
+    out = tmp_path / "run"
+    line = the_error(runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(out), *args]))
+    assert files_under(out) == []
+    return line
+
+
+def test_an_alias_bomb_in_a_set_value_is_refused_in_one_short_line(images, tmp_path):
+    assert len(ALIAS_BOMB) < 250
+    line = pretrain_config_error(images, tmp_path, "--set", f"model.proj_dim={ALIAS_BOMB}")
+    assert len(line) < 400, line[:400]
+    assert line.endswith("YAML aliases (*a) are not accepted; write the value out in full"), line
+
+
+def test_an_alias_bomb_in_a_preset_is_refused_in_one_short_line(images, tmp_path):
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(f"model:\n  proj_dim: {ALIAS_BOMB}\n")
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset}: YAML aliases (*a) are not accepted; write the value out in full", line
+
+
+def test_a_preset_that_is_not_utf8_is_refused_in_one_line(images, tmp_path):
+    preset = tmp_path / "latin1.yaml"
+    preset.write_bytes("# caf\xe9\nmodel:\n  arch: resnet18\n".encode("latin-1"))
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset} is not UTF-8 text (byte 5 is 0xe9); save it as UTF-8", line
+
+
+def test_a_huge_value_is_echoed_cut_short(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", "augment.interpolation=" + "x" * 100_000)
+    assert line.startswith("error: augment.interpolation 'xxxx")
+    assert len(line) < 1100 and line.endswith(" more characters)"), len(line)
+
+
+def test_a_seed_past_64_bits_is_refused(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", f"train.seed={10**23}")
+    assert line == "error: train.seed 100000000000000000000000 must be a whole number from 0 to 2**63 - 1"
+    result = runner.invoke(app, ["pretrain", str(images), *TINY, *COMMON, "--out", str(tmp_path / "run"), "--seed", str(10**23)])
+    assert result.exit_code == 2 and "internal error" not in result.output
+    assert "Invalid value for '--seed'" in result.output
+
+
+# --- what kill -9, SIGTERM and a second run leave behind (issue 18, item 7) ------------------------------------
+
+
+def test_resume_removes_the_temp_files_of_a_save_cut_short(images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    # what kill -9 during a save leaves: atomic_write's temp files, named .<file>.<pid>.<8 hex>.tmp
+    stale = [out / "checkpoints" / ".step-000000003.safetensors.4242.0badf00d.tmp", out / ".encoder.safetensors.4242.deadbeef.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 100_000)
+    kept = [out / "notes.tmp", out / "checkpoints" / ".step-1.safetensors.tmp"]  # not atomic_write's names: not ours
+    for path in kept:
+        path.write_text("mine")
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "removed 2 temp file(s) of an interrupted save (0.2 MB)" in " ".join(resumed.output.split())
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_text() == "mine" for p in kept)
+
+
+def test_two_embeds_to_one_file_the_second_is_refused_and_the_first_kept(good, images, tmp_path, monkeypatch):
+    from simclr_cli.engine.tasks import embed
+
+    out = tmp_path / "vecs.npy"
+    real = embed._write_rows
+
+    def another_run_finishes_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        out.write_bytes(b"the other run's embeddings")  # it passed the same existence check and finished first
+        return result
+
+    monkeypatch.setattr(embed, "_write_rows", another_run_finishes_meanwhile)
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON]))
+    assert line == (f"error: {out} was created by another run while this one was embedding; it is kept as it is. "
+                    "Pass --overwrite to replace it, or choose another --out")
+    assert out.read_bytes() == b"the other run's embeddings"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch or temp file left
+
+
+def test_sigterm_during_embed_removes_the_partial_file_and_says_so(good, images, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out" / "vecs.npy"
+    # each batch takes a second, so the signal arrives mid-run, with the full-size scratch file on disk
+    slow = ("import sys, time; from simclr_cli.engine.tasks import embed; encode = embed.encode; "
+            "embed.encode = lambda *a, **k: (time.sleep(1), encode(*a, **k))[1]; "
+            "from simclr_cli.cli import app; sys.argv[0] = 'simclr'; app()")
+    args = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON[:-1], "4"]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(".vecs.npy.*.partial.npy")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(out.parent.glob(".vecs.npy.*.partial.npy")), "the scratch file never appeared"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    said = " ".join(output.split())
+    assert "embed stopped by SIGTERM: the unfinished .vecs.npy." in said and "was removed and nothing was written to" in said
+    assert "Traceback" not in output
+    assert files_under(out.parent) == []
+
+
+def test_an_image_too_large_for_memory_with_the_pixel_limit_off_is_one_line(good, images, tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    bomb = images / "a" / "zz_bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def load(self):  # what decoding 40000 x 40000 x 3 bytes does on a machine without 4.8 GB to spare
+        if self.size == (40000, 40000):
+            raise MemoryError
+        return real_load(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    out = tmp_path / "out" / "vecs.npy"
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON, "--max-image-pixels", "0"]))
+    assert line == (f"error: decoding {bomb} ran out of memory (its 40000x40000 = 1600.0 Mpx); the pixel limit is off "
+                    "(--max-image-pixels 0): set a limit to skip such images, or remove the file")
+    assert files_under(out.parent) == []
+
+
+def test_a_worker_count_past_any_machine_is_refused_before_a_process_starts(good, images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--workers", "100000")
+    assert line == "error: data.workers 100000 is more than 256; use about one per CPU core"
+    out = tmp_path / "out" / "vecs.npy"
+    embed = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON, "--workers", "100000"]
+    assert the_error(runner.invoke(app, embed)) == "error: --workers 100000 is more than 256; use about one per CPU core"
+    assert files_under(out.parent) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  proj_dim: " + "[" * 5000 + "]" * 5000 + "\n", "the YAML is nested too deeply to read; a config nests a few levels"),
+        ("model:\n  proj_dim: " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits) for integer string conversion"),
+    ],
+    ids=["deeply-nested", "huge-integer"],
+)
+def test_a_crafted_preset_is_refused_in_one_line(text, message, images, tmp_path):
+    preset = tmp_path / "crafted.yaml"
+    preset.write_text(text)
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line.startswith(f"error: {preset}: {message}") and len(line) < 400, line[:400]
+
+
+def test_resume_refuses_a_crafted_config_yaml_in_one_line(images, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(images, out).exit_code == 0
+    (out / "config.yaml").write_text(f"model:\n  proj_dim: {ALIAS_BOMB}\n")
+    line = the_error(runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"]))
+    assert line == f"error: {out / 'config.yaml'}: YAML aliases (*a) are not accepted; write the value out in full"
+
+
+def test_info_lists_crafted_evaluation_results_without_crashing(good):
+    for name, text in [("deep", "[" * 100_000), ("big", '{"top1": ' + "9" * 400 + "}"), ("huge", '{"top1": ' + "9" * 5000 + "}")]:
+        folder = good.parent / "eval" / f"knn-{name}-20261206-100000"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(text)
+    result = runner.invoke(app, ["info", str(good), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    records = {Path(e["path"]).parent.name.split("-")[1]: e for e in json.loads(result.output)["evaluations"]}
+    assert records["deep"]["error"] == "nested too deeply"
+    assert records["big"]["top1"] is None and records["big"]["error"] is None
+    assert "4300 digits" in records["huge"]["error"]
+
+
+def test_a_number_no_float_holds_is_refused_in_one_line(images, tmp_path):
+    line = pretrain_config_error(images, tmp_path, "--set", f"train.temperature={10**400}")
+    assert line == "error: 'train.temperature' must be a number, got <a 1329-bit integer> (int), too large for a float"
+
+
+def test_a_batch_too_large_for_memory_is_one_line_with_the_fix(good, images, tmp_path, monkeypatch):
+    from simclr_cli.engine.model import ResNet
+
+    def no_memory(self, x):  # what a 1024 px batch of 256 does on a machine without the memory for it
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
+                           "allocate 103079215104 bytes.")
+
+    monkeypatch.setattr(ResNet, "forward", no_memory)
+    out = tmp_path / "out" / "vecs.npy"
+    line = the_error(runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON]))
+    assert line == "error: encoding a batch of 8 images of 16 px ran out of memory; lower --batch-size"
+    assert files_under(out.parent) == []
+
+
+def test_a_preset_past_1_mb_is_refused_unread(images, tmp_path):
+    preset = tmp_path / "big.yaml"
+    preset.write_text("# padding\n" * 100_001)
+    line = pretrain_config_error(images, tmp_path, "--preset", str(preset))
+    assert line == f"error: {preset} is larger than 1,000,000 bytes; a preset is a short YAML file"
+
+
+# --- a crafted retrieval index: its settings file and its array ---------------------------------------------
+
+
+def crafted_index(folder: Path, vectors, settings: str | None) -> Path:
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "vecs.npy"
+    np.save(index, vectors)
+    (folder / "vecs.paths.txt").write_text("".join(f"img_{i}.png\n" for i in range(len(vectors))))
+    if settings is not None:
+        (folder / "vecs.json").write_text(settings)
+    return index
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "settings", "message"),
+    [
+        ((4, 128), "float32", "[" * 100_000, r"vecs\.json is not valid JSON \(.*\); re-run `simclr embed` or delete it$"),
+        ((4, 128), "float32", '{"n": ' + "9" * 5000 + "}", r"vecs\.json is not valid JSON \(Exceeds the limit"),
+        ((4, 128), "float32", "[1, 2]", r"vecs\.json is not a JSON object of settings"),
+        ((4, 128), "float32", '{"checkpoint": [1]}', r"vecs\.json has a 'checkpoint' that is not text"),
+    ],
+    ids=["settings-deep", "settings-huge-int", "settings-list", "settings-checkpoint-list"],
+)
+def test_retrieval_refuses_a_crafted_index_in_one_line(shape, dtype, settings, message, good, images, tmp_path):
+    import numpy as np
+
+    index = crafted_index(tmp_path / "index", np.zeros(shape, dtype=dtype), settings)
+    query = next((images / "a").iterdir())
+    line = the_error(runner.invoke(app, ["knn", str(good), "--index", str(index), "--query", str(query), *COMMON]))
+    assert re.search(message, line), line
+
+
+@pytest.mark.parametrize("content", ["[" * 4000, '{"pid": ' + "9" * 4090 + "}", '{"pid": [1], "host": 2}'])
+def test_a_crafted_lock_file_still_gives_the_in_use_line(content, tmp_path):
+    from simclr_cli.engine import rundir
+    from simclr_cli.engine.errors import ConfigError
+
+    root = tmp_path / "r"
+    with rundir.lock(root):
+        (root / ".lock").write_text(content)  # the holder's own words overwritten
+        with pytest.raises(ConfigError) as err, rundir.lock(root):
+            pass
+    assert str(err.value) == f"{root} is in use by another simclr run (pid unknown); wait for it to finish or choose another --out"

@@ -24,6 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 SMALL_IMAGE_MAX_SIZE = 64  # CIFAR-size: weaker colour, no blur (SimCLR Appendix B.9)
 MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 1024  # one 1024 px view is 12 MB of float32 before the network; SimCLR trains at 224
 MAX_COLOR_STRENGTH = 2.5  # hue jitter 0.2*s must stay <= 0.5 (a half turn of the colour wheel)
 
 
@@ -45,10 +46,10 @@ class AugmentConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and the fix."""
-        if not is_whole_number(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
+        if not is_whole_number(self.image_size) or not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(
                 f"augment.image_size {self.image_size!r} is not valid; use a whole number of pixels "
-                f">= {MIN_IMAGE_SIZE} (e.g. 32 for CIFAR, 96 for STL-10, 224 for ImageNet)"
+                f">= {MIN_IMAGE_SIZE} and at most {MAX_IMAGE_SIZE} (e.g. 32 for CIFAR, 96 for STL-10, 224 for ImageNet)"
             )
         _check_range("augment.crop_scale", self.crop_scale, high=1.0, example="[0.08, 1.0]")
         _check_range("augment.crop_ratio", self.crop_ratio, high=math.inf, example="[0.75, 1.333]")
@@ -87,7 +88,7 @@ class AugmentConfig:
 
     def resolved(self) -> AugmentConfig:
         """Copy with the size-aware defaults filled in (colour strength, blur probability and kernel)."""
-        if not is_whole_number(self.image_size) or self.image_size < MIN_IMAGE_SIZE:
+        if not is_whole_number(self.image_size) or not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             self.validate()  # raises the image_size message
         small = self.image_size <= SMALL_IMAGE_MAX_SIZE
         color_strength = self.color_strength
@@ -221,7 +222,9 @@ def _check_range(name: str, value: object, *, high: float, example: str) -> None
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) <= 1e300  # a larger int is no float (math.isfinite would overflow)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _is_triple(value: object) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,9 +98,11 @@ def _container_problem(path: Path) -> tuple[str, str | None] | None:
     except OSError as exc:
         return f"it cannot be read ({exc.strerror or exc})", None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "its header is not valid JSON (the file is damaged)", None
+    except ValueError as exc:
+        return f"its header cannot be read ({exc})", "the file is damaged or forged; pass a checkpoint written by simclr"
     if not isinstance(header, dict):
         return "its header is not a JSON object (the file is damaged)", None
     ends = [
@@ -113,6 +116,40 @@ def _container_problem(path: Path) -> tuple[str, str | None] | None:
         return (f"it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
                 "copy it again, or pass an earlier checkpoint")
     return None
+
+
+# Metadata nests a few levels (config -> section -> value); anything deeper is forged, and would take recursive code
+# (comparisons, printing, saving) past Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def parse_json(text: str) -> Any:
+    """JSON read from a file as data: json.JSONDecodeError when it is not JSON; ValueError naming the reason when
+    it nests deeper than MAX_JSON_DEPTH, holds an integer too long to read, or NaN/Infinity (which JSON has not)."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        if "digits" in str(exc):  # Python's guard against quadratic int parsing (sys.get_int_max_str_digits)
+            raise ValueError(f"it holds a number of more than {sys.get_int_max_str_digits()} digits") from None
+        raise
+    stack = [(value, 1)]
+    while stack:  # iterative: a recursive walk would hit the very limit it guards
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_JSON_DEPTH:
+                    raise ValueError(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+                stack.append((child, depth + 1))
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -135,10 +172,16 @@ def load(path: Path, *, kind: str) -> Loaded:
         )
     if header.get("kind") != kind:
         raise CheckpointError(f"{path} holds a '{header.get('kind')}' checkpoint where a '{kind}' one is needed")
-    try:
-        meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "format_version", "kind")}
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} has corrupt metadata ({exc.msg}); the file is damaged") from exc
+    meta = {}
+    for key, text in header.items():
+        if key in ("format", "format_version", "kind"):
+            continue
+        try:
+            meta[key] = parse_json(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} has corrupt metadata ({exc.msg}); the file is damaged") from exc
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has corrupt metadata ({key}: {exc}); the file is damaged") from exc
     return Loaded(tensors=tensors, meta=meta)
 
 
@@ -279,8 +322,14 @@ def load_encoder(path: Path) -> tuple[SimCLR, EncoderInfo]:
     info = _encoder_info(loaded, path)
     weights = {k: v for k, v in loaded.tensors.items() if not k.startswith(EXTRA)}
     with torch.device("meta"):
-        shapes = build_model(info.model).state_dict()
-    check_state_dict(shapes, weights, source=path)
+        skeleton = build_model(info.model)
+    check_state_dict(skeleton.state_dict(), weights, source=path)
+    classifier = info.extra_tensors.get(CLASSIFIER_WEIGHT)
+    if classifier is not None and classifier.shape[1] != skeleton.encoder.out_dim:
+        raise CheckpointError(
+            f"{path} has a classifier on {classifier.shape[1]} features, but its encoder gives {skeleton.encoder.out_dim}; "
+            "the file is damaged"
+        )
     check_finite(loaded.tensors, source=path)
     model = build_model(info.model)
     model.load_state_dict(weights, strict=True)
@@ -302,7 +351,7 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
             config=meta["config"],
             epoch=meta["epoch"],
             step=meta["step"],
-            extra=dict(meta.get("extra", {})),
+            extra=_mapping(meta.get("extra", {}), "extra"),
             extra_tensors={k.removeprefix(EXTRA): v for k, v in loaded.tensors.items() if k.startswith(EXTRA)},
         )
         info.model.validate()
@@ -313,11 +362,65 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
                 raise ValueError(f"{name} {value!r} is not a whole number >= 0")
         if not isinstance(info.config, dict):
             raise TypeError(f"config is a {type(info.config).__name__}, not a mapping")
-    except (KeyError, TypeError, ValueError) as exc:
+        _check_encoder_values(info)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"{path} has incomplete metadata ({exc!r}); the file is damaged or from another tool") from exc
     except ConfigError as exc:  # worded for a command-line option; here it is the file that is wrong
         raise CheckpointError(f"{path} has invalid metadata ({exc}); the file is damaged or from another tool") from exc
     return info
+
+
+# No run takes more steps or seconds than these; a larger value is forged (and might print as thousands of digits).
+MAX_COUNT = 2**53
+MAX_SECONDS = 1e12
+CLASSIFIER_WEIGHT, CLASSIFIER_BIAS = "classifier.weight", "classifier.bias"  # a fine-tuned file's extra tensors
+
+
+def _check_encoder_values(info: EncoderInfo) -> None:
+    """ConfigError naming the first metadata value the commands would trip over: counts past any run, the parts of
+    `config` and `extra` they read, and a fine-tuned file's classifier."""
+    for name in ("epoch", "step"):
+        value = getattr(info, name)
+        if value > MAX_COUNT:
+            raise ConfigError(f"{name} {value} is not a whole number between 0 and {MAX_COUNT}")
+    data = info.config.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config.data is a {type(data).__name__}, not a mapping")
+    source = (data or {}).get("source")
+    if source is not None and not isinstance(source, str):
+        raise ConfigError(f"config.data.source is a {type(source).__name__}, not text")
+    task = info.extra.get("task")
+    if task is not None and not isinstance(task, str):
+        raise ConfigError(f"extra.task is a {type(task).__name__}, not text")
+    if task != "finetune":
+        return
+    weight, bias = info.extra_tensors.get(CLASSIFIER_WEIGHT), info.extra_tensors.get(CLASSIFIER_BIAS)
+    if weight is None or bias is None or weight.ndim != 2 or tuple(bias.shape) != (weight.shape[0],):
+        raise ConfigError(
+            f"a fine-tuned file needs {EXTRA}{CLASSIFIER_WEIGHT} (classes x features) and {EXTRA}{CLASSIFIER_BIAS} (classes)"
+        )
+    layer = info.extra.get("from_head_layer", 0)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= info.model.head_layers - 1:
+        raise ConfigError(
+            f"extra.from_head_layer {_shown(layer)} is not a whole number between 0 and {info.model.head_layers - 1}"
+        )
+    classes = info.extra.get("num_classes", weight.shape[0])
+    if isinstance(classes, bool) or classes != weight.shape[0]:
+        raise ConfigError(f"extra.num_classes {_shown(classes)} is not the classifier's {weight.shape[0]} classes")
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} is a {type(value).__name__}, not a mapping")
+    return dict(value)
+
+
+def _shown(value: Any) -> str:
+    """A value from a file as it may appear in a one-line message: its repr, cut short."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit integer"
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else f"a {type(value).__name__}"
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def save_train_state(
@@ -347,12 +450,14 @@ def save_train_state(
 def load_train_state(
     path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     extra: Mapping[str, torch.Tensor] | None = None, restore_extra: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    total_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, config). The method's own
-    state is checked against `extra` (the state it has now) and handed to `restore_extra`.
+    """Restore model, optimiser, scaler and RNG in place; returns the metadata (step, epoch, elapsed, config). The
+    method's own state is checked against `extra` (the state it has now) and handed to `restore_extra`.
 
     Everything is checked before anything is changed: a file refused here leaves model, optimiser, scaler and
-    RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly.
+    RNG exactly as they were, so `--resume` can fall back to an older checkpoint cleanly. A step past
+    `total_steps` (the run's schedule) is refused as damage: no run of that schedule saved it.
     """
     path = Path(path)
     loaded = load(path, kind=TRAIN_STATE)
@@ -361,6 +466,16 @@ def load_train_state(
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
+    problem = None
+    elapsed = meta.get("elapsed", 0.0)
+    if total_steps is not None and meta["step"] > total_steps:
+        problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
+    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
+        problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
+    elif not isinstance(meta.get("config", {}), dict):
+        problem = f"config is a {type(meta['config']).__name__}, not a mapping"
+    if problem is not None:
+        raise CheckpointError(f"{path} has invalid metadata: {problem}; the file is damaged")
     weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
     check_state_dict(model.state_dict(), weights, source=path)
     method_state = {k.removeprefix(METHOD_STATE): v for k, v in loaded.tensors.items() if k.startswith(METHOD_STATE)}
@@ -375,7 +490,8 @@ def load_train_state(
     scaler_state = meta.get("scaler") or {}
     if scaler_state and scaler.is_enabled():
         numbers = isinstance(scaler_state, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scaler_state.values()
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e300  # finite, and float() holds it
+            for v in scaler_state.values()
         )
         if not numbers or set(scaler_state) != set(scaler.state_dict()):
             raise CheckpointError(f"{path} has a malformed 'scaler' entry in its metadata; the file is damaged")

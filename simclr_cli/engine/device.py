@@ -84,6 +84,10 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+# DataLoader worker processes any command may start: more only thrash (and a typo must not fork a hundred thousand).
+MAX_WORKERS = 256
+
+
 def available_cpus() -> int:
     """CPU cores this process may run on (its affinity mask, where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

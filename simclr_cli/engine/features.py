@@ -9,6 +9,7 @@ and `extract` gathers the rows, so every rank gets exactly the (N, D) tensor one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from simclr_cli.engine import distributed
 from simclr_cli.engine.augment import eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder
-from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.device import MAX_WORKERS, Runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import SimCLR, build_model
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -110,7 +111,7 @@ def prepare(encoder: Encoder, rt: Runtime) -> SimCLR:
 def encode(model: SimCLR, x: Tensor, *, layer: str, rt: Runtime, normalize: bool = False) -> Tensor:
     """Features of one batch x (B, 3, S, S) as float32 on the CPU (B, D); `prepare` the model first."""
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    with torch.inference_mode(), rt.autocast():
+    with torch.inference_mode(), rt.autocast(), _out_of_memory_as_advice(x):
         x = x.to(rt.device, non_blocking=True, memory_format=memory_format)
         h = model.encoder(x)  # (B, out_dim)
         if layer == "encoder":
@@ -122,6 +123,21 @@ def encode(model: SimCLR, x: Tensor, *, layer: str, rt: Runtime, normalize: bool
     # Copied outside inference mode: callers get ordinary tensors they may modify in place.
     y = y.to("cpu", torch.float32, copy=True)
     return F.normalize(y, dim=1) if normalize else y
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_advice(x: Tensor) -> Iterator[None]:
+    """A batch too large for the memory of the device, as ConfigError saying so and what to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:  # torch: OutOfMemoryError (CUDA), "DefaultCPUAllocator: not enough memory"
+        text = str(exc)
+        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "not enough memory" in text
+                or "can't allocate memory" in text):
+            raise
+        raise ConfigError(
+            f"encoding a batch of {x.shape[0]} images of {x.shape[-1]} px ran out of memory; lower --batch-size"
+        ) from None
 
 
 class _Transformed(Dataset):
@@ -157,6 +173,8 @@ def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, coll
     _check_batch_size(batch_size)
     if workers < 0:
         raise ConfigError(f"--workers {workers} must be >= 0; use 0 to load in the main process")
+    if workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {workers} is more than {MAX_WORKERS}; use about one per CPU core")
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -6,6 +6,7 @@ The machine's refusals (full disk, quota, read-only, permissions) become OutputE
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -17,12 +18,18 @@ from safetensors import SafetensorError
 from simclr_cli.engine.errors import OutputError
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+# atomic_write's temp files: `.<name>.<pid>.<8 hex digits>.tmp`; one left behind was a save cut short (kill -9)
+TEMP_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], *, replace: bool = True) -> None:
     """Write through a temp file in the same folder, fsync it, rename it over `path`, fsync the folder.
 
     A crash at any moment leaves either the old file or the new one, never a torn one. A full disk, a quota,
     a read-only or forbidden folder raise OutputError naming `path`; the temp file is removed and the old one
-    stays as it was.
+    stays as it was. With `replace=False` the file is created only if `path` does not exist, atomically
+    (a hard link, which fails when it does): FileExistsError (`filename2` is `path`) then, and whoever made `path`
+    meanwhile keeps it.
     """
     path = Path(path)
     kept = f"the previous {path.name} is intact" if os.path.lexists(path) else "nothing was written"
@@ -36,7 +43,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave it 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())  # a network file system may report ENOSPC only here
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # on a read-only disk there is nothing to remove
             tmp.unlink(missing_ok=True)
@@ -49,6 +59,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` only if `path` does not exist (FileExistsError), atomically where hard links exist."""
+    try:
+        os.link(tmp, path)  # EEXIST when `path` exists, whoever created it and however late
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system (FAT, some FUSE mounts): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(tmp), None, str(path)) from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 @contextlib.contextmanager

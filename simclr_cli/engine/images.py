@@ -135,9 +135,11 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
         raise BadImage("not a regular file", path=path)  # a FIFO named x.jpg would block the reader forever
     if info.st_size == 0:
         raise BadImage("empty file (0 bytes)", path=path)
+    size = None
     with _PIL_BOMB_CHECK.off():
         try:
             with Image.open(path, formats=ACCEPTED_FORMATS) as img:
+                size = img.size
                 _check_pixels(img.size, max_pixels, path=path)
                 img.load()  # frame 0: an animation opens on its first frame
                 return _to_rgb(ImageOps.exif_transpose(img))
@@ -145,8 +147,8 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
             raise
         except UnidentifiedImageError as exc:
             raise BadImage(_unaccepted(path), path=path) from exc
-        except MemoryError:
-            raise
+        except MemoryError:  # not this file's fault alone (the machine's memory is), so a stop, not a skip
+            raise DataError(_out_of_memory(path, size, max_pixels)) from None
         # PIL's plugins raise a zoo for hostile bytes (OSError, ValueError, SyntaxError, EOFError, struct.error,
         # IndexError, ...): whichever it is, this one file is unusable.
         except Exception as exc:  # noqa: BLE001
@@ -163,6 +165,13 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, *, path: Path) 
             "raise --max-image-pixels",
             path=path,
         )
+
+
+def _out_of_memory(path: Path, size: tuple[int, int] | None, max_pixels: int | None) -> str:
+    what = f"its {size[0]}x{size[1]} = {_pixel_count(size[0] * size[1])}" if size else "it"
+    fix = ("the pixel limit is off (--max-image-pixels 0): set a limit to skip such images" if max_pixels is None
+           else "lower --max-image-pixels to skip such images")
+    return f"decoding {printable_path(path)} ran out of memory ({what}); {fix}, or remove the file"
 
 
 def _pixel_count(pixels: int) -> str:

@@ -30,10 +30,12 @@ def metadata_file_for(vectors: Path) -> Path:
     return Path(vectors).with_suffix(".json")
 
 
-def write_paths(paths_file: Path, names: Sequence[str]) -> None:
-    """One name per line; non-UTF-8 bytes round-trip through surrogateescape (see read_paths)."""
+def write_paths(paths_file: Path, names: Sequence[str], *, replace: bool = True) -> None:
+    """One name per line; non-UTF-8 bytes round-trip through surrogateescape (see read_paths). With `replace=False`
+    an existing file is kept (FileExistsError), as `files.atomic_write` says."""
     text = "".join(f"{name}\n" for name in names)
-    atomic_write(paths_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+    atomic_write(paths_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"),
+                 replace=replace)
 
 
 def read_paths(paths_file: Path) -> list[str]:
@@ -54,9 +56,15 @@ def read_metadata(vectors: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run `simclr embed` or delete it") from exc
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the recursion limit, a huge integer
+        raise DataError(f"{path} is not valid JSON ({str(exc)[:100] or 'nested too deeply'}); re-run `simclr embed` or delete it") from exc
+    if not isinstance(settings, dict):
+        raise DataError(f"{path} is not a JSON object of settings; re-run `simclr embed` or delete it")
+    for key in ("checkpoint", "layer"):  # the two settings retrieval uses
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise DataError(f"{path} has a '{key}' that is not text; re-run `simclr embed` or delete it")
+    return settings
 
 
 def open_index(vectors: Path) -> tuple[np.ndarray, list[str]]:

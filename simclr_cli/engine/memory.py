@@ -6,7 +6,12 @@ import os
 import resource
 import sys
 
+from simclr_cli.engine.errors import ConfigError
+
 MB = 1024**2
+GB = 1024**3
+# Training in fp32 on the CPU holds each parameter four times: weight, gradient, momentum, and the update's temporaries.
+TRAINING_COPIES = 4
 
 
 def available() -> int:
@@ -38,3 +43,15 @@ def peak_resident_mb(*, children: bool = False) -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     # ru_maxrss is in kilobytes on Linux and in bytes on macOS
     return usage.ru_maxrss / (MB if sys.platform == "darwin" else 1024)
+
+
+def require_for_training(parameters: int, *, device_type: str, what: str) -> None:
+    """ConfigError before anything is allocated when a model of `parameters` cannot fit in the memory available:
+    on the CPU every copy of it lives in host memory, on an accelerator the host still builds its weights once."""
+    needed = parameters * 4 * (TRAINING_COPIES if device_type == "cpu" else 1)
+    free = available()
+    if free and needed > free:
+        raise ConfigError(
+            f"{what} needs about {needed / GB:,.1f} GB of memory, only {free / GB:,.1f} GB is available; "
+            "lower --width or choose a smaller --arch"
+        )

@@ -19,6 +19,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STEMS = ("small", "standard")
 HEAD_LAYERS = (2, 3)
 SMALL_STEM_MAX_IMAGE_SIZE = 64  # CIFAR-size inputs lose too much to a 7x7 s2 conv + max-pool (SimCLR §B.9)
+# Upper bounds that keep a typo from asking for terabytes: the paper's largest model is R50 (4x), its z 128-d.
+MAX_WIDTH = 64
+MAX_PROJ_DIM = 16384
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ModelConfig:
                 f"model.width {self.width!r} is not valid; 64*width must be a positive whole number "
                 "(e.g. 0.25, 0.5, 1, 2, 4)"
             )
+        if self.width > MAX_WIDTH:
+            raise ConfigError(f"model.width {self.width!r} is not valid; use at most {MAX_WIDTH} (SimCLR's widest is 4)")
         if self.stem is not None and self.stem not in STEMS:
             raise ConfigError(
                 f"model.stem {self.stem!r} is not supported; choose one of {', '.join(STEMS)} "
@@ -50,9 +55,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.head_layers {self.head_layers!r} is not supported; use 2 (SimCLR v1 head) or 3 (SimCLRv2 head)"
             )
-        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
+        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or not 1 <= self.proj_dim <= MAX_PROJ_DIM:
             raise ConfigError(
-                f"model.proj_dim {self.proj_dim!r} is not valid; use a whole number >= 1 (SimCLR uses 128)"
+                f"model.proj_dim {self.proj_dim!r} is not valid; use a whole number >= 1 and at most {MAX_PROJ_DIM} (SimCLR uses 128)"
             )
         if not isinstance(self.zero_init_residual, bool):
             raise ConfigError(
@@ -71,7 +76,7 @@ class ModelConfig:
 
 
 def _is_valid_width(width: object) -> bool:
-    if isinstance(width, bool) or not isinstance(width, (int, float)):
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or abs(width) > 1e300:  # no float holds it
         return False
     channels = 64 * width
     return math.isfinite(channels) and channels >= 1 and float(channels).is_integer()
@@ -271,3 +276,10 @@ class SimCLR(nn.Module):
 def build_model(cfg: ModelConfig) -> SimCLR:
     """SimCLR model from a validated, resolved config."""
     return SimCLR(cfg)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters and buffers of the model `cfg` describes, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simclr_cli.engine import badfiles, distributed, memory
+from simclr_cli.engine.device import MAX_WORKERS
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, printable_path
 
@@ -47,6 +48,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"data.workers {self.workers} must be >= 0; use 0 to load in the main process")
+        if self.workers is not None and self.workers > MAX_WORKERS:
+            raise ConfigError(f"data.workers {self.workers} is more than {MAX_WORKERS}; use about one per CPU core")
         if self.decode_side is not None and (isinstance(self.decode_side, bool) or not isinstance(self.decode_side, int)
                                              or self.decode_side < 8):
             raise ConfigError(f"data.decode_side {self.decode_side!r} must be a whole number of pixels >= 8, or unset for 2x the image size")

@@ -21,13 +21,14 @@ RESUMABLE_CHANGES = {
 }
 
 
-def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler) -> dict[str, Any]:
+def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler, total_steps: int | None = None) -> dict[str, Any]:
     """Load the newest checkpoint that is complete and valid into the method's modules, the optimiser and the scaler,
     saying why any newer one was skipped; returns its metadata."""
     for path in run_dir.saved_checkpoints():
         try:
             meta = checkpoint.load_train_state(path, model=method.modules, optimizer=optimizer, scaler=scaler,
-                                               extra=method.extra_state(), restore_extra=method.load_extra_state)
+                                               extra=method.extra_state(), restore_extra=method.load_extra_state,
+                                               total_steps=total_steps)
         except CheckpointError as exc:
             log.warning("skipping %s: %s", path.name, exc)
             continue

@@ -20,7 +20,7 @@ import yaml
 
 from simclr_cli.engine import metrics
 from simclr_cli.engine.errors import ConfigError, OutputError
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import TEMP_FILE, atomic_write
 
 log = logging.getLogger("simclr")
 
@@ -95,6 +95,8 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
         hold.enter_context(lock(root))
     if root.is_dir():
         _refuse_if_in_use(root)
+        if resume or overwrite:
+            _remove_stale_temp_files(run)
     if resume:
         if not run.saved_checkpoints():
             raise ConfigError(f"nothing to resume in {root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
@@ -186,6 +188,21 @@ def _acquire(root: Path) -> int | None:
     return fd
 
 
+def _remove_stale_temp_files(run: RunDir) -> None:
+    """Remove the temp files of saves cut short (kill -9, power loss) in `run`, which no live run is using (its lock
+    was checked): each can be as large as a checkpoint, and nothing else would ever remove them."""
+    stale = [p for folder in (run.root, run.checkpoints) if folder.is_dir() for p in folder.iterdir()
+             if TEMP_FILE.fullmatch(p.name) and p.is_file()]
+    size = 0
+    for path in stale:
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+            path.unlink()
+    if stale:
+        log.info("removed %d temp file(s) of an interrupted save (%.1f MB): %s", len(stale), size / 1e6,
+                 ", ".join(p.name for p in stale[:3]) + (f" (+{len(stale) - 3} more)" if len(stale) > 3 else ""))
+
+
 def _refuse_if_in_use(root: Path) -> None:
     """ConfigError when another process holds `root`'s lock (this process's own `lock(root)` is fine)."""
     if os.path.realpath(root) in _held:
@@ -214,7 +231,7 @@ def _holder(path: Path) -> str:
         with open(path, "rb") as handle:
             holder = json.loads(handle.read(4096))
         return f"pid {int(holder['pid'])} on {holder['host']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # a lock file someone wrote into
         return "pid unknown"  # taken a moment ago: the holder has not written its pid yet
 
 

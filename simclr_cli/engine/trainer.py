@@ -25,6 +25,7 @@ from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.methods.base import Crops, Method
+from simclr_cli.engine.model import parameter_count
 from simclr_cli.engine.metrics import MetricsLog, Throughput, require_tensorboard
 from simclr_cli.engine.monitor import Monitor
 from simclr_cli.engine.nonfinite import NonFiniteGuard
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(nonfinite.POLICIES)}")
         if self.max_skips < 1:
             raise ConfigError(f"train.max_skips {self.max_skips} must be >= 1 (updates in a row that may be dropped)")
+        if not 0 <= self.seed < 2**63:  # what torch.manual_seed and numpy's generators all take
+            raise ConfigError(f"train.seed {str(self.seed)[:30]} must be a whole number from 0 to 2**63 - 1")
         if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"train.temperature {self.temperature} must be > 0; SimCLR uses 0.1 (ImageNet) or 0.5 (CIFAR)")
 
@@ -101,6 +104,8 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
     newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
+    memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
+                                what=f"{cfg.model.arch} at width {cfg.model.width:g}")
     images = source_images(cfg)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
@@ -120,7 +125,8 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
                             max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
-        meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler)
+        meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
+                                  total_steps=schedule.total_steps)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
     distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
 

@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFi
 from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
 from simclr_cli.engine.device import Runtime, runtime
-from simclr_cli.engine.errors import BadImage, ConfigError, DataError
+from simclr_cli.engine.errors import BadImage, ConfigError, DataError, Stopped
 from simclr_cli.engine.index import LINE_BREAK, relative_name
 from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, open_encoder, prepare, transform_for
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -166,6 +168,7 @@ def embed_folder(
     rows = local_rows(len(paths), batch_size=batch_size)  # this rank's shard of `paths`
 
     scratch = _scratch_path(out, world, device=rt.device)
+    restore_sigterm = _stop_on_sigterm()
     try:
         # on_main's closing all-reduce is the barrier: once it returns, every rank can open the scratch file.
         distributed.on_main(world, lambda: _begin(scratch, report, rows=len(paths), dim=dim), device=rt.device)
@@ -191,12 +194,20 @@ def embed_folder(
         if not kept:
             first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
             raise DataError(f"none of the {len(found)} images under {folder} could be decoded{first}; check the files")
-        distributed.on_main(world, lambda: _finish(scratch, out, paths_file, kept=kept, names=names), device=rt.device)
+        distributed.on_main(world, lambda: _finish(scratch, out, paths_file, kept=kept, names=names, overwrite=overwrite),
+                            device=rt.device)
+    except _Terminated as exc:
+        raise Stopped(
+            f"embed stopped by {signal.Signals(exc.signum).name}: the unfinished {scratch.name} was removed and nothing "
+            f"was written to {out}; run it again",
+            signal_number=exc.signum,
+        ) from None
     finally:
         if world.is_main:  # every rank is past reading the scratch files when rank 0 gets here (or has failed)
             scratch.unlink(missing_ok=True)
             for rank in range(world.world_size):
                 _unreadable_file(scratch, rank).unlink(missing_ok=True)
+        restore_sigterm()
 
     if bad.files or bad.folders:
         log.info(bad.summary())
@@ -261,13 +272,41 @@ def _unreadable_of_all_ranks(scratch: Path, mine: list[tuple[int, str]], world: 
     return everyone
 
 
-def _finish(scratch: Path, out: Path, paths_file: Path, *, kept: list[int], names: list[str]) -> None:
-    """Rank 0: the decodable rows as `out` and their names as the sidecar, each written atomically."""
-    if len(kept) == len(names):
-        atomic_write(out, lambda tmp: os.replace(scratch, tmp))
-    else:
-        atomic_write(out, lambda tmp: _copy_rows(scratch, tmp, kept=kept))
-    index.write_paths(paths_file, [names[i] for i in kept])
+def _finish(scratch: Path, out: Path, paths_file: Path, *, kept: list[int], names: list[str], overwrite: bool) -> None:
+    """Rank 0: the decodable rows as `out` and their names as the sidecar, each written atomically; without
+    `overwrite` each is created only if it does not exist, so of two runs to one --out the second is refused."""
+    try:
+        if len(kept) == len(names):
+            atomic_write(out, lambda tmp: os.replace(scratch, tmp), replace=overwrite)
+        else:
+            atomic_write(out, lambda tmp: _copy_rows(scratch, tmp, kept=kept), replace=overwrite)
+        index.write_paths(paths_file, [names[i] for i in kept], replace=overwrite)
+    except FileExistsError as exc:
+        raise ConfigError(
+            f"{exc.filename2} was created by another run while this one was embedding; it is kept as it is. "
+            "Pass --overwrite to replace it, or choose another --out"
+        ) from None
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so that no `except Exception` (the image decoder's) takes it for a bad file."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises _Terminated, so the `finally` that removes the unfinished
+    scratch file runs (the signal's default would end the process at once and leave a full-size .partial.npy)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # handlers can only be set from the main thread
+
+    def stop(signum, frame):
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _write_rows(

@@ -150,6 +150,8 @@ def _read_record(path: Path) -> EvalRecord:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return _unreadable(path, command, str(exc))
+    except RecursionError:
+        return _unreadable(path, command, "nested too deeply")
     if not isinstance(results, dict):
         return _unreadable(path, command, "not a JSON object")
     return EvalRecord(
@@ -173,4 +175,6 @@ def _text(value: Any) -> str | None:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) > 1e300:  # no float holds it
+        return None
+    return float(value)
