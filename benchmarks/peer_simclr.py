@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
@@ -25,6 +24,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from quality import small_stem_resnet18  # the same network the probes load the weights into
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -40,15 +41,6 @@ class Folder(Dataset):
     def __getitem__(self, index: int):
         with Image.open(self.paths[index]) as image:
             return self.transform(image.convert("RGB"))
-
-
-def small_stem_resnet18() -> nn.Module:
-    """torchvision's ResNet-18 with the CIFAR stem and no classifier: (B, 3, S, S) -> (B, 512)."""
-    net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
 
 
 def main() -> None:

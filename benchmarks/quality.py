@@ -18,7 +18,7 @@ Datasets are real images that ship with scikit-learn, written as image folders:
 The peer is lightly's documented SimCLR recipe (benchmarks/peer_simclr.py), run under a separate Python
 that has `lightly` installed (not a dependency of simclr):
 
-    python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch torchvision lightly safetensors
+    python3 -m venv /tmp/peer && /tmp/peer/bin/pip install torch torchvision lightly safetensors scikit-learn
     python benchmarks/quality.py --peer-python /tmp/peer/bin/python --seeds 0 1 2 --out quality.jsonl
 
 Rows are named variants of `simclr pretrain` flags (`--variant NAME='--flags ...'`), so every ablation is one
