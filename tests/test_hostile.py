@@ -818,3 +818,80 @@ def test_a_crafted_lock_file_still_gives_the_in_use_line(content, tmp_path):
         with pytest.raises(ConfigError) as err, rundir.lock(root):
             pass
     assert str(err.value) == f"{root} is in use by another simclr run (pid unknown); wait for it to finish or choose another --out"
+
+
+# --- non-finite values are never saved (issue 18, item 1) ----------------------------------------------------
+
+
+def non_finite_tensors(folder: Path) -> dict[str, int]:
+    """For every safetensors file below `folder`, how many of its float tensors hold NaN/inf."""
+    from safetensors.torch import load_file
+
+    return {str(p.relative_to(folder)): sum(1 for t in load_file(str(p)).values()
+                                            if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+            for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_on_nonfinite_skip_with_a_huge_lr_saves_only_finite_files(images, tmp_path):
+    """The report's command: the dropped steps' forward passes wrote NaN into the BN running statistics."""
+    out = tmp_path / "run"
+    result = pretrain(images, out, "--epochs", "3", "--max-steps", "6", "--lr", "1e8", "--on-nonfinite", "skip")
+    said = " ".join(result.output.split())
+    assert "update dropped" in said  # the case the report hit: updates were dropped ...
+    assert result.exit_code == 0, result.output
+    assert "done 6 steps" in said
+    found = non_finite_tensors(out)
+    assert found and set(found.values()) == {0}, found  # ... and still every file is finite
+    # and every command accepts the files: --resume of the finished run and info on the encoder
+    assert runner.invoke(app, ["info", str(out / "encoder.safetensors")]).exit_code == 0
+
+
+def test_a_dropped_update_leaves_the_bn_statistics_exactly_as_they_were(images, tmp_path, monkeypatch):
+    """on_nonfinite=skip: a step whose forward pass poisoned the BN buffers is undone, buffers and all."""
+    from simclr_cli.engine import trainer as trainer_module
+
+    real_forward_backward = trainer_module.forward_backward
+    calls = []
+
+    def poisoned_at_step_3(method, net, views, **kwargs):
+        calls.append(1)
+        loss = real_forward_backward(method, net, views, **kwargs)
+        if len(calls) == 3:  # what a diverged forward pass does: NaN in every running statistic
+            for name, buffer in method.modules.named_buffers():
+                if buffer.is_floating_point():
+                    buffer.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(trainer_module, "forward_backward", poisoned_at_step_3)
+    out = tmp_path / "run"
+    result = pretrain(images, out, "--epochs", "2", "--max-steps", "3", "--on-nonfinite", "skip")
+    assert result.exit_code == 0, result.output
+    assert "step 3: the loss or gradients are NaN/inf; update dropped" in " ".join(result.output.split())
+    from safetensors.torch import load_file
+
+    before = load_file(str(out / "checkpoints" / "step-000000002.safetensors"))
+    after = load_file(str(out / "checkpoints" / "step-000000003.safetensors"))
+    model = [k for k in before if k.startswith("model/")]
+    assert any("running_var" in k for k in model) and any("num_batches_tracked" in k for k in model)
+    assert all(torch.equal(before[k], after[k]) for k in model)  # weights, BN statistics and counters alike
+
+
+def test_a_run_refuses_to_save_non_finite_tensors_and_does_not_report_success(images, tmp_path, monkeypatch):
+    """Whatever made a tensor non-finite with a finite loss, the save refuses in one line instead of writing it."""
+    from simclr_cli.engine import trainer as trainer_module
+
+    real_step = trainer_module.Trainer.step
+
+    def step(self, batch, *, lr, step, epoch):
+        loss = real_step(self, batch, lr=lr, step=step, epoch=epoch)
+        if step == 1:  # the second step: a BN statistic overflows, the loss stays finite
+            next(b for n, b in self.method.modules.named_buffers() if n.endswith("running_var")).fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    out = tmp_path / "run"
+    line = the_error(pretrain(images, out))
+    assert re.fullmatch(r"error: the model's tensors \(.*running_var.*\) became NaN/inf at step 2; stopped before "
+                        r"saving anything from that step on\. Lower --lr, try --precision fp32, or check the data", line), line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000001.safetensors"]
+    assert set(non_finite_tensors(out).values()) == {0}

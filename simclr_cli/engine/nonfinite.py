@@ -26,13 +26,31 @@ class NonFiniteGuard:
         # First step whose loss was not finite, kept on the device so the step never waits on the host.
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
-    def update_ok(self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], *, step: int) -> bool:
-        """on_nonfinite=skip: every process checks its loss and gradients, and all drop the update if any is bad.
-        Always True under abort (the loss is checked later, by `check`)."""
+    def snapshot(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """on_nonfinite=skip: a copy of `module`'s buffers (BN running statistics, num_batches_tracked) before the
+        step's forward pass writes them, for `restore` when the update is dropped. None under abort."""
+        if self.policy != "skip":
+            return None
+        return {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+
+    @staticmethod
+    def restore(module: torch.nn.Module, snapshot: dict[str, torch.Tensor] | None) -> None:
+        """Put back the buffers `snapshot` copied: a dropped step leaves the model exactly as it was before it."""
+        if snapshot is None:
+            return
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(snapshot[name])
+
+    def update_ok(self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], *, step: int,
+                  buffers: Iterable[torch.Tensor] = ()) -> bool:
+        """on_nonfinite=skip: every process checks its loss, gradients and the buffers the forward pass just wrote
+        (BN statistics), and all drop the update if any is bad. Always True under abort (`check` and the save's
+        finiteness check catch it later)."""
         if self.policy != "skip":
             return True
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        tensors = [loss] + [p.grad for p in params if p.grad is not None] + [b for b in buffers if b.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         bad = int(distributed.all_reduce_max((~finite).to(torch.int64)).item())  # one host sync per step, in skip mode only
         if not bad:
             self.skips = 0
@@ -48,6 +66,14 @@ class NonFiniteGuard:
         """Remember 0-based `step` if its applied update came from a non-finite loss (numbered like metrics.jsonl)."""
         finite = torch.isfinite(loss)
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, step + 1, self.bad_step)  # no host round trip
+
+    def check_saveable(self, tensors: dict[str, torch.Tensor], *, step: int) -> None:
+        """Refuse (NonFiniteLoss, on every process together) to save `tensors` when any holds NaN/inf: a file a run
+        writes is always one the other commands accept."""
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if int(distributed.all_reduce_max(torch.tensor(int(bool(bad)), device=self.bad_step.device)).item()):
+            names = ", ".join(sorted(bad)[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "") if bad else "held by another process"
+            raise NonFiniteLoss(step, what=f"the model's tensors ({names})")
 
     def check(self) -> None:
         """Stop if any rank saw a non-finite loss; every rank calls this at the same steps, so all stop together."""

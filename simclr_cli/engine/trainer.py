@@ -298,9 +298,12 @@ class Trainer:
         pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
         x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
         x = x.contiguous(memory_format=memory_format)
+        before = self.guard.snapshot(self.method.modules)  # skip mode: the forward pass writes BN statistics
         loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
-        if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step):
+        if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step,
+                                    buffers=self.method.modules.buffers()):
             self.optimizer.zero_grad(set_to_none=True)
+            self.guard.restore(self.method.modules, before)
             return loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -358,6 +361,7 @@ class Trainer:
     def save(self, *, step: int, epoch: int) -> None:
         """Training state for --resume, then the encoder file the other commands read; never non-finite."""
         self.guard.check()
+        self.guard.check_saveable(dict(self.method.modules.state_dict()), step=step)
         if not self.world.is_main:
             return  # every rank holds the same weights; one writes them
         path = self.run_dir.checkpoint(step)
