@@ -5,6 +5,7 @@ a full disk or an escaping OSError is one line too; `--resume` steps over a dama
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -895,3 +896,48 @@ def test_a_run_refuses_to_save_non_finite_tensors_and_does_not_report_success(im
                         r"saving anything from that step on\. Lower --lr, try --precision fp32, or check the data", line), line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000001.safetensors"]
     assert set(non_finite_tensors(out).values()) == {0}
+
+
+# --- a full disk while appending to metrics.jsonl (issue 18, item 2) -------------------------------------------
+
+
+def test_a_full_disk_mid_line_leaves_metrics_jsonl_whole_and_resume_continues(images, tmp_path, monkeypatch):
+    """The disk fills in the middle of the step-3 line: the half written is cut off again, so the message's
+    "the lines already logged are intact" is true, and --resume continues once space is freed."""
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+    real_write = os.write
+
+    def disk_fills_in_the_step_3_line(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(metrics) and data.startswith(b'{"step": 3,'):
+            real_write(fd, data[: len(data) // 2])  # what a full disk does: part of the line lands
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_fills_in_the_step_3_line)
+    line = the_error(pretrain(images, out, "--epochs", "2", "--set", "train.log_every=1"))
+    monkeypatch.undo()  # space freed
+    assert line == (f"error: cannot write {metrics}: no space left on device; free space or pass another --out "
+                    "(the lines already logged are intact)")
+    text = metrics.read_text()
+    assert text.endswith("\n") and [json.loads(x)["step"] for x in text.splitlines()] == [1, 2]
+
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_drops_a_torn_last_line_of_metrics_jsonl_with_a_warning(images, tmp_path):
+    """A log torn before this fix (or by a crash mid-write) no longer makes --resume an internal error."""
+    out = tmp_path / "run"
+    assert pretrain(images, out, "--epochs", "2", "--set", "train.log_every=1").exit_code == 0
+    (out / "checkpoints" / "step-000000004.safetensors").unlink()  # as if the run had stopped after step 3
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{\"step\": 2, \"ep", *lines[2:3]]) + '\n{"step": 3, "epoch": 0, "loss": 6.265164')
+
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert "dropped 2 torn or unreadable line(s) (line 2, 4)" in said
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 3, 4]

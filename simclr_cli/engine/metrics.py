@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.files import atomic_write, writing
+
+log = logging.getLogger("simclr")
 
 
 def require_tensorboard():
@@ -29,8 +33,8 @@ class MetricsLog:
         self.events = require_tensorboard()(log_dir=str(events_dir)) if events_dir is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        with writing(self.path, kept="the lines already logged are intact"), open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with writing(self.path, kept="the lines already logged are intact"):
+            append_line(self.path, json.dumps(record))
         if self.events is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch", "time") and isinstance(value, (int, float)):
@@ -63,9 +67,44 @@ class Throughput:
         return rates
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and its newline whole or not at all: a failed or short write (a full disk) is cut off again, so
+    the file ends with the last complete line."""
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except BaseException:
+            os.ftruncate(fd, size)  # a torn line would make the log unreadable for --resume
+            raise
+    finally:
+        os.close(fd)
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """The record on one line of metrics.jsonl, or None when the line is torn or not a record."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def truncate(path: Path, *, after_step: int) -> None:
-    """Drop the records logged after `after_step` (a resumed run logs those steps again)."""
+    """Drop the records logged after `after_step` (a resumed run logs those steps again), and any torn or unparsable
+    line (a write cut short by a full disk or a crash), with a warning."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= after_step]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = [(line, _record(line)) for line in lines]
+    bad = [number for number, (_, record) in enumerate(records, 1) if record is None]
+    if bad:
+        log.warning("%s: dropped %d torn or unreadable line(s) (line %s), e.g. from a write cut short by a full disk",
+                    path, len(bad), ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
+    kept = [line for line, record in records if record is not None and record["step"] <= after_step]
     atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
