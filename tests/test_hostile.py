@@ -941,3 +941,48 @@ def test_resume_drops_a_torn_last_line_of_metrics_jsonl_with_a_warning(images, t
     said = " ".join(resumed.output.split())
     assert "dropped 2 torn or unreadable line(s) (line 2, 4)" in said
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 3, 4]
+
+
+# --- --resume checks the data (issue 18, item 6) -------------------------------------------------------------
+
+
+def interrupted_run(images: Path, out: Path) -> None:
+    """A finished 4-step run whose newest checkpoint is gone: --resume has steps 3 and 4 left to train."""
+    assert pretrain(images, out, "--epochs", "2").exit_code == 0
+    (out / "checkpoints" / "step-000000004.safetensors").unlink()
+
+
+def resume(out: Path):
+    return runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
+
+
+def test_resume_refuses_images_added_to_the_data_and_names_both_counts(images, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(images, out)
+    write_images(images / "later", 7, size=16, seed=3)
+    assert the_error(resume(out)) == (f"error: --resume: the data differs from what {out} trained on (16 images, now 23); "
+                                      "resume with the original data, or start a new run")
+    for path in (images / "later").iterdir():
+        path.unlink()  # the original data again
+    resumed = resume(out)
+    assert resumed.exit_code == 0, resumed.output
+    assert "(step 3)" in " ".join(resumed.output.split())
+
+
+def test_resume_refuses_a_replaced_image_of_another_size(images, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(images, out)
+    write_images(images / "a", 1, size=24, seed=9)  # img_000.png replaced: same count, same names
+    assert the_error(resume(out)) == (f"error: --resume: the data differs from what {out} trained on (16 images then "
+                                      "and now, but with other names or sizes); resume with the original data, or start a new run")
+
+
+def test_a_run_folder_inside_the_data_folder_is_never_training_data(images, tmp_path):
+    """With --out inside DATA, the run's own loss.png must not become a training image when it resumes."""
+    pytest.importorskip("matplotlib")
+    out = images / "run"
+    interrupted_run(images, out)
+    assert list(out.rglob("*.png")), "the run draws its plots, or this test proves nothing"
+    resumed = resume(out)
+    assert resumed.exit_code == 0, resumed.output
+    assert "on 16 images" in " ".join(resumed.output.split())

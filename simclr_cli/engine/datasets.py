@@ -6,12 +6,14 @@ the consumers that need them (`pipeline.PixelDataset` for pretraining, the eval 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -212,8 +214,9 @@ class Unlabelled(Dataset):
 
 
 def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bool,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Dataset:
-    """Pretraining images: None -> digits (all); a name -> its pretraining split; else a folder of images."""
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, exclude: Path | None = None) -> Dataset:
+    """Pretraining images: None -> digits (all); a name -> its pretraining split; else a folder of images, without
+    the folder `exclude` (the run's own output folder, when it lies inside the data)."""
     if data is None:
         data = "digits"
     if isinstance(data, str) and data in NAMED_DATASETS:
@@ -224,8 +227,26 @@ def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bo
             f"DATA {str(data)!r} is neither a dataset name nor an existing folder; "
             f"use one of {', '.join(NAMED_DATASETS)}, or the path of a folder of images"
         )
-    scan = scan_folder(path)
+    scan = scan_folder(path, exclude=exclude)
     return ImageFiles(scan.images, max_pixels=max_pixels, skipped_folders=scan.skipped_folders)
+
+
+def fingerprint(images: Dataset, *, data: str | Path | None) -> dict[str, Any]:
+    """What identifies the image list a run trains on: the count and, for a folder, a SHA-256 of every image's path
+    relative to the folder and its size in bytes (no pixels read), so `--resume` notices images added, removed or
+    replaced."""
+    paths = getattr(images, "paths", None)
+    if paths is None:  # a named dataset, already pixels in memory: its name and split fix the list
+        return {"count": len(images), "source": str(data if data is not None else "digits")}
+    base = Path(data).expanduser()
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1  # unreadable now: reported as a bad image when drawn
+        digest.update(os.fsencode(os.path.relpath(path, base)) + b"\0" + str(size).encode() + b"\n")
+    return {"count": len(paths), "sha256": digest.hexdigest()}
 
 
 @dataclass(frozen=True)

@@ -54,14 +54,15 @@ def find_images(root: Path) -> list[Path]:
     return scan_folder(root).images
 
 
-def scan_folder(root: Path) -> FolderScan:
-    """`find_images`, with the subfolders that were skipped (each already logged as a warning)."""
+def scan_folder(root: Path, *, exclude: Path | None = None) -> FolderScan:
+    """`find_images`, with the subfolders that were skipped (each already logged as a warning); the folder `exclude`
+    (a run's own output folder inside the data) is left out."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; point DATA at a folder of images")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; point DATA at a folder of images (subfolders are searched too)")
-    scan = walk_images(root)
+    scan = walk_images(root, exclude=exclude)
     if not scan.images:
         unread = next((reason for folder, reason in scan.skipped_folders if folder == root), None)
         if unread is not None:
@@ -74,8 +75,13 @@ def scan_folder(root: Path) -> FolderScan:
     return scan
 
 
-def walk_images(root: Path) -> FolderScan:
+def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
     images: list[Path] = []
+    excluded: tuple[int, int] | None = None
+    if exclude is not None:
+        with contextlib.suppress(OSError):  # a run folder not made yet holds nothing to leave out
+            info = os.stat(exclude)
+            excluded = (info.st_dev, info.st_ino)
     skipped: list[tuple[Path, str]] = []
 
     def skip(folder: Path, reason: str) -> None:
@@ -101,6 +107,9 @@ def walk_images(root: Path) -> FolderScan:
                 info = os.stat(folder)
             except OSError as exc:
                 unreadable(exc)
+                continue
+            if (info.st_dev, info.st_ino) == excluded:
+                log.info("leaving out %s: the run's own output folder is not training data", printable_path(folder))
                 continue
             first = walked.setdefault((info.st_dev, info.st_ino), folder)
             if first == folder:

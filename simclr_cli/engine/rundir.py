@@ -47,6 +47,12 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def data(self) -> Path:
+        """The fingerprint of the images the run trains on (datasets.fingerprint), checked by --resume; beside the
+        checkpoints, what else --resume reads (and removed with them by --overwrite)."""
+        return self.checkpoints / "data.json"
+
+    @property
     def encoder(self) -> Path:
         return self.root / "encoder.safetensors"
 
@@ -235,15 +241,41 @@ def _holder(path: Path) -> str:
         return "pid unknown"  # taken a moment ago: the holder has not written its pid yet
 
 
-def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None) -> None:
-    """Rank 0's bookkeeping before the first step: the config of a new run, or the metrics a resume replays."""
+def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None, data: dict[str, Any] | None = None) -> None:
+    """Rank 0's bookkeeping before the first step: the config and data fingerprint of a new run, or the metrics a
+    resume replays (`check_same_data` has checked its images first)."""
     if resumed_from is None:
         text = yaml.safe_dump(config, sort_keys=False)
         atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        if data is not None:
+            atomic_write(run_dir.data, lambda tmp: tmp.write_text(json.dumps(data) + "\n", encoding="utf-8"))
     else:
         metrics.truncate(run_dir.metrics, after_step=resumed_from)
     if run_dir.root.parent.name == RUNS.name:
         point_latest(run_dir.root)
+
+
+def check_same_data(run_dir: RunDir, data: dict[str, Any]) -> None:
+    """ConfigError when the images differ from those the run started on (its data.json; a run from before simclr
+    recorded one is not checked)."""
+    try:
+        with open(run_dir.data, encoding="utf-8") as handle:
+            saved = json.loads(handle.read(10_000))
+    except FileNotFoundError:
+        log.info("%s has no %s (an older run): the data cannot be checked against it", run_dir.root, run_dir.data.name)
+        return
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{run_dir.data} is damaged, so the data cannot be checked; delete it to resume unchecked, or start a new run")
+    if saved != data:
+        was, now = saved.get("count"), data.get("count")
+        what = (f"{str(was)[:20]} images, now {now}" if was != now
+                else f"{now} images then and now, but with other names or sizes")
+        raise ConfigError(
+            f"--resume: the data differs from what {run_dir.root} trained on ({what}); "
+            "resume with the original data, or start a new run"
+        )
 
 
 def point_latest(root: Path) -> None:

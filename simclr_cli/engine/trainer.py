@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume, rundir, weights
-from simclr_cli.engine.datasets import NAMED_DATASETS, pretrain_dataset
+from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.methods.base import Crops, Method
@@ -94,10 +94,11 @@ class PretrainResult:
     named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
 
 
-def source_images(cfg):
-    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit)."""
+def source_images(cfg, *, out: Path | None = None):
+    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit),
+    never the files of the run folder `out` when it lies inside that folder."""
     return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
-                            max_pixels=cfg.data.max_image_pixels or None)
+                            max_pixels=cfg.data.max_image_pixels or None, exclude=out)
 
 
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
@@ -106,13 +107,16 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
     memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
                                 what=f"{cfg.model.arch} at width {cfg.model.width:g}")
-    images = source_images(cfg)
+    images = source_images(cfg, out=out)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
     if cfg.train.tensorboard:
         require_tensorboard()  # a missing package too
     run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
+    data = fingerprint(images, data=cfg.data.source)
+    if resume_run:  # before any checkpoint is read: other images change the schedule, and the messages with it
+        distributed.on_main(world, lambda: rundir.check_same_data(run_dir, data), device=rt.device)
     pixels, cfg = _pixels(cfg, images, rt=rt)
     config_dict = to_plain(cfg)  # resolved: what config.yaml and every checkpoint record
 
@@ -128,7 +132,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
                                   total_steps=schedule.total_steps)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
-    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from), device=rt.device)
+    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data), device=rt.device)
 
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
     loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=cfg.data.workers,
