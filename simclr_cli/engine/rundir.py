@@ -48,9 +48,8 @@ class RunDir:
 
     @property
     def data(self) -> Path:
-        """The fingerprint of the images the run trains on (datasets.fingerprint), checked by --resume; beside the
-        checkpoints, what else --resume reads (and removed with them by --overwrite)."""
-        return self.checkpoints / "data.json"
+        """The fingerprint of the images the run trains on (datasets.fingerprint), checked by --resume."""
+        return self.root / "data.json"
 
     @property
     def encoder(self) -> Path:
@@ -110,7 +109,7 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
     if root.is_dir() and any(path.name != LOCK for path in root.iterdir()):  # a lock file alone is no run
         if not overwrite:
             raise ConfigError(f"{root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
-        for path in run.owned():
+        for path in [*run.owned(), run.data]:  # and the old data fingerprint, which no new run may inherit
             if path.is_dir():
                 shutil.rmtree(path)
             else:
