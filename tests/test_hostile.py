@@ -986,3 +986,14 @@ def test_a_run_folder_inside_the_data_folder_is_never_training_data(images, tmp_
     resumed = resume(out)
     assert resumed.exit_code == 0, resumed.output
     assert "on 16 images" in " ".join(resumed.output.split())
+
+
+def test_a_damaged_data_fingerprint_is_one_line_and_overwrite_starts_afresh(images, tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(images, out)
+    (out / "data.json").write_text("[" * 5000)
+    assert the_error(resume(out)) == (f"error: {out / 'data.json'} is damaged, so the data cannot be checked; "
+                                      "delete it to resume unchecked, or start a new run")
+    write_images(images / "later", 7, size=16, seed=3)
+    assert pretrain(images, out, "--epochs", "2", "--overwrite").exit_code == 0  # a new run records the new data
+    assert json.loads((out / "data.json").read_text())["count"] == 23
