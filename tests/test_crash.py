@@ -115,3 +115,37 @@ def test_pretrain_on_bad_image_error_stops_cleanly(tmp_path):
     output = result.stdout + result.stderr
     assert "error: cannot decode" in output and "--on-bad-image skip" in output and "Traceback" not in output
     assert not (out / "encoder.safetensors").exists()
+
+
+def test_ctrl_c_to_the_whole_process_group_saves_with_workers_running_and_exits_130(folder, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, DataLoader workers included: the main process still
+    saves at a step boundary and exits 130."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(simclr("pretrain", str(folder), *TINY, "--epochs", "6", "--workers", "2", "--out", str(out)),
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # its own process group, as a shell gives a foreground job
+    wait_for(out / "metrics.jsonl", process)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "stopped by SIGINT at step" in output and "Traceback" not in output
+    stopped_at = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert stopped_at["event"] == "stopped by SIGINT"
+    assert (out / "checkpoints" / f"step-{stopped_at['step']:09d}.safetensors").exists()
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    """The first SIGINT asks for a stop at the next step boundary; a second one does not wait for it."""
+    from simclr_cli.engine.signals import stop_requests
+
+    with pytest.raises(KeyboardInterrupt):
+        with stop_requests() as request:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while request.signal is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert request.signal == signal.SIGINT  # the first one is a request, not an exit
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored afterwards
