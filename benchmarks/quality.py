@@ -246,7 +246,6 @@ def main() -> None:
     variants = dict(v.split("=", 1) for v in args.variant) or {"defaults": ""}
     randoms = [name for name, whose in RANDOM.items() if whose == "ours" or not args.no_peer] if args.random_init else []
     order = randoms + ([] if args.no_peer else [PEER]) + ([] if args.peer_only else list(variants))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work or Path(tempfile.mkdtemp(prefix="simclr-quality-"))
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     done = {(r["data"], r["variant"], r["seed"]) for r in rows}
