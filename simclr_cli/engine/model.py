@@ -34,6 +34,9 @@ class ModelConfig:
     # Start each residual branch's last BN gamma at 0 (official SimCLR code, Goyal et al. 2017). Off by default:
     # with it, runs of a few hundred steps barely move the residual branches (BENCHMARKS.md, "Quality").
     zero_init_residual: bool = False
+    # BN (scale, no shift) on z, as in the official code; None = auto: on above 64 px, off at <= 64 px, where
+    # the common Linear-BN-ReLU-Linear head trained better encoders in short runs (BENCHMARKS.md, "Quality").
+    head_output_bn: bool | None = None
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and the fix."""
@@ -64,15 +67,23 @@ class ModelConfig:
                 f"model.zero_init_residual {self.zero_init_residual!r} is not valid; use true (the official code's "
                 "init) or false (torchvision's, the default)"
             )
+        if self.head_output_bn is not None and not isinstance(self.head_output_bn, bool):
+            raise ConfigError(
+                f"model.head_output_bn {self.head_output_bn!r} is not valid; use true (BN on z, the official code), "
+                "false (a plain last Linear with a bias) or leave it unset to pick from the image size"
+            )
 
     def resolved(self, *, image_size: int) -> ModelConfig:
-        """Copy with stem filled in: small when image_size <= 64 px, standard above."""
+        """Copy with stem and head_output_bn filled in: small stem and no BN on z when image_size <= 64 px."""
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size {image_size!r} is not valid; use a whole number of pixels >= 1")
         stem = self.stem
         if stem is None:
             stem = "small" if image_size <= SMALL_STEM_MAX_IMAGE_SIZE else "standard"
-        return dataclasses.replace(self, stem=stem)
+        output_bn = self.head_output_bn
+        if output_bn is None:
+            output_bn = image_size > SMALL_STEM_MAX_IMAGE_SIZE
+        return dataclasses.replace(self, stem=stem, head_output_bn=output_bn)
 
 
 def _is_valid_width(width: object) -> bool:
@@ -219,9 +230,10 @@ class ResNet(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """g: (layers-1) x [Linear -> BN -> ReLU], then Linear -> BN without shift (SimCLR §B.9, v2 §2)."""
+    """g: (layers-1) x [Linear -> BN -> ReLU], then Linear -> BN without shift (SimCLR §B.9, v2 §2), or with
+    `output_bn=False` a last Linear with a bias and no BN (the common Linear-BN-ReLU-Linear head)."""
 
-    def __init__(self, *, in_dim: int, out_dim: int, layers: int = 2):
+    def __init__(self, *, in_dim: int, out_dim: int, layers: int = 2, output_bn: bool = True):
         super().__init__()
         if layers not in HEAD_LAYERS:
             raise ValueError(f"layers {layers!r} is not one of {HEAD_LAYERS}")
@@ -236,10 +248,13 @@ class ProjectionHead(nn.Module):
             )
             for _ in range(layers - 1)
         ]
-        last_bn = nn.BatchNorm1d(out_dim)
-        # Official code: scale but no shift on the output BN; F.batch_norm accepts a None bias.
-        last_bn.register_parameter("bias", None)
-        blocks.append(nn.Sequential(OrderedDict(linear=nn.Linear(in_dim, out_dim, bias=False), bn=last_bn)))
+        if output_bn:
+            last_bn = nn.BatchNorm1d(out_dim)
+            # Official code: scale but no shift on the output BN; F.batch_norm accepts a None bias.
+            last_bn.register_parameter("bias", None)
+            blocks.append(nn.Sequential(OrderedDict(linear=nn.Linear(in_dim, out_dim, bias=False), bn=last_bn)))
+        else:
+            blocks.append(nn.Sequential(OrderedDict(linear=nn.Linear(in_dim, out_dim))))
         self.layers = nn.Sequential(*blocks)
         self.in_dim = in_dim
         self.out_dim = out_dim
@@ -263,9 +278,11 @@ class SimCLR(nn.Module):
         cfg.validate()
         if cfg.stem is None:
             raise ValueError("ModelConfig.stem is None; pass cfg.resolved(image_size=...) to SimCLR")
+        output_bn = True if cfg.head_output_bn is None else cfg.head_output_bn  # None: a file from before the choice
         self.cfg = cfg
         self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem, zero_init_residual=cfg.zero_init_residual)
-        self.head = ProjectionHead(in_dim=self.encoder.out_dim, out_dim=cfg.proj_dim, layers=cfg.head_layers)
+        self.head = ProjectionHead(in_dim=self.encoder.out_dim, out_dim=cfg.proj_dim, layers=cfg.head_layers,
+                                   output_bn=output_bn)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.encoder(x)  # (B, out_dim)
