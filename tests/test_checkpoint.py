@@ -35,7 +35,8 @@ from simclr_cli.engine.optim import OptimConfig, build_optimizer
 
 def tiny(arch: str = "resnet18", **kwargs):
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, width=0.25, **kwargs).resolved(image_size=16))
+    # as the encoder_info(...) configs below describe it: the small stem, BN on z (head_output_bn unset)
+    return build_model(ModelConfig(arch=arch, width=0.25, stem="small", **kwargs))
 
 
 def train_steps(model, optimizer, steps: int = 2) -> None:
@@ -345,7 +346,7 @@ def test_encoder_metadata_fields(tmp_path):
     meta = load(path, kind="encoder").meta
     assert meta == {
         "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
-                  "zero_init_residual": False},
+                  "zero_init_residual": False, "head_output_bn": None},
         "transform": {"image_size": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"},
         "config": {"train": {"epochs": 2}, "augment": {"crop_scale": [0.3, 1.0]}},
         "epoch": 1,

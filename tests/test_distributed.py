@@ -86,7 +86,7 @@ def _tiny_model() -> nn.Module:
     from simclr_cli.engine.model import ModelConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16))
+    model = build_model(ModelConfig(arch="resnet18", width=0.25, head_output_bn=True).resolved(image_size=16))
     # Random BN affines, so no residual branch is switched off by the zero-init gammas and every weight moves.
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():

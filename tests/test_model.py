@@ -266,11 +266,49 @@ def test_head_last_bn_has_no_shift() -> None:
     torch.testing.assert_close(z.mean(dim=0), torch.zeros(8), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers", [2, 3])
+def test_head_without_output_bn_ends_in_a_linear_with_a_bias(layers: int) -> None:
+    head = ProjectionHead(in_dim=32, out_dim=8, layers=layers, output_bn=False).train()
+    last = head.layers[-1]
+    assert [type(m) for m in last] == [nn.Linear]
+    assert last.linear.bias is not None and (last.linear.in_features, last.linear.out_features) == (32, 8)
+    for block in head.layers[:-1]:  # the hidden blocks are unchanged
+        assert [type(m) for m in block] == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    h = torch.randn(6, 32)
+    with torch.no_grad():
+        hidden = h
+        for block in head.layers[:-1]:
+            hidden = block(hidden)
+        torch.testing.assert_close(head(h), hidden @ last.linear.weight.T + last.linear.bias)
+
+
+def test_head_output_bn_follows_the_image_size() -> None:
+    """BN on z (official code) above 64 px; the plain last Linear at <= 64 px (BENCHMARKS.md, "Quality")."""
+    cfg = ModelConfig(arch="resnet18")
+    assert [cfg.resolved(image_size=s).head_output_bn for s in (16, 32, 64, 65, 224)] == [False, False, False, True, True]
+    assert cfg.head_output_bn is None  # resolved() returns a copy
+    assert ModelConfig(head_output_bn=True).resolved(image_size=32).head_output_bn is True  # explicit choice kept
+    assert ModelConfig(head_output_bn=False).resolved(image_size=224).head_output_bn is False
+    assert isinstance(build_model(cfg.resolved(image_size=224)).head.layers[-1].bn, nn.BatchNorm1d)
+    assert not hasattr(build_model(cfg.resolved(image_size=32)).head.layers[-1], "bn")
+
+
+def test_a_model_described_before_the_choice_has_bn_on_z() -> None:
+    """Encoder files written before head_output_bn existed have no such key: they were built with BN on z."""
+    model = SimCLR(ModelConfig(arch="resnet18", width=0.25, stem="small"))
+    assert isinstance(model.head.layers[-1].bn, nn.BatchNorm1d)
+
+
+def test_head_output_bn_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="head_output_bn"):
+        ModelConfig(head_output_bn="no").validate()
+
+
 # ---------------------------------------------------------------------------- SyncBatchNorm
 
 
 def test_convert_sync_batchnorm_keeps_head_without_shift() -> None:
-    model = build_model(ModelConfig(arch="resnet18", width=0.25, proj_dim=8).resolved(image_size=16))
+    model = build_model(ModelConfig(arch="resnet18", width=0.25, proj_dim=8, head_output_bn=True).resolved(image_size=16))
     names_before = {n: tuple(p.shape) for n, p in model.named_parameters()}
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
