@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__, launcher, options
-from simclr_cli.console import RichProgress, console, errors_as_messages, setup_logging, show_table
+from simclr_cli.console import RichProgress, console, errors_as_messages, results, setup_logging, show_table, styled
 
 app = typer.Typer(
     name="simclr",
@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"simclr {__version__}")
+        results.print(f"simclr {__version__}")
         raise typer.Exit()
 
 
@@ -121,8 +121,7 @@ def pretrain(
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
             config.check_pretrain(cfg)  # report a bad config once, here, not once per worker
             code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
-                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                                            say=console.print)
+                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
             if code:
                 raise typer.Exit(code)
             return
@@ -206,7 +205,7 @@ def _launched(gpus: int | None, device: str | None) -> bool:
         raise ConfigError(f"--gpus {procs} must be >= 1")
     if procs == 1 or launcher.launched_externally():
         return False
-    launcher.check_gpu_count(device or "auto", procs, say=console.print)
+    launcher.check_gpu_count(device or "auto", procs)
     code = launcher.launch(sys.argv[1:], procs=procs)
     if code:
         raise typer.Exit(code)
@@ -216,15 +215,15 @@ def _launched(gpus: int | None, device: str | None) -> bool:
 def _report_pretrain(result) -> None:
     """Where the encoder is, how the loss moved, and what to run next."""
     minutes = result.seconds / 60
-    console.print(f"[bold green]done[/] {result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min")
+    results.print(styled("done", "bold green", f"{result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min"))
     if result.first_loss is not None and result.last_loss is not None:
-        console.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
-    console.print(f"encoder: [bold]{result.encoder}[/]")
+        results.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
+    results.print(styled("encoder:", "bold", str(result.encoder)))
     data = "" if result.named_data else " --data LABELLED_DATA"
-    console.print("next: kNN accuracy, the same for an untrained encoder, linear evaluation, embeddings:")
+    results.print("next: kNN accuracy, the same for an untrained encoder, linear evaluation, embeddings:")
     for command in (f"knn {result.encoder}{data}", f"knn {result.encoder}{data} --random-init",
                     f"linear-eval {result.encoder}{data}", f"embed IMAGES -o vecs.npy -c {result.encoder}"):
-        console.print(f"  simclr {command}", highlight=False, soft_wrap=True)
+        results.print(f"  simclr {command}", highlight=False)
 
 
 def _show_evaluation(done, *, title: str, rows: list[tuple[str, str]]) -> None:

@@ -128,7 +128,7 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
 def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
-    assert result.stdout.strip().startswith("simclr ") or result.stderr.strip().startswith("simclr ")
+    assert result.stdout.strip().startswith("simclr ")
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -148,7 +148,7 @@ def test_two_processes_log_the_same_losses_as_one(image_folder, tmp_path):
     single, double = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(single) == len(double) == 4
     assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double))
-    assert two.stderr.count("done 4 steps") == 1  # only rank 0 reports
+    assert two.stdout.count("done 4 steps") == 1  # only rank 0 reports
 
 
 def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
@@ -163,6 +163,21 @@ def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
     assert result.returncode == 2
     assert "already holds a run" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_names_holding_markup_print_as_themselves(image_folder, tmp_path):
+    """A path with `[/]` or `[bold]` in it is text, never rich markup (which raised MarkupError or lost the brackets)."""
+    for name in ("enc[/]oder.safetensors", "[bold]encoder.safetensors"):
+        message = one_line_error(runner.invoke(app, ["info", str(tmp_path / name)]))
+        assert f"checkpoint {tmp_path / name} does not exist" in message
+    out = tmp_path / "[bold]run[/]"
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+                                 "--batch-size", "8", "--max-steps", "1", "--device", "cpu", "--precision", "fp32",
+                                 "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"encoder: {out / 'encoder.safetensors'}" in result.stdout.splitlines()
+    info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
+    assert info.exit_code == 0 and str(out / "encoder.safetensors") in info.stdout
 
 
 def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch):
@@ -312,3 +327,5 @@ def test_an_unknown_method_is_one_line(tmp_path):
     result = runner.invoke(app, ["pretrain", "--method", "moco", "--out", str(tmp_path / "run")])
     assert "method 'moco' is not supported; choose one of simclr" in one_line_error(result)
     assert not (tmp_path / "run").exists()
+
+
