@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
@@ -178,6 +180,20 @@ def test_names_holding_markup_print_as_themselves(image_folder, tmp_path):
     assert f"encoder: {out / 'encoder.safetensors'}" in result.stdout.splitlines()
     info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
     assert info.exit_code == 0 and str(out / "encoder.safetensors") in info.stdout
+
+
+def test_config_yaml_records_what_auto_became(image_folder, tmp_path):
+    """No --device, --precision or --workers: config.yaml holds the device, precision and workers that ran, and a
+    resume reads them back."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+                                 "--batch-size", "8", "--max-steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert saved["train"]["precision"] in ("fp32", "bf16", "fp16") and isinstance(saved["data"]["workers"], int)
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch):

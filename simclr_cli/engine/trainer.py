@@ -112,6 +112,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
     if cfg.train.tensorboard:
         require_tensorboard()  # a missing package too
+    cfg = defaults.resolve_runtime(cfg, rt)
     run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
     data = fingerprint(images, data=cfg.data.source)
