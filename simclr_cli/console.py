@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from simclr_cli.engine import runlog
 from simclr_cli.engine.errors import OutputError, SimCLRError, Stopped
 from simclr_cli.engine.report import StepStats
 
@@ -29,10 +30,22 @@ EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+def live_display() -> bool:
+    """Whether stderr is a terminal, where a progress bar can draw (not a file under nohup or a scheduler)."""
+    return sys.stderr.isatty() or console.is_terminal
+
+
 def setup_logging(*, verbose: bool) -> None:
-    """Engine messages (logger "simclr") go to stderr through rich; --verbose adds debug detail."""
+    """Engine messages (logger "simclr") go to stderr: through rich on a terminal, where the progress bar shows the
+    steps; as plain timestamped lines, step lines included, to a file or pipe. --verbose adds debug detail."""
     logger = logging.getLogger("simclr")
-    logger.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    if live_display():
+        handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+        handler.addFilter(lambda record: not runlog.is_step_line(record))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(runlog.formatter())
+    logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
@@ -87,7 +100,7 @@ class RichProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not sys.stderr.isatty() and not console.is_terminal,
+            disable=not live_display(),
         )
         self._task = None
 
@@ -106,6 +119,11 @@ class RichProgress:
         self._bar.stop()
 
 
+def styled(label: str, style: str, text: str = "") -> Text:
+    """`label` in `style`, then `text` exactly as it is (never read as markup)."""
+    return Text.assemble((label, style), f" {text}" if text else "")
+
+
 def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     """A short two-column summary table, on stdout with the other results."""
     table = Table(title=title, show_header=False, title_justify="left")
@@ -118,11 +136,6 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 # An error line echoes values from the user's input; whatever they hold, the line stays readable.
 MAX_LINE = 1000
-
-def styled(label: str, style: str, text: str = "") -> Text:
-    """`label` in `style`, then `text` exactly as it is (never read as markup)."""
-    return Text.assemble((label, style), f" {text}" if text else "")
-
 
 
 def _message(exc: BaseException) -> str:

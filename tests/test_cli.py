@@ -196,6 +196,42 @@ def test_config_yaml_records_what_auto_became(image_folder, tmp_path):
     assert resumed.exit_code == 0, resumed.output
 
 
+def test_results_on_stdout_logs_and_step_lines_on_stderr_and_in_train_log(image_folder, tmp_path):
+    """Under nohup or a scheduler (stderr a file): stdout holds the summary alone; stderr the log with plain step
+    lines, as train.log does."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25",
+         "--image-size", "16", "--batch-size", "8", "--max-steps", "3", "--set", "train.log_every=1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = result.stdout.splitlines()
+    assert stdout[0].startswith("done 3 steps") and f"encoder: {out / 'encoder.safetensors'}" in stdout
+    assert not [line for line in stdout if " INFO " in line or line.startswith("step ")]
+    assert f"INFO config: {out / 'config.yaml'} (not default: data.source=" in result.stderr
+    log = (out / "train.log").read_text()
+    for text in (result.stderr, log):
+        assert "INFO pretraining resnet18" in text and "step 3/3 (100%), epoch 0, loss " in text and "img/s, ETA 0:00:00" in text
+    version = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
+    assert version.stdout.startswith("simclr ") and version.stderr == ""
+
+
+def test_step_lines_stay_off_a_terminal_where_the_progress_bar_shows_them(monkeypatch):
+    import logging
+
+    from simclr_cli import console as ui
+    from simclr_cli.engine import runlog
+
+    monkeypatch.setattr(ui, "live_display", lambda: True)
+    ui.setup_logging(verbose=False)
+    (handler,) = logging.getLogger("simclr").handlers
+    step = logging.LogRecord("simclr", logging.INFO, __file__, 1, "step 1/3", None, None)
+    setattr(step, runlog.STEP_LINE, True)
+    other = logging.LogRecord("simclr", logging.INFO, __file__, 1, "pretraining resnet18", None, None)
+    assert not handler.filter(step) and handler.filter(other)
+
+
 def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -56,6 +56,11 @@ class RunDir:
         return self.root / "encoder.safetensors"
 
     @property
+    def train_log(self) -> Path:
+        """The run's log lines (rank 0's), step lines included, appended across resumes."""
+        return self.root / "train.log"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -71,7 +76,8 @@ class RunDir:
         return sorted(self.checkpoints.glob(CHECKPOINT_GLOB), reverse=True)
 
     def owned(self) -> list[Path]:
-        return [self.config, self.metrics, self.encoder, self.checkpoints, *sorted(self.root.glob("bad_files*.jsonl"))]
+        return [self.config, self.metrics, self.train_log, self.encoder, self.checkpoints,
+                *sorted(self.root.glob("bad_files*.jsonl"))]
 
 
 def default_run_dir(base: Path = RUNS, *, prefix: str = "") -> Path:

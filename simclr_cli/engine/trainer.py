@@ -20,7 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume, rundir, weights
+from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume,
+                               rundir, runlog, weights)
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -104,15 +105,17 @@ def source_images(cfg, *, out: Path | None = None):
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
         held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
-    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
+    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`,
+    and copies the log into the run's train.log."""
+    run_log = held.enter_context(runlog.recording()) if world.is_main else None
     memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
                                 what=f"{cfg.model.arch} at width {cfg.model.width:g}")
     images = source_images(cfg, out=out)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
+    cfg = defaults.resolve_runtime(cfg, rt)
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
     if cfg.train.tensorboard:
         require_tensorboard()  # a missing package too
-    cfg = defaults.resolve_runtime(cfg, rt)
     run_dir = distributed.on_main(world, lambda: rundir.prepare(out, resume=resume_run, overwrite=overwrite, hold=held), device=rt.device)
     run_dir = run_dir or rundir.RunDir(out)
     data = fingerprint(images, data=cfg.data.source)
@@ -133,7 +136,13 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
                                   total_steps=schedule.total_steps)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
-    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data), device=rt.device)
+
+    def begin() -> None:
+        rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data)
+        run_log.open(run_dir.train_log)
+
+    distributed.on_main(world, begin, device=rt.device)
+    log.info("%s", runlog.config_line(run_dir.config, config_dict, defaults=to_plain(type(cfg)())))
 
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
     loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=cfg.data.workers,
@@ -156,6 +165,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     metrics = None
     if world.is_main:
         metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
+        progress = runlog.StepLines(progress, images_per_step=batch)
     trainer = Trainer(
         cfg.train, method=method, net=_wrap(method.modules, world=world, rt=rt, compile=cfg.train.compile),
         views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer, scaler=scaler, schedule=schedule,
