@@ -119,7 +119,6 @@ def pretrain(
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
             raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
-            config.check_pretrain(cfg)  # report a bad config once, here, not once per worker
             code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
                                             nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
             if code:
@@ -171,7 +170,7 @@ def benchmark(
         }
         cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags)
         result = task.run(cfg, steps=steps, warmup=warmup, repeats=repeats, baseline=baseline,
-                          report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
+                          report=lambda text: console.print(f"measuring {text}", style="dim", highlight=False))
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
@@ -228,7 +227,7 @@ def _report_pretrain(result) -> None:
 
 def _show_evaluation(done, *, title: str, rows: list[tuple[str, str]]) -> None:
     show_table(title, rows)
-    console.print(f"results: {done.results_file}")
+    results.print(f"results: {done.results_file}")
 
 
 def _pct(value: float | None) -> str:
@@ -338,7 +337,7 @@ def knn(
                 return
             matches = retrieval.run(cfg, index=index, query=query, checkpoint=checkpoint, out=out)
             if out is not None:
-                console.print(f"matches: {out}")
+                results.print(f"matches: {out}")
                 return
             for match in matches:
                 show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
@@ -463,7 +462,7 @@ def embed(
             return
         r = done.result
         if done.map is not None:
-            console.print(f"map: {done.map}")
+            results.print(f"map: {done.map}")
         show_table(f"embedded {folder}", [
             ("rows x dim", f"{r.rows} x {r.dim}"), ("vectors", str(r.out)), ("paths", str(r.paths_file)),
             ("skipped files", str(len(r.skipped))),
@@ -493,7 +492,7 @@ def export(
             ("file", str(result.out)), ("tensors", str(result.tensors)), ("parameters", f"{result.parameters:,}"),
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
         ])
-        console.print(f"load it with: {result.usage}", highlight=False, soft_wrap=True)
+        results.print(f"load it with: {result.usage}", highlight=False)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from simclr_cli import launcher
 from simclr_cli.cli import app
 from simclr_cli.engine.tasks import pretrain as task
 
@@ -153,7 +154,7 @@ def test_two_processes_log_the_same_losses_as_one(image_folder, tmp_path):
     assert two.stdout.count("done 4 steps") == 1  # only rank 0 reports
 
 
-def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
+def test_a_taken_run_folder_is_refused_once_before_any_worker_starts(image_folder, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "something").write_text("x")
@@ -163,8 +164,48 @@ def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2
-    assert "already holds a run" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: {taken} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out"]
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("worker processes were started for a run that cannot work")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpus_without_a_gpu_is_refused_unless_device_cpu(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    message = one_line_error(runner.invoke(app, ["pretrain", str(image_folder), "--batch-size", "4096", "--gpus", "8",
+                                                 "--out", str(tmp_path / "run")]))
+    assert message == ("error: --gpus 8 but PyTorch sees no GPU on this machine; pass --device cpu to run 8 CPU processes "
+                       "(gloo), or drop --gpus")
+    message = one_line_error(runner.invoke(app, ["embed", str(image_folder), "-o", str(tmp_path / "v.npy"), "--gpus", "2"]))
+    assert "--gpus 2 but PyTorch sees no GPU" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--batch-size", "4096", "--gpus", "8"], "--batch-size 4096 is larger than the dataset (24 images)"),
+        (["--batch-size", "9", "--gpus", "2"], "--batch-size 9 (the global batch) does not split evenly over 2 processes"),
+        (["--batch-size", "6", "--gpus", "2", "--nodes", "2"], "does not split evenly over 4 processes"),
+        (["--gpus", "2", "--device", "mps"], "not mps; pass --device cpu"),
+    ],
+)
+def test_the_launcher_checks_the_batch_once_before_starting_workers(args, expected, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--device", "cpu", *args, "--out", str(tmp_path / "run")])
+    assert expected in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_checks_the_data_before_starting_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data, expected in ((tmp_path / "nothing", "neither a dataset name nor an existing folder"), (empty, "has no images")):
+        result = runner.invoke(app, ["pretrain", str(data), "--device", "cpu", "--gpus", "2", "--out", str(tmp_path / "run")])
+        assert expected in one_line_error(result)
 
 
 def test_names_holding_markup_print_as_themselves(image_folder, tmp_path):

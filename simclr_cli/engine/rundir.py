@@ -98,23 +98,17 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
     is taken first and kept in that stack, so the run owns the folder until the stack closes.
     """
     run = RunDir(root)
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+    _check_options(root, resume=resume, overwrite=overwrite)
     if hold is not None:
         hold.enter_context(lock(root))
     if root.is_dir():
         _refuse_if_in_use(root)
         if resume or overwrite:
             _remove_stale_temp_files(run)
+    _check_contents(run, resume=resume, overwrite=overwrite)
     if resume:
-        if not run.saved_checkpoints():
-            raise ConfigError(f"nothing to resume in {root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
         return run
-    if root.is_dir() and any(path.name != LOCK for path in root.iterdir()):  # a lock file alone is no run
-        if not overwrite:
-            raise ConfigError(f"{root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
+    if _holds_run(root):
         for path in [*run.owned(), run.data]:  # and the old data fingerprint, which no new run may inherit
             if path.is_dir():
                 shutil.rmtree(path)
@@ -122,6 +116,33 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
                 path.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def check(root: Path, *, resume: bool, overwrite: bool) -> None:
+    """Raise the ConfigError `prepare` would for `root`, changing nothing: for a check before any process starts."""
+    _check_options(root, resume=resume, overwrite=overwrite)
+    if root.is_dir():
+        _refuse_if_in_use(root)
+    _check_contents(RunDir(root), resume=resume, overwrite=overwrite)
+
+
+def _check_options(root: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+
+
+def _check_contents(run: RunDir, *, resume: bool, overwrite: bool) -> None:
+    """A resume needs checkpoints; a new run an empty folder, or --overwrite."""
+    if resume and not run.saved_checkpoints():
+        raise ConfigError(f"nothing to resume in {run.root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
+    if not resume and not overwrite and _holds_run(run.root):
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
+
+
+def _holds_run(root: Path) -> bool:
+    return root.is_dir() and any(path.name != LOCK for path in root.iterdir())  # a lock file alone is no run
 
 
 @contextlib.contextmanager
