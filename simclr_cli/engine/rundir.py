@@ -65,8 +65,18 @@ class RunDir:
         return self.root / "checkpoints"
 
     def bad_files(self, rank: int = 0) -> Path:
-        """The images a run skipped, one JSON line each; each process lists what it drew itself."""
+        """The images a run skipped, one JSON line each; each process lists what it drew itself, and rank 0 merges
+        the others' lists into its own at the end (`badfiles.merge`)."""
         return self.root / ("bad_files.jsonl" if rank == 0 else f"bad_files.rank{rank}.jsonl")
+
+    def other_ranks_bad_files(self) -> list[Path]:
+        """The lists of ranks 1, 2, ... not merged yet (this run's, or an interrupted one's), in rank order."""
+        ranked = []
+        for path in self.root.glob("bad_files.rank*.jsonl"):
+            number = path.name[len("bad_files.rank"):-len(".jsonl")]
+            if number.isdigit():
+                ranked.append((int(number), path))
+        return [path for _, path in sorted(ranked)]
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:09d}.safetensors"

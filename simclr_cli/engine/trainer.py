@@ -176,17 +176,30 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     try:
         with stop_requests() as requested:
             step = trainer.train(loader, sampler, start_step=step, stop=requested)
+    except Stopped:  # every rank stopped after the same step, its list complete
+        _report_bad_files(world, run_dir)
+        raise
     finally:
         progress.stop()
         if metrics is not None:
             metrics.close()
-    if bad.files or bad.folders:
-        log.warning("%s", bad.summary())
+    distributed.barrier()  # every rank's list of bad files is complete
+    _report_bad_files(world, run_dir)
     return PretrainResult(
         run_dir=run_dir.root, encoder=run_dir.encoder, steps=step, epochs_done=step / schedule.steps_per_epoch,
         first_loss=trainer.first_loss, last_loss=trainer.last_loss, seconds=trainer.elapsed(), resumed_from=resumed_from,
         named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
     )
+
+
+def _report_bad_files(world: distributed.World, run_dir: rundir.RunDir) -> None:
+    """On rank 0: every rank's bad files into the run's one bad_files.jsonl, and a warning that counts them."""
+    if not world.is_main:
+        return
+    report = run_dir.bad_files()
+    files, folders = badfiles.merge(report, run_dir.other_ranks_bad_files())
+    if files or folders:
+        log.warning("%s", badfiles.summary(files=files, folders=folders, report=report))
 
 
 def _pixels(cfg, images, *, rt: Runtime):
