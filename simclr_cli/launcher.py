@@ -87,17 +87,24 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from simclr_cli.engine.device import available_cpus
+
     args = ["--nproc-per-node", str(procs), "--nnodes", str(nodes)]
     if nodes == 1 and master_addr is None:
         args.append("--standalone")  # a free local port, no rendezvous server to configure
     else:
         args += ["--node-rank", str(node_rank), "--master-addr", master_addr or "127.0.0.1",
                  "--master-port", str(master_port or DEFAULT_MASTER_PORT)]
+    added = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and print a banner saying so; the cores shared out between the processes say it better
+        added["OMP_NUM_THREADS"] = str(max(1, available_cpus() // procs))
     with tempfile.TemporaryDirectory(prefix="simclr-launch-") as tmp:
         if config is not None:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-            os.environ[RESOLVED_CONFIG_ENV] = str(path)
+            added[RESOLVED_CONFIG_ENV] = str(path)
+        os.environ.update(added)
         try:
             run(get_args_parser().parse_args([*args, "-m", "simclr_cli", *command]))
         except ChildFailedError as exc:
@@ -105,5 +112,6 @@ def launch(
             first = next(iter(exc.failures.values()), None)
             return first.exitcode if first is not None and first.exitcode > 0 else 1
         finally:
-            os.environ.pop(RESOLVED_CONFIG_ENV, None)
+            for name in added:
+                os.environ.pop(name, None)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -423,18 +424,19 @@ def test_an_unknown_method_is_one_line(tmp_path):
 
 
 def test_two_processes_end_with_one_bad_files_report_and_results_on_stdout(image_folder, tmp_path):
-    """--gpus 2: both ranks' bad files in one bad_files.jsonl, counted in one warning; results on stdout, logs on stderr,
-    train.log in the run folder."""
+    """--gpus 2: both ranks' bad files in one bad_files.jsonl, counted in one warning; results on stdout, logs (and no
+    torchrun banner) on stderr, train.log in the run folder."""
     fakes = [image_folder / "a" / "img_000x.png", image_folder / "a" / "img_005x.png", image_folder / "a" / "img_010x.png",
              image_folder / "b" / "c" / "img_005x.png"]  # between good images: each replaced alone, by whichever rank draws it
     for fake in fakes:
         fake.write_text("not an image")
     out = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}  # torchrun's banner case
     result = subprocess.run(
         [sys.executable, "-m", "simclr_cli", "pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25",
          "--image-size", "16", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
          "--workers", "0", "--gpus", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     listed = [json.loads(line)["path"] for line in (out / "bad_files.jsonl").read_text().splitlines()]
@@ -442,5 +444,6 @@ def test_two_processes_end_with_one_bad_files_report_and_results_on_stdout(image
     assert sorted(p.name for p in out.glob("bad_files*")) == ["bad_files.jsonl"]
     warnings = [line for line in result.stderr.splitlines() if "4 bad file(s)" in line]
     assert len(warnings) == 1 and str(out / "bad_files.jsonl") in warnings[0]
+    assert "OMP_NUM_THREADS" not in result.stderr
     assert result.stdout.count("done 7 steps") == 1 and "pretraining resnet18" not in result.stdout
     assert "pretraining resnet18" in (out / "train.log").read_text()
