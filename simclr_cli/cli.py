@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__, launcher, options
-from simclr_cli.console import RichProgress, console, errors_as_messages, setup_logging, show_table
+from simclr_cli.console import RichProgress, console, errors_as_messages, results, setup_logging, show_table, styled
 
 app = typer.Typer(
     name="simclr",
@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"simclr {__version__}")
+        results.print(f"simclr {__version__}")
         raise typer.Exit()
 
 
@@ -119,10 +119,8 @@ def pretrain(
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
             raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
-            config.check_pretrain(cfg)  # report a bad config once, here, not once per worker
             code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
-                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                                            say=console.print)
+                                            nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
             if code:
                 raise typer.Exit(code)
             return
@@ -172,7 +170,7 @@ def benchmark(
         }
         cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags)
         result = task.run(cfg, steps=steps, warmup=warmup, repeats=repeats, baseline=baseline,
-                          report=lambda text: console.print(f"[dim]measuring {text}[/]", highlight=False))
+                          report=lambda text: console.print(f"measuring {text}", style="dim", highlight=False))
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
@@ -206,7 +204,7 @@ def _launched(gpus: int | None, device: str | None) -> bool:
         raise ConfigError(f"--gpus {procs} must be >= 1")
     if procs == 1 or launcher.launched_externally():
         return False
-    launcher.check_gpu_count(device or "auto", procs, say=console.print)
+    launcher.check_gpu_count(device or "auto", procs)
     code = launcher.launch(sys.argv[1:], procs=procs)
     if code:
         raise typer.Exit(code)
@@ -216,20 +214,20 @@ def _launched(gpus: int | None, device: str | None) -> bool:
 def _report_pretrain(result) -> None:
     """Where the encoder is, how the loss moved, and what to run next."""
     minutes = result.seconds / 60
-    console.print(f"[bold green]done[/] {result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min")
+    results.print(styled("done", "bold green", f"{result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min"))
     if result.first_loss is not None and result.last_loss is not None:
-        console.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
-    console.print(f"encoder: [bold]{result.encoder}[/]")
+        results.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
+    results.print(styled("encoder:", "bold", str(result.encoder)))
     data = "" if result.named_data else " --data LABELLED_DATA"
-    console.print("next: kNN accuracy, the same for an untrained encoder, linear evaluation, embeddings:")
+    results.print("next: kNN accuracy, the same for an untrained encoder, linear evaluation, embeddings:")
     for command in (f"knn {result.encoder}{data}", f"knn {result.encoder}{data} --random-init",
                     f"linear-eval {result.encoder}{data}", f"embed IMAGES -o vecs.npy -c {result.encoder}"):
-        console.print(f"  simclr {command}", highlight=False, soft_wrap=True)
+        results.print(f"  simclr {command}", highlight=False)
 
 
 def _show_evaluation(done, *, title: str, rows: list[tuple[str, str]]) -> None:
     show_table(title, rows)
-    console.print(f"results: {done.results_file}")
+    results.print(f"results: {done.results_file}")
 
 
 def _pct(value: float | None) -> str:
@@ -339,7 +337,7 @@ def knn(
                 return
             matches = retrieval.run(cfg, index=index, query=query, checkpoint=checkpoint, out=out)
             if out is not None:
-                console.print(f"matches: {out}")
+                results.print(f"matches: {out}")
                 return
             for match in matches:
                 show_table(f"nearest to {match.query}", [(m.path, f"{m.similarity:.4f}") for m in match.neighbours])
@@ -464,7 +462,7 @@ def embed(
             return
         r = done.result
         if done.map is not None:
-            console.print(f"map: {done.map}")
+            results.print(f"map: {done.map}")
         show_table(f"embedded {folder}", [
             ("rows x dim", f"{r.rows} x {r.dim}"), ("vectors", str(r.out)), ("paths", str(r.paths_file)),
             ("skipped files", str(len(r.skipped))),
@@ -494,7 +492,7 @@ def export(
             ("file", str(result.out)), ("tensors", str(result.tensors)), ("parameters", f"{result.parameters:,}"),
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
         ])
-        console.print(f"load it with: {result.usage}", highlight=False, soft_wrap=True)
+        results.print(f"load it with: {result.usage}", highlight=False)
 
 
 @app.command()

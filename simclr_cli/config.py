@@ -232,13 +232,6 @@ def resumed_run_folder(out: Path | None) -> Path:
     return (out or rundir.RUNS / rundir.LATEST).resolve()
 
 
-def check_pretrain(cfg) -> None:
-    """Raise the ConfigError a pretraining run would, without running it (what needs no machine or data)."""
-    from simclr_cli.engine import defaults
-
-    defaults.resolve_sizes(cfg)
-
-
 def resolve_task(section: str, *, preset: str | None, sets: list[str] | None, flags: dict[str, Any]):
     """An evaluation or inference command's config (configs.TASK_CONFIGS[section]), validated: defaults < the preset's
     `<section>:` mapping < `--set <section>.KEY=VALUE` < flags (keyed without the section)."""

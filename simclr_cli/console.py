@@ -1,4 +1,4 @@
-"""What the user sees: rich progress, logging to the terminal, and errors as one line."""
+"""What the user sees: results on stdout; rich progress, logging and errors (as one line) on stderr."""
 
 from __future__ import annotations
 
@@ -12,22 +12,40 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from simclr_cli.engine import runlog
 from simclr_cli.engine.errors import OutputError, SimCLRError, Stopped
 from simclr_cli.engine.report import StepStats
 
-console = Console(stderr=True)
+# Results go to stdout, where a script or `> file` takes them; logs and progress to stderr, as Unix tools do.
+# Neither console reads markup: what they print holds paths, file names and messages from torch or the data,
+# and a `[/]` in any of them must print as itself, never raise MarkupError. Styles come as `styled` spans.
+console = Console(stderr=True, markup=False)
+results = Console(markup=False, soft_wrap=True)  # a result line is never broken in two for a narrow terminal
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+def live_display() -> bool:
+    """Whether stderr is a terminal, where a progress bar can draw (not a file under nohup or a scheduler)."""
+    return sys.stderr.isatty() or console.is_terminal
+
+
 def setup_logging(*, verbose: bool) -> None:
-    """Engine messages (logger "simclr") go to stderr through rich; --verbose adds debug detail."""
+    """Engine messages (logger "simclr") go to stderr: through rich on a terminal, where the progress bar shows the
+    steps; as plain timestamped lines, step lines included, to a file or pipe. --verbose adds debug detail."""
     logger = logging.getLogger("simclr")
-    logger.handlers[:] = [RichHandler(console=console, show_path=False, show_time=False, markup=False)]
+    if live_display():
+        handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+        handler.addFilter(lambda record: not runlog.is_step_line(record))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(runlog.formatter())
+    logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
@@ -41,12 +59,12 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
         if verbose:
             console.print_exception()
         if isinstance(exc, Stopped):  # asked to stop (SIGTERM, Ctrl-C) and saved: exit 128 + the signal
-            console.print(f"[yellow]{_message(exc)}[/]", highlight=False, soft_wrap=True)
+            console.print(Text(_message(exc), style="yellow"), soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, soft_wrap=True)
+        console.print(styled("error:", "bold red", _message(exc)), soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        console.print("interrupted", style="yellow")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -54,13 +72,12 @@ def errors_as_messages(*, verbose: bool) -> Iterator[None]:
         if verbose:
             console.print_exception()
         if isinstance(exc, OSError) and exc.errno in OutputError.CAUSES:
-            console.print(f"[bold red]error:[/] {_os_error_line(exc)}", highlight=False, soft_wrap=True)
+            console.print(styled("error:", "bold red", _os_error_line(exc)), soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         if not verbose:
             console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {_message(exc)} — rerun with --verbose for the traceback "
-                "and report it",
-                highlight=False,
+                styled("internal error:", "bold red",
+                       f"{type(exc).__name__}: {_message(exc)} — rerun with --verbose for the traceback and report it"),
                 soft_wrap=True,
             )
         raise typer.Exit(EXIT_INTERNAL_ERROR) from None
@@ -83,7 +100,7 @@ class RichProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not sys.stderr.isatty() and not console.is_terminal,
+            disable=not live_display(),
         )
         self._task = None
 
@@ -102,14 +119,19 @@ class RichProgress:
         self._bar.stop()
 
 
+def styled(label: str, style: str, text: str = "") -> Text:
+    """`label` in `style`, then `text` exactly as it is (never read as markup)."""
+    return Text.assemble((label, style), f" {text}" if text else "")
+
+
 def show_table(title: str, rows: list[tuple[str, str]]) -> None:
-    """A short two-column summary table on the terminal."""
+    """A short two-column summary table, on stdout with the other results."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
         table.add_row(key, value)
-    console.print(table)
+    results.print(table)
 
 
 # An error line echoes values from the user's input; whatever they hold, the line stays readable.

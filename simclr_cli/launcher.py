@@ -29,27 +29,41 @@ def resolved_config_file() -> Path | None:
     return Path(value) if value else None
 
 
-def check_gpu_count(device: str, procs: int, *, say=print) -> None:
-    """Refuse more processes than GPUs; without a GPU, say that the processes run on the CPU."""
+def check_gpu_count(device: str, procs: int) -> str:
+    """The device type of `procs` processes: one per GPU (at most as many as there are), or CPU processes (gloo) when
+    --device cpu says so; refused without a GPU otherwise, in one line, before any process starts."""
     import torch
 
+    from simclr_cli.engine.device import DEVICES
     from simclr_cli.engine.errors import ConfigError
 
-    if device in ("auto", "cuda") and torch.cuda.is_available() and procs > torch.cuda.device_count():
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if device == "mps":
+        raise ConfigError(f"--gpus {procs} runs processes on cuda (nccl) or cpu (gloo), not mps; pass --device cpu, or drop --gpus")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--gpus {procs} but PyTorch sees no GPU on this machine; pass --device cpu to run {procs} CPU "
+                          "processes (gloo), or drop --gpus")
+    if procs > torch.cuda.device_count():
         raise ConfigError(f"--gpus {procs} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many")
-    if device == "auto" and not torch.cuda.is_available():
-        say(f"no GPU found: starting {procs} CPU processes (gloo)")
+    return "cuda"
 
 
 def launch_pretrain(cfg, *, out: Path | None, resume: bool, overwrite: bool, verbose: bool, procs: int, nodes: int,
-                    node_rank: int, master_addr: str | None, master_port: int | None, say=print) -> int:
+                    node_rank: int, master_addr: str | None, master_port: int | None) -> int:
     """`simclr pretrain` in `procs` workers on this node, all writing to one run folder (a new runs/<timestamp>/
-    unless `out` is given), all using the config resolved here."""
+    unless `out` is given), all using the config resolved here. What the workers would refuse (the device, the data,
+    the batch, the run folder) is checked here first, so a mistake is one line, not one per worker."""
     from simclr_cli.engine import rundir
     from simclr_cli.engine.plain import to_plain
+    from simclr_cli.engine.tasks import pretrain
 
-    check_gpu_count(cfg.train.device, procs, say=say)
+    device_type = check_gpu_count(cfg.train.device, procs)
     out = (out or rundir.default_run_dir()).resolve()
+    pretrain.preflight(cfg, out=out, resume=resume, overwrite=overwrite, device_type=device_type,
+                       processes=procs * nodes, check_out=node_rank == 0)
     command = ["pretrain", "--out", str(out), *(["--resume"] if resume else []),
                *(["--overwrite"] if overwrite else []), *(["--verbose"] if verbose else [])]
     return launch(command, config=to_plain(cfg), procs=procs, nodes=nodes, node_rank=node_rank,
@@ -73,17 +87,24 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from simclr_cli.engine.device import available_cpus
+
     args = ["--nproc-per-node", str(procs), "--nnodes", str(nodes)]
     if nodes == 1 and master_addr is None:
         args.append("--standalone")  # a free local port, no rendezvous server to configure
     else:
         args += ["--node-rank", str(node_rank), "--master-addr", master_addr or "127.0.0.1",
                  "--master-port", str(master_port or DEFAULT_MASTER_PORT)]
+    added = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and print a banner saying so; the cores shared out between the processes say it better
+        added["OMP_NUM_THREADS"] = str(max(1, available_cpus() // procs))
     with tempfile.TemporaryDirectory(prefix="simclr-launch-") as tmp:
         if config is not None:
             path = Path(tmp) / "config.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-            os.environ[RESOLVED_CONFIG_ENV] = str(path)
+            added[RESOLVED_CONFIG_ENV] = str(path)
+        os.environ.update(added)
         try:
             run(get_args_parser().parse_args([*args, "-m", "simclr_cli", *command]))
         except ChildFailedError as exc:
@@ -91,5 +112,6 @@ def launch(
             first = next(iter(exc.failures.values()), None)
             return first.exitcode if first is not None and first.exitcode > 0 else 1
         finally:
-            os.environ.pop(RESOLVED_CONFIG_ENV, None)
+            for name in added:
+                os.environ.pop(name, None)
     return 0

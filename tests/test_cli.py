@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from typer.testing import CliRunner
 
+from simclr_cli import launcher
 from simclr_cli.cli import app
 from simclr_cli.engine.tasks import pretrain as task
 
@@ -128,7 +132,7 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
 def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
-    assert result.stdout.strip().startswith("simclr ") or result.stderr.strip().startswith("simclr ")
+    assert result.stdout.strip().startswith("simclr ")
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -148,10 +152,10 @@ def test_two_processes_log_the_same_losses_as_one(image_folder, tmp_path):
     single, double = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(single) == len(double) == 4
     assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double))
-    assert two.stderr.count("done 4 steps") == 1  # only rank 0 reports
+    assert two.stdout.count("done 4 steps") == 1  # only rank 0 reports
 
 
-def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
+def test_a_taken_run_folder_is_refused_once_before_any_worker_starts(image_folder, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "something").write_text("x")
@@ -161,8 +165,113 @@ def test_an_error_on_rank_0_stops_every_worker(image_folder, tmp_path):
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2
-    assert "already holds a run" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: {taken} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out"]
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("worker processes were started for a run that cannot work")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpus_without_a_gpu_is_refused_unless_device_cpu(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    message = one_line_error(runner.invoke(app, ["pretrain", str(image_folder), "--batch-size", "4096", "--gpus", "8",
+                                                 "--out", str(tmp_path / "run")]))
+    assert message == ("error: --gpus 8 but PyTorch sees no GPU on this machine; pass --device cpu to run 8 CPU processes "
+                       "(gloo), or drop --gpus")
+    message = one_line_error(runner.invoke(app, ["embed", str(image_folder), "-o", str(tmp_path / "v.npy"), "--gpus", "2"]))
+    assert "--gpus 2 but PyTorch sees no GPU" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--batch-size", "4096", "--gpus", "8"], "--batch-size 4096 is larger than the dataset (24 images)"),
+        (["--batch-size", "9", "--gpus", "2"], "--batch-size 9 (the global batch) does not split evenly over 2 processes"),
+        (["--batch-size", "6", "--gpus", "2", "--nodes", "2"], "does not split evenly over 4 processes"),
+        (["--gpus", "2", "--device", "mps"], "not mps; pass --device cpu"),
+    ],
+)
+def test_the_launcher_checks_the_batch_once_before_starting_workers(args, expected, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--device", "cpu", *args, "--out", str(tmp_path / "run")])
+    assert expected in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_checks_the_data_before_starting_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data, expected in ((tmp_path / "nothing", "neither a dataset name nor an existing folder"), (empty, "has no images")):
+        result = runner.invoke(app, ["pretrain", str(data), "--device", "cpu", "--gpus", "2", "--out", str(tmp_path / "run")])
+        assert expected in one_line_error(result)
+
+
+def test_names_holding_markup_print_as_themselves(image_folder, tmp_path):
+    """A path with `[/]` or `[bold]` in it is text, never rich markup (which raised MarkupError or lost the brackets)."""
+    for name in ("enc[/]oder.safetensors", "[bold]encoder.safetensors"):
+        message = one_line_error(runner.invoke(app, ["info", str(tmp_path / name)]))
+        assert f"checkpoint {tmp_path / name} does not exist" in message
+    out = tmp_path / "[bold]run[/]"
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+                                 "--batch-size", "8", "--max-steps", "1", "--device", "cpu", "--precision", "fp32",
+                                 "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"encoder: {out / 'encoder.safetensors'}" in result.stdout.splitlines()
+    info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
+    assert info.exit_code == 0 and str(out / "encoder.safetensors") in info.stdout
+
+
+def test_config_yaml_records_what_auto_became(image_folder, tmp_path):
+    """No --device, --precision or --workers: config.yaml holds the device, precision and workers that ran, and a
+    resume reads them back."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+                                 "--batch-size", "8", "--max-steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert saved["train"]["precision"] in ("fp32", "bf16", "fp16") and isinstance(saved["data"]["workers"], int)
+    resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_results_on_stdout_logs_and_step_lines_on_stderr_and_in_train_log(image_folder, tmp_path):
+    """Under nohup or a scheduler (stderr a file): stdout holds the summary alone; stderr the log with plain step
+    lines, as train.log does."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25",
+         "--image-size", "16", "--batch-size", "8", "--max-steps", "3", "--set", "train.log_every=1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = result.stdout.splitlines()
+    assert stdout[0].startswith("done 3 steps") and f"encoder: {out / 'encoder.safetensors'}" in stdout
+    assert not [line for line in stdout if " INFO " in line or line.startswith("step ")]
+    assert f"INFO config: {out / 'config.yaml'} (not default: data.source=" in result.stderr
+    log = (out / "train.log").read_text()
+    for text in (result.stderr, log):
+        assert "INFO pretraining resnet18" in text and "step 3/3 (100%), epoch 0, loss " in text and "img/s, ETA 0:00:00" in text
+    version = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
+    assert version.stdout.startswith("simclr ") and version.stderr == ""
+
+
+def test_step_lines_stay_off_a_terminal_where_the_progress_bar_shows_them(monkeypatch):
+    import logging
+
+    from simclr_cli import console as ui
+    from simclr_cli.engine import runlog
+
+    monkeypatch.setattr(ui, "live_display", lambda: True)
+    ui.setup_logging(verbose=False)
+    (handler,) = logging.getLogger("simclr").handlers
+    step = logging.LogRecord("simclr", logging.INFO, __file__, 1, "step 1/3", None, None)
+    setattr(step, runlog.STEP_LINE, True)
+    other = logging.LogRecord("simclr", logging.INFO, __file__, 1, "pretraining resnet18", None, None)
+    assert not handler.filter(step) and handler.filter(other)
 
 
 def test_batch_must_split_over_the_processes(image_folder, tmp_path, monkeypatch):
@@ -312,3 +421,29 @@ def test_an_unknown_method_is_one_line(tmp_path):
     result = runner.invoke(app, ["pretrain", "--method", "moco", "--out", str(tmp_path / "run")])
     assert "method 'moco' is not supported; choose one of simclr" in one_line_error(result)
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_end_with_one_bad_files_report_and_results_on_stdout(image_folder, tmp_path):
+    """--gpus 2: both ranks' bad files in one bad_files.jsonl, counted in one warning; results on stdout, logs (and no
+    torchrun banner) on stderr, train.log in the run folder."""
+    fakes = [image_folder / "a" / "img_000x.png", image_folder / "a" / "img_005x.png", image_folder / "a" / "img_010x.png",
+             image_folder / "b" / "c" / "img_005x.png"]  # between good images: each replaced alone, by whichever rank draws it
+    for fake in fakes:
+        fake.write_text("not an image")
+    out = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}  # torchrun's banner case
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_cli", "pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25",
+         "--image-size", "16", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
+         "--workers", "0", "--gpus", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = [json.loads(line)["path"] for line in (out / "bad_files.jsonl").read_text().splitlines()]
+    assert sorted(listed) == sorted(map(str, fakes))  # each once
+    assert sorted(p.name for p in out.glob("bad_files*")) == ["bad_files.jsonl"]
+    warnings = [line for line in result.stderr.splitlines() if "4 bad file(s)" in line]
+    assert len(warnings) == 1 and str(out / "bad_files.jsonl") in warnings[0]
+    assert "OMP_NUM_THREADS" not in result.stderr
+    assert result.stdout.count("done 7 steps") == 1 and "pretraining resnet18" not in result.stdout
+    assert "pretraining resnet18" in (out / "train.log").read_text()

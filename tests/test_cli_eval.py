@@ -207,7 +207,7 @@ def test_embed_and_knn_on_two_processes_match_one(encoder_file, labelled, tmp_pa
     assert two.returncode == 0, two.stderr[-3000:]
     one_result, two_result = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("k1", "k2"))
     assert (one_result["top1"], one_result["train_images"]) == (two_result["top1"], two_result["train_images"])
-    assert two.stderr.count("results:") == 1  # rank 0 alone reports
+    assert two.stdout.count("results:") == 1  # rank 0 alone reports
 
     runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON, "--out", str(tmp_path / "l1")])
     two = subprocess.run(

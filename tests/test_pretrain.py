@@ -375,3 +375,12 @@ def test_compile_trains_the_same_model(image_folder, tmp_path):
     assert compiled.last_loss == pytest.approx(plain.last_loss, rel=1e-3)
     a, b = encoder_weights(tmp_path / "plain"), encoder_weights(tmp_path / "compiled")
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_resume_accepts_a_run_that_recorded_precision_as_auto():
+    """Runs from before config.yaml held the resolved precision said "auto": whatever it resolves to now matches."""
+    from simclr_cli.engine import resume
+
+    resume.check_same_run({"train": {"precision": "auto"}}, {"train": {"precision": "bf16"}}, source=Path("step.safetensors"))
+    with pytest.raises(ConfigError, match="train.precision from 'fp32' to 'bf16'"):
+        resume.check_same_run({"train": {"precision": "fp32"}}, {"train": {"precision": "bf16"}}, source=Path("step.safetensors"))

@@ -44,9 +44,10 @@ def test_layout(tmp_path):
     assert run.config == tmp_path / "r" / "config.yaml"
     assert run.metrics == tmp_path / "r" / "metrics.jsonl"
     assert run.encoder == tmp_path / "r" / "encoder.safetensors"
+    assert run.train_log == tmp_path / "r" / "train.log"
     assert run.checkpoints == tmp_path / "r" / "checkpoints"
     assert run.checkpoint(42) == tmp_path / "r" / "checkpoints" / "step-000000042.safetensors"
-    assert run.owned() == [run.config, run.metrics, run.encoder, run.checkpoints]
+    assert run.owned() == [run.config, run.metrics, run.train_log, run.encoder, run.checkpoints]
 
 
 def test_saved_checkpoints_newest_first_by_step_not_by_text(tmp_path):

@@ -8,7 +8,8 @@ about each bad file as it is found, whichever process or DataLoader worker found
   mostly unreadable is the wrong folder (or a broken disk), not noise to train around.
 - `--max-image-pixels N` is the decoder's decompression-bomb limit (0 turns it off, with a warning).
 - The report (`bad_files.jsonl`) gets one JSON line per bad file or skipped folder, appended as each is found,
-  so a run that crashes or stops still leaves the list of what it had found.
+  so a run that crashes or stops still leaves the list of what it had found. Several processes each append to
+  their own report, which `merge` makes one at the end.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, printable_path
 from simclr_cli.engine.errors import ConfigError, DataError
 
@@ -114,12 +117,7 @@ class BadFiles:
 
     def summary(self) -> str:
         """One line for the end of a run."""
-        if not self._files and not self._folders:
-            return "no bad files"
-        parts = [f"{len(self._files)} bad file(s) skipped"] if self._files else []
-        parts += [f"{len(self._folders)} folder(s) skipped"] if self._folders else []
-        listed = f"; listed in {printable_path(self.report)}" if self.report is not None else ""
-        return ", ".join(parts) + listed
+        return summary(files=len(self._files), folders=len(self._folders), report=self.report)
 
     def _write(self, path: str, reason: str, *, kind: str) -> None:
         if self.report is None:
@@ -129,3 +127,41 @@ class BadFiles:
         self.report.parent.mkdir(parents=True, exist_ok=True)
         with open(self.report, "a", encoding="ascii") as handle:  # one open per line: nothing buffered at a crash
             handle.write(line + "\n")
+
+
+def summary(*, files: int, folders: int, report: Path | None) -> str:
+    """"3 bad file(s) skipped, 1 folder(s) skipped; listed in REPORT"."""
+    if not files and not folders:
+        return "no bad files"
+    parts = [f"{files} bad file(s) skipped"] if files else []
+    parts += [f"{folders} folder(s) skipped"] if folders else []
+    listed = f"; listed in {printable_path(report)}" if report is not None else ""
+    return ", ".join(parts) + listed
+
+
+def merge(report: Path, parts: Sequence[Path]) -> tuple[int, int]:
+    """Make `report` the one list of a run: its entries, then those of `parts` (the other processes' reports, in rank
+    order), each file or folder once; `parts` are removed. Returns how many files and folders it lists."""
+    entries: dict[tuple[str, str], str] = {}  # (kind, path) -> its line, the first one seen
+    lines = 0
+    for path in [report, *parts]:
+        try:
+            text = path.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            try:
+                item = json.loads(line)
+                key = (str(item["kind"]), str(item["path"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            entries.setdefault(key, line)
+            lines += 1
+    if parts or lines != len(entries):
+        if entries:
+            text = "".join(line + "\n" for line in entries.values())
+            atomic_write(report, lambda tmp: tmp.write_text(text, encoding="ascii"))
+        for part in parts:
+            part.unlink(missing_ok=True)
+    files = sum(kind == "file" for kind, _ in entries)
+    return files, len(entries) - files

@@ -1,10 +1,10 @@
 """Every "auto" value of a config becomes a number here, once, before a run starts; the resolved config is what
 config.yaml, the checkpoints and results.json record.
 
-Three moments, three functions: `for_data` gives the defaults that follow the data's name (merged under the
-preset, so a preset or a flag still wins); `resolve_pretrain` fills what follows the image size, the machine and
-the dataset's length when a pretraining run opens; `resolve_workers` fills the DataLoader workers once it is known
-whether the images are decoded every epoch. The temperature and the base learning rate follow the image size
+Three moments: `for_data` gives the defaults that follow the data's name (merged under the preset, so a preset
+or a flag still wins); `resolve_pretrain` fills what follows the image size, the machine and the dataset's length
+when a pretraining run opens, and `resolve_runtime` the device and precision it runs with; `resolve_workers` fills
+the DataLoader workers once it is known whether the images are decoded every epoch. The temperature and the base learning rate follow the image size
 (the CIFAR recipe at <= 64 px, the ImageNet one above), like colour strength, blur and the stem.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from simclr_cli.engine import pipeline
 from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE
-from simclr_cli.engine.device import available_cpus
+from simclr_cli.engine.device import Runtime, available_cpus
 from simclr_cli.engine.errors import ConfigError, DataError
 
 # Image sizes implied by the data when neither a preset nor --image-size gives one (SimCLR appendix B.9).
@@ -96,3 +96,9 @@ def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: 
             f"use a multiple of {world_size}"
         )
     return cfg
+
+
+def resolve_runtime(cfg, rt: Runtime):
+    """`cfg` (a configs.PretrainConfig) with the device type and precision `rt` runs with in place of "auto", so
+    config.yaml and the checkpoints say what ran (a resume keeps them; --device may change them)."""
+    return replace(cfg, train=replace(cfg.train, device=rt.device.type, precision=rt.precision))

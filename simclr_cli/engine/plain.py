@@ -24,3 +24,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def changed(tree: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of `tree` whose values differ from `base`'s, in `tree`'s order."""
+    was = flatten(base)
+    return {key: value for key, value in flatten(tree).items() if key not in was or was[key] != value}

@@ -19,6 +19,8 @@ RESUMABLE_CHANGES = {
     "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard", "data.cache_gb", "train.compile",
     "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips",
 }
+# Fields a run recorded as "auto" before simclr wrote what "auto" resolved to: any resolved value matches them.
+RECORDED_AS_AUTO = {"train.precision"}
 
 
 def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler, total_steps: int | None = None) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], *, source: Pa
     # A key the saved config lacks was added by a later simclr; its default reproduces what the run did before.
     for key in sorted(saved.keys() - RESUMABLE_CHANGES):
         was, now = saved.get(key), current.get(key)
-        if was != now:
+        if was != now and not (was == "auto" and key in RECORDED_AS_AUTO):
             raise ConfigError(
                 f"--resume would change {key} from {was!r} to {now!r} ({source.name}); "
                 "resume with the run's own settings, or start a new run"

@@ -56,12 +56,27 @@ class RunDir:
         return self.root / "encoder.safetensors"
 
     @property
+    def train_log(self) -> Path:
+        """The run's log lines (rank 0's), step lines included, appended across resumes."""
+        return self.root / "train.log"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
     def bad_files(self, rank: int = 0) -> Path:
-        """The images a run skipped, one JSON line each; each process lists what it drew itself."""
+        """The images a run skipped, one JSON line each; each process lists what it drew itself, and rank 0 merges
+        the others' lists into its own at the end (`badfiles.merge`)."""
         return self.root / ("bad_files.jsonl" if rank == 0 else f"bad_files.rank{rank}.jsonl")
+
+    def other_ranks_bad_files(self) -> list[Path]:
+        """The lists of ranks 1, 2, ... not merged yet (this run's, or an interrupted one's), in rank order."""
+        ranked = []
+        for path in self.root.glob("bad_files.rank*.jsonl"):
+            number = path.name[len("bad_files.rank"):-len(".jsonl")]
+            if number.isdigit():
+                ranked.append((int(number), path))
+        return [path for _, path in sorted(ranked)]
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:09d}.safetensors"
@@ -71,7 +86,8 @@ class RunDir:
         return sorted(self.checkpoints.glob(CHECKPOINT_GLOB), reverse=True)
 
     def owned(self) -> list[Path]:
-        return [self.config, self.metrics, self.encoder, self.checkpoints, *sorted(self.root.glob("bad_files*.jsonl"))]
+        return [self.config, self.metrics, self.train_log, self.encoder, self.checkpoints,
+                *sorted(self.root.glob("bad_files*.jsonl"))]
 
 
 def default_run_dir(base: Path = RUNS, *, prefix: str = "") -> Path:
@@ -92,23 +108,17 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
     is taken first and kept in that stack, so the run owns the folder until the stack closes.
     """
     run = RunDir(root)
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+    _check_options(root, resume=resume, overwrite=overwrite)
     if hold is not None:
         hold.enter_context(lock(root))
     if root.is_dir():
         _refuse_if_in_use(root)
         if resume or overwrite:
             _remove_stale_temp_files(run)
+    _check_contents(run, resume=resume, overwrite=overwrite)
     if resume:
-        if not run.saved_checkpoints():
-            raise ConfigError(f"nothing to resume in {root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
         return run
-    if root.is_dir() and any(path.name != LOCK for path in root.iterdir()):  # a lock file alone is no run
-        if not overwrite:
-            raise ConfigError(f"{root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
+    if _holds_run(root):
         for path in [*run.owned(), run.data]:  # and the old data fingerprint, which no new run may inherit
             if path.is_dir():
                 shutil.rmtree(path)
@@ -116,6 +126,33 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
                 path.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def check(root: Path, *, resume: bool, overwrite: bool) -> None:
+    """Raise the ConfigError `prepare` would for `root`, changing nothing: for a check before any process starts."""
+    _check_options(root, resume=resume, overwrite=overwrite)
+    if root.is_dir():
+        _refuse_if_in_use(root)
+    _check_contents(RunDir(root), resume=resume, overwrite=overwrite)
+
+
+def _check_options(root: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder; choose another --out")
+
+
+def _check_contents(run: RunDir, *, resume: bool, overwrite: bool) -> None:
+    """A resume needs checkpoints; a new run an empty folder, or --overwrite."""
+    if resume and not run.saved_checkpoints():
+        raise ConfigError(f"nothing to resume in {run.root}: it holds no checkpoints/step-*.safetensors; drop --resume to start a new run")
+    if not resume and not overwrite and _holds_run(run.root):
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out")
+
+
+def _holds_run(root: Path) -> bool:
+    return root.is_dir() and any(path.name != LOCK for path in root.iterdir())  # a lock file alone is no run
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume, rundir, weights
+from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume,
+                               rundir, runlog, weights)
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -104,11 +105,14 @@ def source_images(cfg, *, out: Path | None = None):
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
         held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
-    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`."""
+    newest valid checkpoint. Runs inside a process group (`distributed.context`); rank 0 holds the folder's lock in `held`,
+    and copies the log into the run's train.log."""
+    run_log = held.enter_context(runlog.recording()) if world.is_main else None
     memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
                                 what=f"{cfg.model.arch} at width {cfg.model.width:g}")
     images = source_images(cfg, out=out)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
+    cfg = defaults.resolve_runtime(cfg, rt)
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
     if cfg.train.tensorboard:
         require_tensorboard()  # a missing package too
@@ -132,7 +136,13 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
                                   total_steps=schedule.total_steps)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
-    distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data), device=rt.device)
+
+    def begin() -> None:
+        rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data)
+        run_log.open(run_dir.train_log)
+
+    distributed.on_main(world, begin, device=rt.device)
+    log.info("%s", runlog.config_line(run_dir.config, config_dict, defaults=to_plain(type(cfg)())))
 
     sampler = EpochSampler(len(images), global_batch_size=batch, seed=cfg.train.seed, rank=world.rank, world_size=world.world_size)
     loader = pipeline.loader(pixels, sampler, local_batch_size=batch // world.world_size, workers=cfg.data.workers,
@@ -155,6 +165,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     metrics = None
     if world.is_main:
         metrics = MetricsLog(run_dir.metrics, events_dir=run_dir.root / "tensorboard" if cfg.train.tensorboard else None)
+        progress = runlog.StepLines(progress, images_per_step=batch)
     trainer = Trainer(
         cfg.train, method=method, net=_wrap(method.modules, world=world, rt=rt, compile=cfg.train.compile),
         views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer, scaler=scaler, schedule=schedule,
@@ -165,17 +176,30 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     try:
         with stop_requests() as requested:
             step = trainer.train(loader, sampler, start_step=step, stop=requested)
+    except Stopped:  # every rank stopped after the same step, its list complete
+        _report_bad_files(world, run_dir)
+        raise
     finally:
         progress.stop()
         if metrics is not None:
             metrics.close()
-    if bad.files or bad.folders:
-        log.warning("%s", bad.summary())
+    distributed.barrier()  # every rank's list of bad files is complete
+    _report_bad_files(world, run_dir)
     return PretrainResult(
         run_dir=run_dir.root, encoder=run_dir.encoder, steps=step, epochs_done=step / schedule.steps_per_epoch,
         first_loss=trainer.first_loss, last_loss=trainer.last_loss, seconds=trainer.elapsed(), resumed_from=resumed_from,
         named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS,
     )
+
+
+def _report_bad_files(world: distributed.World, run_dir: rundir.RunDir) -> None:
+    """On rank 0: every rank's bad files into the run's one bad_files.jsonl, and a warning that counts them."""
+    if not world.is_main:
+        return
+    report = run_dir.bad_files()
+    files, folders = badfiles.merge(report, run_dir.other_ranks_bad_files())
+    if files or folders:
+        log.warning("%s", badfiles.summary(files=files, folders=folders, report=report))
 
 
 def _pixels(cfg, images, *, rt: Runtime):

@@ -6,8 +6,11 @@ import contextlib
 import logging
 from pathlib import Path
 
+import torch
+
 from simclr_cli.engine import defaults, distributed, rundir, trainer
 from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.datasets import fingerprint
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.report import NoProgress, Progress
@@ -40,3 +43,17 @@ def run(
             result = trainer.fit(cfg, world=world, rt=rt, out=out, resume_run=resume, overwrite=overwrite, held=held,
                                  progress=(progress or NoProgress()) if world.is_main else NoProgress())
         return result if world.is_main else None
+
+
+def preflight(cfg: PretrainConfig, *, out: Path, resume: bool, overwrite: bool, device_type: str, processes: int,
+              check_out: bool = True) -> None:
+    """Raise what a run of `processes` processes on `device_type` would, before any of them starts: the config, the
+    data, the global batch against the data and the processes, and (`check_out`; on the node that writes it) the
+    run folder. Initialises no GPU: the workers do."""
+    cfg = defaults.resolve_sizes(cfg)
+    images = trainer.source_images(cfg, out=out)
+    defaults.resolve_pretrain(cfg, device=torch.device(device_type), world_size=processes, num_images=len(images))
+    if check_out:
+        rundir.check(out, resume=resume, overwrite=overwrite)
+        if resume:
+            rundir.check_same_data(rundir.RunDir(out), fingerprint(images, data=cfg.data.source))
