@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from simclr_cli.engine import rundir
 from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import CheckpointError, ConfigError
 from simclr_cli.engine.files import atomic_write
@@ -63,7 +64,7 @@ def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str,
     problem = _container_problem(path)
     if problem is not None:
         what, specific_fix = problem
-        raise CheckpointError(f"{path} is not a readable safetensors file: {what}; {specific_fix or fix}")
+        raise CheckpointError(f"{path} {what}; {specific_fix or fix}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
@@ -73,38 +74,49 @@ def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str,
     return metadata, tensors
 
 
+NOT_SAFETENSORS = "is not a safetensors file"
+DAMAGED = "is not a readable safetensors file"
+
+
 def _container_problem(path: Path) -> tuple[str, str | None] | None:
-    """(what is wrong, a fix or None) judged from the file's first bytes and JSON header, which are read as data
-    and never trusted: a pickle is recognised, never loaded; a header length is checked against the file size
-    before anything that long is read. None when the container looks sound (safetensors then checks the rest)."""
+    """(what is wrong, as "is not ...: why", and a fix or None) judged from the file's first bytes and JSON header,
+    which are read as data and never trusted: a pickle is recognised, never loaded; a header length is checked
+    against the file size before anything that long is read. None when the container looks sound (safetensors
+    then checks the rest)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             start = handle.read(8)
             if start.startswith(b"PK\x03\x04"):
-                return "it is a PyTorch zip archive, whose contents are pickled", PICKLE_FIX
+                return f"{NOT_SAFETENSORS}: it is a PyTorch zip archive, whose contents are pickled", PICKLE_FIX
             if len(start) >= 2 and start[0] == 0x80 and 2 <= start[1] <= 5:  # PROTO opcode of pickle protocols 2-5
-                return "it is a pickle file", PICKLE_FIX
+                return f"{NOT_SAFETENSORS}: it is a pickle file", PICKLE_FIX
+            if size == 0:
+                return "is empty (0 bytes)", "copy it again, or pass another checkpoint"
+            # A safetensors file starts with its header's length as 8 little-endian bytes, which hold NULs: text never does.
+            if _is_text(start + handle.read(504)):
+                return f"{NOT_SAFETENSORS}: it is a text file of {size} bytes", None
             if size < 8:
-                return f"it is only {size} bytes long (empty or cut short)", "copy it again, or pass another checkpoint"
+                return f"{NOT_SAFETENSORS}: it is only {size} bytes long", "copy it again, or pass another checkpoint"
+            handle.seek(8)
             length = int.from_bytes(start, "little")
             first = handle.read(1)
             if length < 2 or length > HEADER_LIMIT or first != b"{":
-                return "it does not start with a safetensors header (another format, or damaged)", None
+                return f"{NOT_SAFETENSORS}: it does not start with a safetensors header (another format, or damaged)", None
             if length > size - 8:
-                return (f"it is cut short: its header announces {length} bytes, only {size - 8} follow",
+                return (f"{DAMAGED}: it is cut short: its header announces {length} bytes, only {size - 8} follow",
                         "copy it again, or pass an earlier checkpoint")
             raw = first + handle.read(length - 1)
     except OSError as exc:
-        return f"it cannot be read ({exc.strerror or exc})", None
+        return f"{DAMAGED}: it cannot be read ({exc.strerror or exc})", None
     try:
         header = parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return "its header is not valid JSON (the file is damaged)", None
+        return f"{DAMAGED}: its header is not valid JSON (the file is damaged)", None
     except ValueError as exc:
-        return f"its header cannot be read ({exc})", "the file is damaged or forged; pass a checkpoint written by simclr"
+        return f"{DAMAGED}: its header cannot be read ({exc})", "the file is damaged or forged; pass a checkpoint written by simclr"
     if not isinstance(header, dict):
-        return "its header is not a JSON object (the file is damaged)", None
+        return f"{DAMAGED}: its header is not a JSON object (the file is damaged)", None
     ends = [
         entry["data_offsets"][1]
         for name, entry in header.items()
@@ -113,9 +125,20 @@ def _container_problem(path: Path) -> tuple[str, str | None] | None:
     ]
     data = size - 8 - length
     if max(ends, default=0) > data:
-        return (f"it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
+        return (f"{DAMAGED}: it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
                 "copy it again, or pass an earlier checkpoint")
     return None
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text (UTF-8 without NULs; a multi-byte character cut at the end is fine)."""
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
+    return True
 
 
 # Metadata nests a few levels (config -> section -> value); anything deeper is forged, and would take recursive code
@@ -170,6 +193,10 @@ def load(path: Path, *, kind: str) -> Loaded:
         raise CheckpointError(
             f"{path} has checkpoint format version {version}; this simclr reads version {FORMAT_VERSION} — upgrade simclr"
         )
+    if header.get("kind") == TRAIN_STATE and kind == ENCODER:
+        encoder = rundir.run_encoder_for(path)
+        where = f"its run's encoder is {encoder}" if encoder.is_file() else "pass the encoder.safetensors of its run"
+        raise CheckpointError(f"{path} is a training-state checkpoint (what --resume reads), not an encoder; {where}")
     if header.get("kind") != kind:
         raise CheckpointError(f"{path} holds a '{header.get('kind')}' checkpoint where a '{kind}' one is needed")
     meta = {}
