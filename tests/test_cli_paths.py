@@ -1,14 +1,19 @@
-"""The paths commands take and write, through the command line: a run folder stands for its encoder, and a file that
-is not an encoder says what it is."""
+"""The paths commands take and write, through the command line: a run folder stands for its encoder, a file that is
+not an encoder says what it is, and results and indexes name the exact encoder file (resolved, with its SHA-256)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.engine import checkpoint
+from simclr_cli.engine import checkpoint, features
 from test_cli_eval import COMMON, encoder_file, labelled  # noqa: F401  (fixtures)
 
 runner = CliRunner()
@@ -21,6 +26,10 @@ def the_error(result) -> str:
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.output
     return errors[0]
+
+
+def sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --- a run folder stands for its encoder; a training state names the encoder to use --------------------------
@@ -59,3 +68,73 @@ def test_a_small_text_file_given_as_a_checkpoint_is_not_a_safetensors_file(tmp_p
     notes.write_text("hello\n")
     line = the_error(runner.invoke(app, ["info", str(notes)]))
     assert line == f"error: {notes} is not a safetensors file: it is a text file of 6 bytes; pass a checkpoint written by simclr"
+
+
+# --- results and indexes name the exact encoder ---------------------------------------------------------------
+
+
+def test_embed_and_results_record_the_resolved_encoder_and_its_hash(encoder_file, labelled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(encoder_file.parent)
+    embedded = runner.invoke(app, ["embed", str(labelled / "train"), "-o", "vecs.npy", *COMMON])
+    assert embedded.exit_code == 0, embedded.output
+    made_with = json.loads((tmp_path / "vecs.json").read_text())
+    assert made_with["checkpoint"] == str(encoder_file.resolve())  # not the moving runs/latest/...
+    assert made_with["checkpoint_sha256"] == sha256(encoder_file)
+    knn = runner.invoke(app, ["knn", "--data", str(labelled), "-k", "3", *COMMON, "--out", "knn"])
+    assert knn.exit_code == 0, knn.output
+    results = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert (results["checkpoint"], results["checkpoint_sha256"]) == (str(encoder_file.resolve()), sha256(encoder_file))
+    baseline = runner.invoke(app, ["knn", "--data", str(labelled), "-k", "3", "--random-init", *COMMON, "--out", "base"])
+    assert baseline.exit_code == 0, baseline.output
+    results = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert (results["checkpoint"], results["checkpoint_sha256"]) == (None, None)  # no file's weights were measured
+
+
+def test_retrieval_keeps_the_index_s_encoder_and_refuses_another(encoder_file, labelled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(encoder_file.parent)
+    assert runner.invoke(app, ["embed", str(labelled / "train"), "-o", "vecs.npy", *COMMON]).exit_code == 0
+    other_run = tmp_path / "runs" / "other"
+    other_run.mkdir()
+    other = other_run / "encoder.safetensors"
+    model, info = checkpoint.load_encoder(encoder_file)
+    with checkpoint.torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    checkpoint.save_encoder(other, model, info=info)
+    (tmp_path / "runs" / "latest").unlink()
+    (tmp_path / "runs" / "latest").symlink_to("other")  # a newer run took over the shortcut
+
+    query = labelled / "train" / "green" / "2.png"
+    found = runner.invoke(app, ["knn", "--index", "vecs.npy", "--query", str(query), "-k", "1", *COMMON, "-o", "m.csv"])
+    assert found.exit_code == 0, found.output
+    row = next(csv.DictReader((tmp_path / "m.csv").open()))
+    assert row["path"] == "green/2.png" and float(row["similarity"]) == pytest.approx(1.0, abs=1e-5)
+
+    line = the_error(runner.invoke(app, ["knn", "runs/latest", "--index", "vecs.npy", "--query", str(query), *COMMON]))
+    assert line == (f"error: vecs.npy was embedded with {encoder_file.resolve()}, not {other.resolve()} (their SHA-256 "
+                    f"differ); query with the index's encoder, or rebuild the index with simclr embed -c {other.resolve()}")
+
+    shutil.copyfile(other, encoder_file)  # the index's own file, changed in place
+    line = the_error(runner.invoke(app, ["knn", "--index", "vecs.npy", "--query", str(query), *COMMON]))
+    assert line == (f"error: {encoder_file.resolve()} has changed since vecs.npy was embedded with it (its SHA-256 "
+                    "differs); re-run simclr embed to rebuild the index")
+
+
+def test_the_encoder_is_hashed_once_in_chunks(encoder_file, monkeypatch):
+    reads = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if str(path) == str(encoder_file.resolve()) and "b" in mode:
+            reads.append(path)
+        return handle
+
+    encoder = features.open_encoder(encoder_file)
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert encoder.digest == encoder.digest == sha256(encoder_file)
+    assert len(reads) == 1
+    assert checkpoint.DIGEST_CHUNK <= 1 << 24  # streamed, never the whole file at once

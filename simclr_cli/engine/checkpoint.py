@@ -10,6 +10,7 @@ No pickle: safetensors holds only tensors, the metadata is JSON text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -210,6 +211,18 @@ def load(path: Path, *, kind: str) -> Loaded:
         except ValueError as exc:
             raise CheckpointError(f"{path} has corrupt metadata ({key}: {exc}); the file is damaged") from exc
     return Loaded(tensors=tensors, meta=meta)
+
+
+DIGEST_CHUNK = 1 << 20  # bytes read at a time: a 100 MB encoder is hashed in bounded memory
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in chunks: names exactly which weights an index or a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], *, source: Path) -> None:

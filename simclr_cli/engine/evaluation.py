@@ -54,7 +54,8 @@ def run(cfg, *, checkpoint: Path | None, out: Path | None, command: str, progres
             return None
         return Evaluated(result=result, data=opened.splits.name,
                          results_file=write_results(folder, {**result.to_dict(), "data": opened.splits.name,
-                                                             "weights": weights_of(opened.encoder)}))
+                                                             "weights": weights_of(opened.encoder),
+                                                             "checkpoint_sha256": opened.encoder.digest}))
 
 
 def open_labelled(cfg, checkpoint: Path | None) -> Opened:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +44,12 @@ class Encoder:
 
     model: SimCLR
     info: EncoderInfo
-    source: Path | None  # the checkpoint file; None for a random-init baseline
+    source: Path | None  # the checkpoint file, resolved (no runs/latest link); None for a random-init baseline
+
+    @functools.cached_property
+    def digest(self) -> str | None:
+        """`sha256:<hex>` of the checkpoint file, computed once: what names these exact weights in results and indexes."""
+        return None if self.source is None else checkpoint.file_digest(self.source)
 
 
 def open_encoder(checkpoint_path: Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
@@ -56,7 +62,8 @@ def open_encoder(checkpoint_path: Path, *, random_init: bool = False, seed: int 
     with torch.random.fork_rng(devices=[]):
         model, info = checkpoint.load_encoder(path)
         if not random_init:
-            return Encoder(model=model.eval(), info=info, source=path)
+            # resolved: `runs/latest` moves with every run, and what was measured must keep naming these weights
+            return Encoder(model=model.eval(), info=info, source=path.resolve())
         torch.default_generator.manual_seed(seed)
         # The baseline people mean: a standard untrained ResNet (torchvision's init), whatever init the file's run
         # started from; zero-initialised residual branches would make it a far weaker straw man.

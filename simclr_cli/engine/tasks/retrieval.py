@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from simclr_cli.engine.configs import RetrievalConfig
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.features import Encoder, extract, open_encoder
-from simclr_cli.engine.index import open_index, read_metadata
+from simclr_cli.engine.index import metadata_file_for, open_index, read_metadata
 from simclr_cli.engine.neighbours import nearest
+
+log = logging.getLogger("simclr")
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,37 @@ def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | No
         made_with = read_metadata(index)
         path = checkpoint or (Path(made_with["checkpoint"]) if made_with.get("checkpoint") else rundir.resolve_checkpoint(None))
         encoder = open_encoder(path)
+        check_same_encoder(encoder, made_with, index=index)
         rt = runtime(device=cfg.device, precision=cfg.precision)
         matches = search(encoder, index=index, query=query, k=cfg.k, layer=cfg.layer or made_with.get("layer", "encoder"),
                          batch_size=cfg.batch_size, workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt)
         if out is not None:
             write_matches(matches, out)
         return matches
+
+
+def check_same_encoder(encoder: Encoder, made_with: dict, *, index: Path) -> None:
+    """ConfigError when `encoder` is not, byte for byte, the file the index was embedded with: queries embedded by
+    other weights land in another space, and their similarities to the index mean nothing."""
+    if not made_with:
+        return  # a .npy made elsewhere: nothing to compare with
+    recorded = made_with.get("checkpoint_sha256")
+    if recorded is None:
+        log.warning("%s does not record its encoder's hash (an index from an older simclr): whether %s made it cannot "
+                    "be checked", metadata_file_for(index), encoder.source)
+        return
+    if encoder.digest == recorded:
+        return
+    built_with = made_with.get("checkpoint") or "another encoder"
+    if str(encoder.source) == built_with:
+        raise ConfigError(
+            f"{built_with} has changed since {index} was embedded with it (its SHA-256 differs); re-run simclr embed "
+            "to rebuild the index"
+        )
+    raise ConfigError(
+        f"{index} was embedded with {built_with}, not {encoder.source} (their SHA-256 differ); query with the index's "
+        f"encoder, or rebuild the index with simclr embed -c {encoder.source}"
+    )
 
 
 def search(
