@@ -1,11 +1,14 @@
 """The paths commands take and write, through the command line: a run folder stands for its encoder, a file that is
-not an encoder says what it is, and results and indexes name the exact encoder file (resolved, with its SHA-256)."""
+not an encoder says what it is, results and indexes name the exact encoder file (resolved, with its SHA-256), and
+every output is checked before any work starts."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -138,3 +141,51 @@ def test_the_encoder_is_hashed_once_in_chunks(encoder_file, monkeypatch):
     assert encoder.digest == encoder.digest == sha256(encoder_file)
     assert len(reads) == 1
     assert checkpoint.DIGEST_CHUNK <= 1 << 24  # streamed, never the whole file at once
+
+
+# --- outputs are checked before the work ----------------------------------------------------------------------
+
+
+def test_an_evaluation_out_that_is_a_file_is_refused_before_the_evaluation(encoder_file, labelled, tmp_path, monkeypatch):
+    from simclr_cli.engine.tasks import knn
+
+    monkeypatch.setattr(knn, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    line = the_error(runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), *COMMON, "-o", str(notes)]))
+    assert line == f"error: --out {notes} is a file, not a folder; choose another --out"
+    assert notes.read_text() == "mine\n"
+    inside = notes / "results"
+    line = the_error(runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON, "-o", str(inside)]))
+    assert line == f"error: {notes} is a file, so {inside} cannot be created in it; choose another --out"
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_work(encoder_file, labelled, tmp_path, monkeypatch):
+    from simclr_cli.engine.tasks import embed
+
+    monkeypatch.setattr(embed, "_write_rows", lambda *a, **k: pytest.fail("the embedding ran"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode, **kw))
+    out = locked / "vecs.npy"
+    line = the_error(runner.invoke(app, ["embed", str(labelled), "-o", str(out), "-c", str(encoder_file), *COMMON]))
+    assert line == f"error: cannot write {out}: permission denied; check the permissions or pass another --out (nothing was written)"
+    line = the_error(runner.invoke(app, ["finetune", str(encoder_file), "--data", str(labelled), *COMMON, "-o", str(locked / "ft")]))
+    assert line.startswith(f"error: cannot write {locked / 'ft'}: permission denied")
+
+
+def test_retrieval_output_is_checked_before_the_queries_are_embedded(encoder_file, labelled, tmp_path, monkeypatch):
+    from simclr_cli.engine.tasks import retrieval
+
+    out = tmp_path / "vecs.npy"
+    assert runner.invoke(app, ["embed", str(labelled / "train"), "-o", str(out), "-c", str(encoder_file), *COMMON]).exit_code == 0
+    monkeypatch.setattr(retrieval, "search", lambda *a, **k: pytest.fail("the search ran"))
+    query = ["--index", str(out), "--query", str(labelled / "val"), *COMMON]
+    assert re.search(r"--out .*notes\.txt must end with \.csv or \.json",
+                     the_error(runner.invoke(app, ["knn", *query, "-o", str(tmp_path / "notes.txt")])))
+    folder = tmp_path / "matches.csv"
+    folder.mkdir()
+    assert the_error(runner.invoke(app, ["knn", *query, "-o", str(folder)])) == (
+        f"error: --out {folder} is a folder; give the path of the file to write"
+    )

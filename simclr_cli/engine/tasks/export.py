@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from simclr_cli.engine import rundir
 from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.supervised import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
@@ -147,12 +147,9 @@ def _check_target(to: str) -> None:
 
 
 def _check_out(out: Path, *, checkpoint: Path, overwrite: bool) -> None:
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the path of the file to write")
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out} is the checkpoint being exported; choose another --out")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_output_file(out, overwrite=overwrite)
 
 
 def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:

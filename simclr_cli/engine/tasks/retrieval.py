@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.images import ImageFiles, find_images
 from simclr_cli.engine import defaults, distributed, rundir
 from simclr_cli.engine.configs import RetrievalConfig
@@ -39,6 +39,8 @@ def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | No
     """Each query image's `cfg.k` nearest images in `index`, embedded with the index's own encoder and layer unless
     `checkpoint`/`cfg.layer` say otherwise; written to `out` (.csv or .json) when given."""
     cfg.validate()
+    if out is not None:  # before anything is embedded
+        _check_matches_out(out)
     with distributed.context(device=cfg.device) as world:
         if world.world_size > 1:
             raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
@@ -104,9 +106,10 @@ def search(
 def write_matches(matches: list[Match], out: Path) -> None:
     """Matches as CSV (query, rank, path, similarity) or JSON, chosen by the file's extension."""
     out = Path(out)
+    _check_matches_out(out)
     if out.suffix == ".json":
         text = json.dumps([asdict(m) for m in matches], indent=2) + "\n"
-    elif out.suffix == ".csv":
+    else:  # .csv
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["query", "rank", "path", "similarity"])
@@ -114,6 +117,14 @@ def write_matches(matches: list[Match], out: Path) -> None:
             for rank, n in enumerate(match.neighbours, start=1):
                 writer.writerow([match.query, rank, n.path, f"{n.similarity:.6f}"])
         text = buffer.getvalue()
-    else:
-        raise ConfigError(f"--out {out} must end with .csv or .json for retrieval results")
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
+
+
+MATCH_FORMATS = (".csv", ".json")
+
+
+def _check_matches_out(out: Path) -> None:
+    """ConfigError unless `out` is a .csv or .json file simclr can write (an existing one is replaced)."""
+    if Path(out).suffix not in MATCH_FORMATS:
+        raise ConfigError(f"--out {out} must end with .csv or .json for retrieval results")
+    check_output_file(out, overwrite=True)
