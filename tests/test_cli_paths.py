@@ -1,6 +1,6 @@
-"""The paths commands take and write, through the command line: a run folder stands for its encoder, a file that is
-not an encoder says what it is, results and indexes name the exact encoder file (resolved, with its SHA-256), and
-every output is checked before any work starts."""
+"""The paths commands take and write, through the command line: `runs/latest` moves only to a run with an encoder,
+a run folder stands for its encoder, results and indexes name the exact encoder file (resolved, with its SHA-256),
+and every output is checked before any work starts."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from simclr_cli.engine import checkpoint, features
 from test_cli_eval import COMMON, encoder_file, labelled  # noqa: F401  (fixtures)
 
 runner = CliRunner()
+TINY = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--epochs", "1",
+        "--device", "cpu", "--precision", "fp32", "--workers", "0"]
 
 
 def the_error(result) -> str:
@@ -33,6 +35,34 @@ def the_error(result) -> str:
 
 def sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- runs/latest -----------------------------------------------------------------------------------------------
+
+
+def test_a_run_that_fails_before_its_encoder_never_takes_over_runs_latest(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = runner.invoke(app, ["pretrain", str(image_folder), *TINY])
+    assert good.exit_code == 0, good.output
+    good_run = (tmp_path / "runs" / "latest").resolve()
+    assert (good_run / "encoder.safetensors").is_file()
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(10):
+        (text / f"f{i}.jpg").write_text(f"hello {i}\n")
+    line = the_error(runner.invoke(app, ["pretrain", "text", *TINY]))
+    failed_run = next(p for p in (tmp_path / "runs").iterdir() if p.name not in ("latest", good_run.name))
+    report = failed_run / "bad_files.jsonl"
+    named = "; ".join(f"text/f{i}.jpg (not an image)" for i in range(3))
+    assert line == f"error: none of the 10 images can be decoded: {named} and 7 more, all listed in {report.relative_to(tmp_path)}; check DATA"
+    assert [json.loads(entry) for entry in report.read_text().splitlines()] == [
+        {"path": f"text/f{i}.jpg", "reason": "not an image", "kind": "file"} for i in range(10)
+    ]
+    assert (tmp_path / "runs" / "latest").resolve() == good_run  # the failed run left the shortcut alone
+    shown = runner.invoke(app, ["info"])
+    assert shown.exit_code == 0, shown.output
+    assert "runs/latest/encoder.safetensors" in shown.output
 
 
 # --- a run folder stands for its encoder; a training state names the encoder to use --------------------------

@@ -245,7 +245,7 @@ def _holder(path: Path) -> str:
 
 def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None, data: dict[str, Any] | None = None) -> None:
     """Rank 0's bookkeeping before the first step: the config and data fingerprint of a new run, or the metrics a
-    resume replays (`check_same_data` has checked its images first)."""
+    resume replays (`check_same_data` has checked its images first). `runs/latest` waits for `publish`."""
     if resumed_from is None:
         text = yaml.safe_dump(config, sort_keys=False)
         atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -253,6 +253,11 @@ def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None, 
             atomic_write(run_dir.data, lambda tmp: tmp.write_text(json.dumps(data) + "\n", encoding="utf-8"))
     else:
         metrics.truncate(run_dir.metrics, after_step=resumed_from)
+
+
+def publish(run_dir: RunDir) -> None:
+    """Point `runs/latest` at a run under `runs/` once it has written its encoder: the commands that default to it
+    must never land on a run that failed before it had one."""
     if run_dir.root.parent.name == RUNS.name:
         point_latest(run_dir.root)
 

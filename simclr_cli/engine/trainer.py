@@ -141,6 +141,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
                             max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
     for folder, reason in getattr(images, "skipped_folders", ()):
         bad.add_folder(folder, reason)
+    distributed.on_main(world, lambda: pipeline.require_decodable(pixels, bad), device=rt.device)
     log.info(
         "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
         "peak lr %.4g, %s on %s, %d data workers%s%s",
@@ -251,6 +252,7 @@ class Trainer:
         self.started, self.elapsed_before = time.perf_counter(), elapsed_before
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.published = False  # runs/latest points here
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -376,6 +378,9 @@ class Trainer:
         for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
         checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        if not self.published:
+            rundir.publish(self.run_dir)  # runs/latest: now there is an encoder to offer
+            self.published = True
         log.debug("saved %s and %s", path, self.run_dir.encoder)
         if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
             plots.plot_run(self.run_dir.root)
