@@ -86,6 +86,14 @@ def test_linear_eval_separates_colours_and_saves_the_classifier(encoder_file, la
     assert "linear eval (cached, encoder): top-1 100.00%" in said and re.search(r"│ top-1 │ 100\.00% │", said)
 
 
+def test_imagenet_never_suggests_a_download(encoder_file, tmp_path):
+    result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", "imagenet", "--data-root", str(tmp_path / "none"), *COMMON])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "--download" not in said and "cannot be downloaded for you" in said
+    assert "train/ and val/ with one subfolder per class" in said
+
+
 def test_random_init_baseline_is_labelled_as_such(encoder_file, labelled, tmp_path):
     result = runner.invoke(app, ["knn", str(encoder_file), "--data", str(labelled), "-k", "3", "--random-init", *COMMON,
                                  "--out", str(tmp_path / "knn")])
