@@ -81,6 +81,7 @@ def one_line_error(result) -> str:
         (["pretrain", "--temperature", "0"], "train.temperature 0.0 must be > 0"),
         (["pretrain", "--set", "model.depth=3"], "unknown config key 'model.depth'"),
         (["pretrain", "--set", "nonsense"], "is not KEY=VALUE"),
+        (["pretrain", "--set", "augment.blur_p="], "--set 'augment.blur_p=' has no value; write augment.blur_p=VALUE"),
         (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
         (["pretrain", "--batch-size", "4096"], "--batch-size 4096 is larger than the dataset (1797 images)"),
     ],
