@@ -215,6 +215,11 @@ def _launched(gpus: int | None, device: str | None) -> bool:
 
 def _report_pretrain(result) -> None:
     """Where the encoder is, how the loss moved, and what to run next."""
+    if result.already_complete:
+        console.print(f"[bold green]already complete[/]: {result.run_dir} finished all {result.steps} steps; nothing to resume",
+                      highlight=False, soft_wrap=True)
+        console.print(f"encoder: [bold]{result.encoder}[/]", highlight=False, soft_wrap=True)
+        return
     minutes = result.seconds / 60
     console.print(f"[bold green]done[/] {result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min")
     if result.first_loss is not None and result.last_loss is not None:

@@ -119,9 +119,12 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
     assert "loss" in result.output and str(out / "encoder.safetensors") in result.output.replace("\n", "")
     # a second run into the same folder would clobber it
     assert "already holds a run" in one_line_error(runner.invoke(app, args))
-    # resuming a finished run is a no-op that still reports
+    # resuming a finished run says so, without decoding the data again
     resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert f"already complete: {out} finished all 3 steps; nothing to resume" in said
+    assert "decoding" not in said and "pretraining" not in said
     overwritten = runner.invoke(app, [*args, "--overwrite"])
     assert overwritten.exit_code == 0, overwritten.output
 

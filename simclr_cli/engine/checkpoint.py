@@ -58,9 +58,10 @@ PICKLE_FIX = (
 )
 
 
-def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file, or CheckpointError saying what is wrong with the container
-    and `fix` (a specific fix instead when the damage tells what the file is, e.g. a pickle)."""
+def read_safetensors(path: Path, *, fix: str, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file (no tensors, and nothing but the header read, unless
+    `tensors`), or CheckpointError saying what is wrong with the container and `fix` (a specific fix instead when
+    the damage tells what the file is, e.g. a pickle)."""
     path = Path(path)
     problem = _container_problem(path)
     if problem is not None:
@@ -69,10 +70,10 @@ def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str,
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            found = {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); {fix}") from exc
-    return metadata, tensors
+    return metadata, found
 
 
 NOT_SAFETENSORS = "is not a safetensors file"
@@ -181,12 +182,13 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load(path: Path, *, kind: str) -> Loaded:
-    """Read a checkpoint of `kind`, checking the container, the format and its version."""
+def load(path: Path, *, kind: str, tensors: bool = True) -> Loaded:
+    """Read a checkpoint of `kind`, checking the container, the format and its version (the metadata alone, and
+    only the header read, unless `tensors`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file written by simclr")
-    header, tensors = read_safetensors(path, fix="pass a checkpoint written by simclr")
+    header, found = read_safetensors(path, fix="pass a checkpoint written by simclr", tensors=tensors)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a simclr checkpoint (no '{FORMAT}' header)")
     version = header.get("format_version", "?")
@@ -210,7 +212,7 @@ def load(path: Path, *, kind: str) -> Loaded:
             raise CheckpointError(f"{path} has corrupt metadata ({exc.msg}); the file is damaged") from exc
         except ValueError as exc:
             raise CheckpointError(f"{path} has corrupt metadata ({key}: {exc}); the file is damaged") from exc
-    return Loaded(tensors=tensors, meta=meta)
+    return Loaded(tensors=found, meta=meta)
 
 
 DIGEST_CHUNK = 1 << 20  # bytes read at a time: a 100 MB encoder is hashed in bounded memory
@@ -502,20 +504,7 @@ def load_train_state(
     path = Path(path)
     loaded = load(path, kind=TRAIN_STATE)
     meta = loaded.meta
-    for key in ("step", "epoch"):
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
-    problem = None
-    elapsed = meta.get("elapsed", 0.0)
-    if total_steps is not None and meta["step"] > total_steps:
-        problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
-    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
-        problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
-    elif not isinstance(meta.get("config", {}), dict):
-        problem = f"config is a {type(meta['config']).__name__}, not a mapping"
-    if problem is not None:
-        raise CheckpointError(f"{path} has invalid metadata: {problem}; the file is damaged")
+    _check_train_state_meta(meta, path, total_steps=total_steps)
     weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
     check_state_dict(model.state_dict(), weights, source=path)
     method_state = {k.removeprefix(METHOD_STATE): v for k, v in loaded.tensors.items() if k.startswith(METHOD_STATE)}
@@ -550,6 +539,31 @@ def load_train_state(
     if restore_extra is not None:
         restore_extra(method_state)
     return meta
+
+
+def read_train_state_meta(path: Path, *, total_steps: int | None = None) -> dict[str, Any]:
+    """A training state's metadata (step, epoch, elapsed, config), checked as `load_train_state` checks it, from
+    the file's header alone: no tensor is read."""
+    meta = load(path, kind=TRAIN_STATE, tensors=False).meta
+    _check_train_state_meta(meta, Path(path), total_steps=total_steps)
+    return meta
+
+
+def _check_train_state_meta(meta: Mapping[str, Any], path: Path, *, total_steps: int | None) -> None:
+    for key in ("step", "epoch"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
+    problem = None
+    elapsed = meta.get("elapsed", 0.0)
+    if total_steps is not None and meta["step"] > total_steps:
+        problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
+    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
+        problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
+    elif not isinstance(meta.get("config", {}), dict):
+        problem = f"config is a {type(meta['config']).__name__}, not a mapping"
+    if problem is not None:
+        raise CheckpointError(f"{path} has invalid metadata: {problem}; the file is damaged")
 
 
 def _check_rng_state(state: torch.Tensor | None, current: torch.Tensor, *, name: str, source: Path) -> None:
