@@ -500,6 +500,7 @@ def export(
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
         ])
         console.print(f"load it with: {result.usage}", highlight=False, soft_wrap=True)
+        console.print(f"preprocess images: {result.preprocessing}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -526,6 +527,7 @@ def info(
                              f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
+            ("preprocessing", described.preprocessing),
             ("trained", f"step {described.step}, epoch {described.epoch}"),
             ("data", str((described.config.get('data') or {}).get('source'))),
         ]
