@@ -213,6 +213,11 @@ def _launched(gpus: int | None, device: str | None) -> bool:
 
 def _report_pretrain(result) -> None:
     """Where the encoder is, how the loss moved, and what to run next."""
+    if result.already_complete:
+        results.print(styled("already complete:", "bold green", f"{result.run_dir} finished all {result.steps} steps; nothing to resume"),
+                      highlight=False)
+        results.print(styled("encoder:", "bold", str(result.encoder)))
+        return
     minutes = result.seconds / 60
     results.print(styled("done", "bold green", f"{result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min"))
     if result.first_loss is not None and result.last_loss is not None:
@@ -493,6 +498,7 @@ def export(
             ("missing when loaded", ", ".join(result.missing_keys) or "-"),
         ])
         results.print(f"load it with: {result.usage}", highlight=False)
+        results.print(f"preprocess images: {result.preprocessing}", highlight=False)
 
 
 @app.command()
@@ -519,6 +525,7 @@ def info(
                              f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
+            ("preprocessing", described.preprocessing),
             ("trained", f"step {described.step}, epoch {described.epoch}"),
             ("data", str((described.config.get('data') or {}).get('source'))),
         ]

@@ -172,6 +172,9 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {yamltext.shown(item)} is not KEY=VALUE; write e.g. --set augment.crop_scale=[0.2,1.0]")
+        if not text.strip():  # YAML reads nothing as null, which would quietly mean "automatic"
+            raise ConfigError(f"--set {yamltext.shown(item)} has no value; write {key.strip()}=VALUE "
+                              "(null restores a value that is automatic by default)")
         try:
             dotted[key.strip()] = yamltext.parse(text, source=f"--set {yamltext.shown(item)}")
         except yaml.YAMLError as exc:

@@ -128,7 +128,7 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     """A short two-column summary table, on stdout with the other results."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a long path wraps whole onto the next lines, never cut to "…"
     for key, value in rows:
         table.add_row(key, value)
     results.print(table)

@@ -85,6 +85,7 @@ def one_line_error(result) -> str:
         (["pretrain", "--temperature", "0"], "train.temperature 0.0 must be > 0"),
         (["pretrain", "--set", "model.depth=3"], "unknown config key 'model.depth'"),
         (["pretrain", "--set", "nonsense"], "is not KEY=VALUE"),
+        (["pretrain", "--set", "augment.blur_p="], "--set 'augment.blur_p=' has no value; write augment.blur_p=VALUE"),
         (["pretrain", "--device", "tpu"], "unknown device 'tpu'"),
         (["pretrain", "--batch-size", "4096"], "--batch-size 4096 is larger than the dataset (1797 images)"),
     ],
@@ -122,9 +123,12 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
     assert "loss" in result.output and str(out / "encoder.safetensors") in result.output.replace("\n", "")
     # a second run into the same folder would clobber it
     assert "already holds a run" in one_line_error(runner.invoke(app, args))
-    # resuming a finished run is a no-op that still reports
+    # resuming a finished run says so, without decoding the data again
     resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())
+    assert f"already complete: {out} finished all 3 steps; nothing to resume" in said
+    assert "decoding" not in said and "pretraining" not in said
     overwritten = runner.invoke(app, [*args, "--overwrite"])
     assert overwritten.exit_code == 0, overwritten.output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,24 @@ def test_eval_commands_choose_their_workers_when_none_are_given(encoder_file, la
 
 
 def test_linear_eval_separates_colours_and_saves_the_classifier(encoder_file, labelled, tmp_path):
-    result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON,
-                                 "--out", str(tmp_path / "lin")])
+    out = tmp_path / ("a-results-folder-with-a-long-name-" * 3) / "lin"
+    result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", str(labelled), *COMMON, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    saved = json.loads((tmp_path / "lin" / "results.json").read_text())
+    saved = json.loads((out / "results.json").read_text())
     assert saved["top1"] == 1.0 and saved["protocol"] == "cached"
-    assert (tmp_path / "lin" / "classifier.safetensors").is_file()
+    assert (out / "classifier.safetensors").is_file()
+    # the table folds long paths instead of cutting them, and the log speaks the table's unit
+    assert "…" not in result.output and str(out / "classifier.safetensors") in re.sub(r"[\s│]", "", result.output)
+    said = " ".join(result.output.split())
+    assert "linear eval (cached, encoder): top-1 100.00%" in said and re.search(r"│ top-1 │ 100\.00% │", said)
+
+
+def test_imagenet_never_suggests_a_download(encoder_file, tmp_path):
+    result = runner.invoke(app, ["linear-eval", str(encoder_file), "--data", "imagenet", "--data-root", str(tmp_path / "none"), *COMMON])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "--download" not in said and "cannot be downloaded for you" in said
+    assert "train/ and val/ with one subfolder per class" in said
 
 
 def test_random_init_baseline_is_labelled_as_such(encoder_file, labelled, tmp_path):

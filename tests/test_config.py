@@ -273,7 +273,7 @@ def test_parse_sets_last_one_wins():
 
 def test_parse_sets_explicit_null_is_kept():
     # `--set model.stem=null` must reach the config (back to the size-aware auto), not vanish like an absent flag
-    assert parse_sets(["model.stem=null", "train.max_steps="]) == {"model": {"stem": None}, "train": {"max_steps": None}}
+    assert parse_sets(["model.stem=null", "train.max_steps=~"]) == {"model": {"stem": None}, "train": {"max_steps": None}}
 
 
 @pytest.mark.parametrize("item", ["train.epochs", "=5", " =5"])

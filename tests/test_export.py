@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,9 @@ def test_safetensors_encoder_any_variant_with_metadata(tmp_path):
         "exported_by": "simclr-cli", "source": "encoder.safetensors", "architecture": "resnet18", "width": "0.25",
         "stem": "small", "feature_dim": "128", "image_size": "16", "mean": "[0.5, 0.4, 0.3]",
         "std": "[0.2, 0.25, 0.3]", "interpolation": "bilinear", "epoch": "2", "step": "30",
+        "preprocessing": "RGB images, resize to 16 x 16 (bilinear); scale pixels to [0, 1], then per channel (R, G, B) "
+                         "subtract mean [0.5, 0.4, 0.3] and divide by std [0.2, 0.25, 0.3]; input float32 (B, 3, 16, 16), "
+                         "channels first",
     }
     assert result.metadata == metadata
     assert json.loads(metadata["mean"]) == list(MEAN)
@@ -199,6 +203,39 @@ def test_onnx_export_has_a_dynamic_batch_axis(tmp_path):
         torch.testing.assert_close(torch.from_numpy(h), model.encoder(x), rtol=1e-4, atol=1e-4)
 
 
+def test_onnx_through_the_cli_names_the_file_counts_its_tensors_and_states_the_preprocessing(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    path, _ = saved_encoder(tmp_path, width=0.25, stem="small", image_size=16)
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "--to", "onnx"])  # the run folder stands for its encoder
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "encoder.onnx"
+    initializers = len(onnx.load(str(out)).graph.initializer)
+    said = " ".join(result.output.split())
+    assert "[torch.onnx]" not in result.output  # the exporter's narration stays out of the summary
+    assert initializers > 0 and re.search(rf"│ tensors │ {initializers} │", said)
+    preprocessing = ("RGB images, resize to 16 x 16 (bilinear); scale pixels to [0, 1], then per channel (R, G, B) subtract "
+                     "mean [0.5, 0.4, 0.3] and divide by std [0.2, 0.25, 0.3]; input float32 (B, 3, 16, 16), channels first")
+    assert f"preprocess images: {preprocessing}" in said
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["preprocessing"] == preprocessing
+    info = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert json.loads(info.stdout)["preprocessing"] == preprocessing
+
+
+def test_the_preprocessing_of_large_images_is_resize_then_centre_crop():
+    from simclr_cli.engine.augment import describe_eval_transform
+
+    assert describe_eval_transform(image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                   interpolation="bicubic") == (
+        "RGB images, resize the short side to 256 (bicubic), centre-crop 224 x 224; scale pixels to [0, 1], then per "
+        "channel (R, G, B) subtract mean [0.485, 0.456, 0.406] and divide by std [0.229, 0.224, 0.225]; input float32 "
+        "(B, 3, 224, 224), channels first"
+    )
+
+
 # --- refusals -----------------------------------------------------------------------------------------
 
 
@@ -234,4 +271,4 @@ def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
 
 def test_default_out_sits_beside_the_checkpoint():
     assert default_out(Path("runs/a/encoder.safetensors"), to="torchvision") == Path("runs/a/encoder-torchvision.safetensors")
-    assert default_out(Path("runs/a/encoder.safetensors"), to="onnx") == Path("runs/a/encoder-onnx.onnx")
+    assert default_out(Path("runs/a/encoder.safetensors"), to="onnx") == Path("runs/a/encoder.onnx")  # the suffix says it

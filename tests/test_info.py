@@ -105,11 +105,11 @@ def test_bad_files_are_checkpoint_errors(tmp_path):
         describe(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a safetensors file: it is a text file"):
         describe(junk)
     state = tmp_path / "step-000000001.safetensors"
     save(state, {"model/w": torch.zeros(2)}, kind="train-state", meta={"step": 1, "epoch": 0})
-    with pytest.raises(CheckpointError, match="holds a 'train-state' checkpoint where a 'encoder' one is needed"):
+    with pytest.raises(CheckpointError, match=r"is a training-state checkpoint \(what --resume reads\), not an encoder"):
         describe(state)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from conftest import write_images
 from simclr_cli.engine import memory, pipeline
+from simclr_cli.engine.badfiles import BadFiles
 from simclr_cli.engine.datasets import pretrain_dataset
 from simclr_cli.engine.images import ImageFiles
 from simclr_cli.engine.sampler import EpochSampler
@@ -117,8 +119,33 @@ def test_a_folder_with_no_decodable_image_is_an_error(tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
         path.write_bytes(b"")
-    with pytest.raises(DataError, match="none of the images can be decoded"):
+    with pytest.raises(DataError, match=r"none of the 2 images can be decoded now \(first: .*a\.png: empty file"):
         pipeline.PixelDataset(ImageFiles(paths), max_side=None)[0]
+
+
+def test_require_decodable_reports_the_bad_files_before_the_first_good_one(tmp_path):
+    bad_paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in bad_paths:
+        path.write_text("not an image")
+    good = write_images(tmp_path / "z", 2)
+    bad = BadFiles(report=tmp_path / "bad_files.jsonl")
+    pipeline.require_decodable(pipeline.PixelDataset(ImageFiles(bad_paths + good), max_side=None), bad)
+    assert [path for path, _ in bad.files] == [str(p) for p in bad_paths]
+    assert len((tmp_path / "bad_files.jsonl").read_text().splitlines()) == 2
+
+
+def test_require_decodable_names_the_first_files_and_lists_all_when_none_decodes(tmp_path):
+    paths = [tmp_path / f"{name}.jpg" for name in "abcde"]
+    for path in paths:
+        path.write_text("hello")
+    report = tmp_path / "bad_files.jsonl"
+    with pytest.raises(DataError) as err:
+        pipeline.require_decodable(pipeline.PixelDataset(ImageFiles(paths), max_side=None), BadFiles(report=report))
+    shown = "; ".join(f"{p} (not an image)" for p in paths[:3])
+    assert str(err.value) == f"none of the 5 images can be decoded: {shown} and 2 more, all listed in {report}; check DATA"
+    assert [json.loads(line)["path"] for line in report.read_text().splitlines()] == [str(p) for p in paths]
+    with pytest.raises(DataError, match=rf"^cannot decode {paths[0]} \(not an image\)"):  # the error policy: the first one
+        pipeline.require_decodable(pipeline.PixelDataset(ImageFiles(paths), max_side=None), BadFiles(on_bad_image="error"))
 
 
 @pytest.mark.parametrize("cached", [False, True])

@@ -116,7 +116,7 @@ def test_a_train_state_file_is_not_an_init_file(tmp_path):
 
     path = tmp_path / "state.safetensors"
     save(path, {"model/encoder.conv1.weight": torch.zeros(1)}, kind="train-state", meta={"step": 1})
-    with pytest.raises(CheckpointError, match="holds a 'train-state' checkpoint where a 'encoder' one is needed"):
+    with pytest.raises(CheckpointError, match=r"is a training-state checkpoint \(what --resume reads\), not an encoder"):
         init_encoder(tiny(), path)
 
 
@@ -391,7 +391,7 @@ def test_a_missing_file(tmp_path):
 def test_a_damaged_safetensors_file(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"garbage!" * 4)
-    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="is not a safetensors file: it is a text file"):
         init_encoder(tiny(), path)
 
 

@@ -23,6 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 SMALL_IMAGE_MAX_SIZE = 64  # CIFAR-size: weaker colour, no blur (SimCLR Appendix B.9)
+EVAL_CROP_FRACTION = 0.875  # test time: resize to S / 0.875 (256 at 224), centre-crop S
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 1024  # one 1024 px view is 12 MB of float32 before the network; SimCLR trains at 224
 MAX_COLOR_STRENGTH = 2.5  # hue jitter 0.2*s must stay <= 0.5 (a half turn of the colour wheel)
@@ -156,7 +157,7 @@ def eval_transform(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     interpolation: str = "bicubic",
-    crop_fraction: float = 0.875,
+    crop_fraction: float = EVAL_CROP_FRACTION,
 ) -> Callable[[Image.Image], Tensor]:
     """Test-time input: resize the short side to S/0.875 and centre-crop S; at <= 64 px just resize to S x S."""
     _check_eval_args(image_size=image_size, mean=mean, std=std, interpolation=interpolation)
@@ -172,6 +173,22 @@ def eval_transform(
             v2.CenterCrop(image_size),
         ]
     return v2.Compose([*resize, *_to_normalised_tensor(mean, std)])
+
+
+def describe_eval_transform(*, image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float],
+                            interpolation: str) -> str:
+    """`eval_transform` in words, for a user feeding the network outside simclr (ONNX, torchvision)."""
+    size = f"{image_size} x {image_size}"
+    if image_size <= SMALL_IMAGE_MAX_SIZE:
+        resize = f"resize to {size} ({interpolation})"
+    else:
+        resize = f"resize the short side to {math.floor(image_size / EVAL_CROP_FRACTION)} ({interpolation}), centre-crop {size}"
+    return (f"RGB images, {resize}; scale pixels to [0, 1], then per channel (R, G, B) subtract mean "
+            f"{_rounded(mean)} and divide by std {_rounded(std)}; input float32 (B, 3, {image_size}, {image_size}), channels first")
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def train_eval_transform(

@@ -32,6 +32,7 @@ DEFAULT_MAX_BAD_FRACTION = 0.5
 # of a large, mostly good folder must not stop it.
 MIN_SEEN = 100
 REPORT_NAME = "bad_files.jsonl"
+SHOWN = 3  # bad files an error names before "and N more"
 
 
 def report_for(out: Path) -> Path:
@@ -114,6 +115,19 @@ class BadFiles:
             f"{bad} of {seen} images could not be decoded ({100 * bad / seen:.3g}% > --max-bad-fraction "
             f"{self.max_bad_fraction:g}); the folder is mostly unreadable: check DATA or raise --max-bad-fraction"
         )
+
+    def none_usable(self, failures: list[tuple[str, str]]) -> DataError:
+        """Every image failed: each (path, reason) listed in the report (not warned one by one: the error says it),
+        and the error naming the first few and why, to raise."""
+        for path, reason in failures:
+            key = os.fspath(path)
+            if key not in self._files:
+                self._files[key] = reason
+                self._write(key, reason, kind="file")
+        shown = "; ".join(f"{printable_path(path)} ({reason})" for path, reason in failures[:SHOWN])
+        more = f" and {len(failures) - SHOWN} more" if len(failures) > SHOWN else ""
+        listed = f", all listed in {printable_path(self.report)}" if self.report is not None else ""
+        return DataError(f"none of the {len(failures)} images can be decoded: {shown}{more}{listed}; check DATA")
 
     def summary(self) -> str:
         """One line for the end of a run."""

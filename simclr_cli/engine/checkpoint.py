@@ -10,6 +10,7 @@ No pickle: safetensors holds only tensors, the metadata is JSON text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -22,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from simclr_cli.engine import rundir
 from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import CheckpointError, ConfigError
 from simclr_cli.engine.files import atomic_write
@@ -56,55 +58,67 @@ PICKLE_FIX = (
 )
 
 
-def read_safetensors(path: Path, *, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file, or CheckpointError saying what is wrong with the container
-    and `fix` (a specific fix instead when the damage tells what the file is, e.g. a pickle)."""
+def read_safetensors(path: Path, *, fix: str, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file (no tensors, and nothing but the header read, unless
+    `tensors`), or CheckpointError saying what is wrong with the container and `fix` (a specific fix instead when
+    the damage tells what the file is, e.g. a pickle)."""
     path = Path(path)
     problem = _container_problem(path)
     if problem is not None:
         what, specific_fix = problem
-        raise CheckpointError(f"{path} is not a readable safetensors file: {what}; {specific_fix or fix}")
+        raise CheckpointError(f"{path} {what}; {specific_fix or fix}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            found = {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); {fix}") from exc
-    return metadata, tensors
+    return metadata, found
+
+
+NOT_SAFETENSORS = "is not a safetensors file"
+DAMAGED = "is not a readable safetensors file"
 
 
 def _container_problem(path: Path) -> tuple[str, str | None] | None:
-    """(what is wrong, a fix or None) judged from the file's first bytes and JSON header, which are read as data
-    and never trusted: a pickle is recognised, never loaded; a header length is checked against the file size
-    before anything that long is read. None when the container looks sound (safetensors then checks the rest)."""
+    """(what is wrong, as "is not ...: why", and a fix or None) judged from the file's first bytes and JSON header,
+    which are read as data and never trusted: a pickle is recognised, never loaded; a header length is checked
+    against the file size before anything that long is read. None when the container looks sound (safetensors
+    then checks the rest)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             start = handle.read(8)
             if start.startswith(b"PK\x03\x04"):
-                return "it is a PyTorch zip archive, whose contents are pickled", PICKLE_FIX
+                return f"{NOT_SAFETENSORS}: it is a PyTorch zip archive, whose contents are pickled", PICKLE_FIX
             if len(start) >= 2 and start[0] == 0x80 and 2 <= start[1] <= 5:  # PROTO opcode of pickle protocols 2-5
-                return "it is a pickle file", PICKLE_FIX
+                return f"{NOT_SAFETENSORS}: it is a pickle file", PICKLE_FIX
+            if size == 0:
+                return "is empty (0 bytes)", "copy it again, or pass another checkpoint"
+            # A safetensors file starts with its header's length as 8 little-endian bytes, which hold NULs: text never does.
+            if _is_text(start + handle.read(504)):
+                return f"{NOT_SAFETENSORS}: it is a text file of {size} bytes", None
             if size < 8:
-                return f"it is only {size} bytes long (empty or cut short)", "copy it again, or pass another checkpoint"
+                return f"{NOT_SAFETENSORS}: it is only {size} bytes long", "copy it again, or pass another checkpoint"
+            handle.seek(8)
             length = int.from_bytes(start, "little")
             first = handle.read(1)
             if length < 2 or length > HEADER_LIMIT or first != b"{":
-                return "it does not start with a safetensors header (another format, or damaged)", None
+                return f"{NOT_SAFETENSORS}: it does not start with a safetensors header (another format, or damaged)", None
             if length > size - 8:
-                return (f"it is cut short: its header announces {length} bytes, only {size - 8} follow",
+                return (f"{DAMAGED}: it is cut short: its header announces {length} bytes, only {size - 8} follow",
                         "copy it again, or pass an earlier checkpoint")
             raw = first + handle.read(length - 1)
     except OSError as exc:
-        return f"it cannot be read ({exc.strerror or exc})", None
+        return f"{DAMAGED}: it cannot be read ({exc.strerror or exc})", None
     try:
         header = parse_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return "its header is not valid JSON (the file is damaged)", None
+        return f"{DAMAGED}: its header is not valid JSON (the file is damaged)", None
     except ValueError as exc:
-        return f"its header cannot be read ({exc})", "the file is damaged or forged; pass a checkpoint written by simclr"
+        return f"{DAMAGED}: its header cannot be read ({exc})", "the file is damaged or forged; pass a checkpoint written by simclr"
     if not isinstance(header, dict):
-        return "its header is not a JSON object (the file is damaged)", None
+        return f"{DAMAGED}: its header is not a JSON object (the file is damaged)", None
     ends = [
         entry["data_offsets"][1]
         for name, entry in header.items()
@@ -113,9 +127,20 @@ def _container_problem(path: Path) -> tuple[str, str | None] | None:
     ]
     data = size - 8 - length
     if max(ends, default=0) > data:
-        return (f"it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
+        return (f"{DAMAGED}: it is cut short: its tensors need {max(ends, default=0)} bytes of data, only {data} are there",
                 "copy it again, or pass an earlier checkpoint")
     return None
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text (UTF-8 without NULs; a multi-byte character cut at the end is fine)."""
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
+    return True
 
 
 # Metadata nests a few levels (config -> section -> value); anything deeper is forged, and would take recursive code
@@ -157,12 +182,13 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load(path: Path, *, kind: str) -> Loaded:
-    """Read a checkpoint of `kind`, checking the container, the format and its version."""
+def load(path: Path, *, kind: str, tensors: bool = True) -> Loaded:
+    """Read a checkpoint of `kind`, checking the container, the format and its version (the metadata alone, and
+    only the header read, unless `tensors`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file written by simclr")
-    header, tensors = read_safetensors(path, fix="pass a checkpoint written by simclr")
+    header, found = read_safetensors(path, fix="pass a checkpoint written by simclr", tensors=tensors)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a simclr checkpoint (no '{FORMAT}' header)")
     version = header.get("format_version", "?")
@@ -170,6 +196,10 @@ def load(path: Path, *, kind: str) -> Loaded:
         raise CheckpointError(
             f"{path} has checkpoint format version {version}; this simclr reads version {FORMAT_VERSION} — upgrade simclr"
         )
+    if header.get("kind") == TRAIN_STATE and kind == ENCODER:
+        encoder = rundir.run_encoder_for(path)
+        where = f"its run's encoder is {encoder}" if encoder.is_file() else "pass the encoder.safetensors of its run"
+        raise CheckpointError(f"{path} is a training-state checkpoint (what --resume reads), not an encoder; {where}")
     if header.get("kind") != kind:
         raise CheckpointError(f"{path} holds a '{header.get('kind')}' checkpoint where a '{kind}' one is needed")
     meta = {}
@@ -182,7 +212,19 @@ def load(path: Path, *, kind: str) -> Loaded:
             raise CheckpointError(f"{path} has corrupt metadata ({exc.msg}); the file is damaged") from exc
         except ValueError as exc:
             raise CheckpointError(f"{path} has corrupt metadata ({key}: {exc}); the file is damaged") from exc
-    return Loaded(tensors=tensors, meta=meta)
+    return Loaded(tensors=found, meta=meta)
+
+
+DIGEST_CHUNK = 1 << 20  # bytes read at a time: a 100 MB encoder is hashed in bounded memory
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in chunks: names exactly which weights an index or a result came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], *, source: Path) -> None:
@@ -462,20 +504,7 @@ def load_train_state(
     path = Path(path)
     loaded = load(path, kind=TRAIN_STATE)
     meta = loaded.meta
-    for key in ("step", "epoch"):
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
-    problem = None
-    elapsed = meta.get("elapsed", 0.0)
-    if total_steps is not None and meta["step"] > total_steps:
-        problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
-    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
-        problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
-    elif not isinstance(meta.get("config", {}), dict):
-        problem = f"config is a {type(meta['config']).__name__}, not a mapping"
-    if problem is not None:
-        raise CheckpointError(f"{path} has invalid metadata: {problem}; the file is damaged")
+    _check_train_state_meta(meta, path, total_steps=total_steps)
     weights = {k.removeprefix("model/"): v for k, v in loaded.tensors.items() if k.startswith("model/")}
     check_state_dict(model.state_dict(), weights, source=path)
     method_state = {k.removeprefix(METHOD_STATE): v for k, v in loaded.tensors.items() if k.startswith(METHOD_STATE)}
@@ -510,6 +539,31 @@ def load_train_state(
     if restore_extra is not None:
         restore_extra(method_state)
     return meta
+
+
+def read_train_state_meta(path: Path, *, total_steps: int | None = None) -> dict[str, Any]:
+    """A training state's metadata (step, epoch, elapsed, config), checked as `load_train_state` checks it, from
+    the file's header alone: no tensor is read."""
+    meta = load(path, kind=TRAIN_STATE, tensors=False).meta
+    _check_train_state_meta(meta, Path(path), total_steps=total_steps)
+    return meta
+
+
+def _check_train_state_meta(meta: Mapping[str, Any], path: Path, *, total_steps: int | None) -> None:
+    for key in ("step", "epoch"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path} has no valid '{key}' in its metadata; the file is damaged")
+    problem = None
+    elapsed = meta.get("elapsed", 0.0)
+    if total_steps is not None and meta["step"] > total_steps:
+        problem = f"step {_shown(meta['step'])} is past the end of this run's schedule ({total_steps} steps)"
+    elif isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed <= MAX_SECONDS:
+        problem = f"elapsed {_shown(elapsed)} is not a number of seconds >= 0"
+    elif not isinstance(meta.get("config", {}), dict):
+        problem = f"config is a {type(meta['config']).__name__}, not a mapping"
+    if problem is not None:
+        raise CheckpointError(f"{path} has invalid metadata: {problem}; the file is damaged")
 
 
 def _check_rng_state(state: torch.Tensor | None, current: torch.Tensor, *, name: str, source: Path) -> None:

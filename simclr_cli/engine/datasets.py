@@ -50,6 +50,8 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DATA_FIX = "pass --data-root DIR holding the extracted dataset, or --download where you have internet"
+IMAGENET_FIX = ("pass --data-root DIR holding the extracted ImageNet: the devkit layout (meta.bin), or train/ and val/ "
+                "with one subfolder per class (it cannot be downloaded for you: it needs a licence from image-net.org)")
 
 
 log = logging.getLogger("simclr")
@@ -162,7 +164,7 @@ def named_dataset(name: str, *, root: Path | None, split: str, download: bool) -
     if name == "digits":
         return digits(split)
     root = Path(root).expanduser() if root is not None else default_data_root()
-    fix = CIFAR_BINARY[name].fix if name in CIFAR_BINARY else DATA_FIX
+    fix = CIFAR_BINARY[name].fix if name in CIFAR_BINARY else IMAGENET_FIX if name == "imagenet" else DATA_FIX
     if not download and not root.is_dir():
         raise DataError(f"{name}: data root {root} does not exist; {fix}")
     try:
@@ -192,11 +194,8 @@ def _imagenet(root: Path, *, split: str) -> Dataset:
         # wnids are unique folder names (some human-readable names repeat, e.g. "crane").
         return _TorchvisionImages(dataset, classes=dataset.wnids, targets=dataset.targets)
     if not (root / split).is_dir():
-        raise DataError(
-            f"imagenet: {root} has neither the devkit layout (meta.bin) nor a {split}/ folder of class subfolders; "
-            "pass --data-root DIR holding the extracted dataset (ImageNet cannot be downloaded for you: "
-            "it needs a licence from image-net.org)"
-        )
+        raise DataError(f"imagenet: {root} has neither the devkit layout (meta.bin) nor a {split}/ folder of class subfolders; "
+                        f"{IMAGENET_FIX}")
     return labelled_folder(root / split)
 
 

@@ -14,6 +14,7 @@ from simclr_cli.engine import defaults, distributed, rundir
 from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledSplits, labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.features import Encoder, open_encoder, weights_of
+from simclr_cli.engine.files import check_output_folder
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_results
 
@@ -47,14 +48,17 @@ def run(cfg, *, checkpoint: Path | None, out: Path | None, command: str, progres
     what to show; None on the other processes."""
     cfg.validate()
     with distributed.context(device=cfg.device) as world:
-        opened = open_labelled(cfg, checkpoint)
-        folder = out or rundir.default_eval_dir(opened.checkpoint, command)
+        path = rundir.resolve_checkpoint(checkpoint)
+        folder = out or rundir.default_eval_dir(path, command)
+        check_output_folder(folder)  # now, not after the evaluation
+        opened = open_labelled(cfg, path)
         result = evaluate(opened, folder, progress if world.is_main else None)
         if not world.is_main:
             return None
         return Evaluated(result=result, data=opened.splits.name,
                          results_file=write_results(folder, {**result.to_dict(), "data": opened.splits.name,
-                                                             "weights": weights_of(opened.encoder)}))
+                                                             "weights": weights_of(opened.encoder),
+                                                             "checkpoint_sha256": opened.encoder.digest}))
 
 
 def open_labelled(cfg, checkpoint: Path | None) -> Opened:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +24,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from simclr_cli.engine import distributed
+from simclr_cli.engine import checkpoint, distributed, rundir
 from simclr_cli.engine.augment import eval_transform
-from simclr_cli.engine.checkpoint import EncoderInfo, load_encoder
+from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.device import MAX_WORKERS, Runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import SimCLR, build_model
@@ -43,18 +44,26 @@ class Encoder:
 
     model: SimCLR
     info: EncoderInfo
-    source: Path | None  # the checkpoint file; None for a random-init baseline
+    source: Path | None  # the checkpoint file, resolved (no runs/latest link); None for a random-init baseline
+
+    @functools.cached_property
+    def digest(self) -> str | None:
+        """`sha256:<hex>` of the checkpoint file, computed once: what names these exact weights in results and indexes."""
+        return None if self.source is None else checkpoint.file_digest(self.source)
 
 
-def open_encoder(checkpoint: Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
-    """Load an encoder file (CheckpointError on problems); `random_init` keeps its architecture and transform
-    but draws fresh weights from `seed`: the honest baseline every evaluation should be compared with."""
+def open_encoder(checkpoint_path: Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
+    """Load an encoder file, or a folder's (rundir.encoder_file), CheckpointError on problems; `random_init` keeps
+    its architecture and transform but draws fresh weights from `seed`: the honest baseline every evaluation
+    should be compared with."""
+    path = rundir.encoder_file(checkpoint_path)
     # A forked CPU generator: building a model draws init weights (even one about to be overwritten by
     # load_encoder), and opening a file should not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
-        model, info = load_encoder(Path(checkpoint))
+        model, info = checkpoint.load_encoder(path)
         if not random_init:
-            return Encoder(model=model.eval(), info=info, source=Path(checkpoint))
+            # resolved: `runs/latest` moves with every run, and what was measured must keep naming these weights
+            return Encoder(model=model.eval(), info=info, source=path.resolve())
         torch.default_generator.manual_seed(seed)
         # The baseline people mean: a standard untrained ResNet (torchvision's init), whatever init the file's run
         # started from; zero-initialised residual branches would make it a far weaker straw man.

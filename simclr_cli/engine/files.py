@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from simclr_cli.engine.errors import OutputError
+from simclr_cli.engine.errors import ConfigError, OutputError
 
 
 # atomic_write's temp files: `.<name>.<pid>.<8 hex digits>.tmp`; one left behind was a save cut short (kill -9)
@@ -85,6 +85,39 @@ def writing(path: Path, *, kept: str) -> Iterator[None]:
         if exc.errno in OutputError.CAUSES:
             raise OutputError(path, exc.errno, kept=kept) from exc
         raise
+
+
+def check_output_file(path: Path, *, overwrite: bool, sidecars: tuple[Path, ...] = ()) -> None:
+    """Before any work: ConfigError when `path` (or a sidecar written with it) is a folder, or already exists without
+    `overwrite`; OutputError when its folder cannot be created or written to. A long run then never ends in a
+    refusal to write its result."""
+    path = Path(path)
+    for target in (path, *sidecars):
+        if target.is_dir():
+            raise ConfigError(f"--out {target} is a folder; give the path of the file to write")
+        if os.path.lexists(target) and not overwrite:
+            raise ConfigError(f"{target} already exists; pass --overwrite to replace it, or choose another --out")
+    _check_can_create(path.parent, target=path)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Before any work: ConfigError when `folder` is a file, OutputError when it cannot be created or written to."""
+    folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file, not a folder; choose another --out")
+    _check_can_create(folder, target=folder)
+
+
+def _check_can_create(folder: Path, *, target: Path) -> None:
+    """`folder` exists and is writable, or its nearest existing parent is a writable folder it can be made in."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, so {target} cannot be created in it; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise OutputError(target, errno.EROFS if read_only else errno.EACCES, kept="nothing was written")
 
 
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")

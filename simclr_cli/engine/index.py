@@ -26,7 +26,7 @@ def paths_file_for(vectors: Path) -> Path:
 
 
 def metadata_file_for(vectors: Path) -> Path:
-    """VECS.npy -> VECS.json: how the index was made (checkpoint, layer, normalisation)."""
+    """VECS.npy -> VECS.json: how the index was made (checkpoint and its SHA-256, layer, normalisation)."""
     return Path(vectors).with_suffix(".json")
 
 
@@ -61,7 +61,7 @@ def read_metadata(vectors: Path) -> dict[str, Any]:
         raise DataError(f"{path} is not valid JSON ({str(exc)[:100] or 'nested too deeply'}); re-run `simclr embed` or delete it") from exc
     if not isinstance(settings, dict):
         raise DataError(f"{path} is not a JSON object of settings; re-run `simclr embed` or delete it")
-    for key in ("checkpoint", "layer"):  # the two settings retrieval uses
+    for key in ("checkpoint", "checkpoint_sha256", "layer"):  # the settings retrieval uses
         if settings.get(key) is not None and not isinstance(settings[key], str):
             raise DataError(f"{path} has a '{key}' that is not text; re-run `simclr embed` or delete it")
     return settings

@@ -162,7 +162,9 @@ class PixelDataset(Dataset):
                     raise DataError(f"cannot decode {printable_path(path)} ({exc.reason}); fix or remove it, "
                                     "or pass --on-bad-image skip") from exc
                 skipped.append(Skipped(candidate, path, exc.reason))
-        raise DataError("none of the images can be decoded; check the files")
+        # require_decodable stops a run on such data first; here the files changed since
+        raise DataError(f"none of the {len(self)} images can be decoded now (first: {printable_path(skipped[0].path)}: "
+                        f"{skipped[0].reason}); check the files")
 
     def pixels(self, index: int) -> Tensor:
         if self.arrays is not None:
@@ -174,6 +176,27 @@ class PixelDataset(Dataset):
     def path(self, index: int) -> str:
         paths = getattr(self.images, "paths", None)
         return os.fspath(paths[index]) if paths is not None else f"image {index}"
+
+
+def require_decodable(dataset: PixelDataset, bad: badfiles.BadFiles) -> None:
+    """Before the first step: decode images in order until one works, handing each bad one before it to `bad`;
+    when none works, the error naming the first few (and `bad`'s report listing them all), not a bare "no images"
+    from inside a DataLoader worker. Usually one decode (or a cache hit)."""
+    if dataset.arrays is not None:
+        return  # pixels in memory: nothing to decode
+    failures: list[tuple[str, str]] = []
+    for index in range(len(dataset)):
+        try:
+            dataset.pixels(index)
+        except BadImage as exc:
+            failures.append((dataset.path(index), exc.reason))
+            if bad.on_bad_image == "error":
+                bad.add(*failures[-1])  # stops here, naming it
+            continue
+        for path, reason in failures:
+            bad.add(path, reason)
+        return
+    raise bad.none_usable(failures)
 
 
 def _pixel_array(images: Dataset) -> np.ndarray | None:

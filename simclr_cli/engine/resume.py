@@ -40,6 +40,24 @@ def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, s
     raise CheckpointError(f"no valid checkpoint to resume in {run_dir.checkpoints}; start a new run with --overwrite")
 
 
+def finished(run_dir: RunDir, *, config: dict[str, Any], total_steps: int) -> dict[str, Any] | None:
+    """The metadata of the newest checkpoint when it ends the run's schedule and the encoder was written at that step
+    too (read from the headers alone): a --resume then has nothing to do and need not open the data. None otherwise,
+    also when the newest checkpoint is unreadable (`load_newest` then says why and falls back)."""
+    saved = run_dir.saved_checkpoints()
+    if not saved or not run_dir.encoder.is_file():
+        return None
+    try:
+        meta = checkpoint.read_train_state_meta(saved[0], total_steps=total_steps)
+        encoder_step = checkpoint.load(run_dir.encoder, kind=checkpoint.ENCODER, tensors=False).meta.get("step")
+    except CheckpointError:
+        return None
+    if meta.get("step") != total_steps or encoder_step != total_steps:
+        return None
+    check_same_run(meta.get("config", {}), config, source=saved[0])  # a changed recipe is refused, not "complete"
+    return meta
+
+
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], *, source: Path) -> None:
     """Refuse to resume with settings that change what the run computes."""
     saved, current = flatten(saved), flatten(current)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from simclr_cli.engine import metrics
-from simclr_cli.engine.errors import ConfigError, OutputError
+from simclr_cli.engine.errors import CheckpointError, ConfigError, OutputError
 from simclr_cli.engine.files import TEMP_FILE, atomic_write
 
 log = logging.getLogger("simclr")
@@ -28,6 +28,9 @@ RUNS = Path("runs")
 LATEST = "latest"
 CHECKPOINT_GLOB = "step-*.safetensors"
 LOCK = ".lock"
+ENCODER_FILE = "encoder.safetensors"
+# What a folder given as CHECKPOINT may hold, in the order looked for: a run's encoder, a fine-tuning's result.
+FOLDER_CHECKPOINTS = (ENCODER_FILE, "finetuned.safetensors")
 # Run dirs this process holds through `lock`, by real path, so `prepare` inside the lock does not refuse its own run.
 _held: set[str] = set()
 
@@ -53,7 +56,7 @@ class RunDir:
 
     @property
     def encoder(self) -> Path:
-        return self.root / "encoder.safetensors"
+        return self.root / ENCODER_FILE
 
     @property
     def train_log(self) -> Path:
@@ -279,7 +282,7 @@ def _holder(path: Path) -> str:
 
 def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None, data: dict[str, Any] | None = None) -> None:
     """Rank 0's bookkeeping before the first step: the config and data fingerprint of a new run, or the metrics a
-    resume replays (`check_same_data` has checked its images first)."""
+    resume replays (`check_same_data` has checked its images first). `runs/latest` waits for `publish`."""
     if resumed_from is None:
         text = yaml.safe_dump(config, sort_keys=False)
         atomic_write(run_dir.config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -287,6 +290,11 @@ def start(run_dir: RunDir, config: dict[str, Any], *, resumed_from: int | None, 
             atomic_write(run_dir.data, lambda tmp: tmp.write_text(json.dumps(data) + "\n", encoding="utf-8"))
     else:
         metrics.truncate(run_dir.metrics, after_step=resumed_from)
+
+
+def publish(run_dir: RunDir) -> None:
+    """Point `runs/latest` at a run under `runs/` once it has written its encoder: the commands that default to it
+    must never land on a run that failed before it had one."""
     if run_dir.root.parent.name == RUNS.name:
         point_latest(run_dir.root)
 
@@ -327,13 +335,35 @@ def point_latest(root: Path) -> None:
 
 def default_checkpoint(base: Path = RUNS) -> Path:
     """The newest run's encoder: what evaluation commands use when no CHECKPOINT is given."""
-    return base / LATEST / "encoder.safetensors"
+    return base / LATEST / ENCODER_FILE
+
+
+def encoder_file(path: Path) -> Path:
+    """An encoder path as given, or, for a folder (a run, a fine-tuning's eval folder), the encoder file inside it."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    for name in FOLDER_CHECKPOINTS:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        f"{path} is a folder without an {ENCODER_FILE}; pass a run folder that has finished its first checkpoint, "
+        "or the .safetensors file of an encoder"
+    )
+
+
+def run_encoder_for(path: Path) -> Path:
+    """The encoder file of the run a training-state checkpoint (`<run>/checkpoints/step-*.safetensors`) belongs to."""
+    path = Path(path)
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return RunDir(run).encoder
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
-    """CHECKPOINT as given, or `runs/latest/encoder.safetensors`, with the fix when it is not there."""
+    """CHECKPOINT as an encoder file: as given, a folder's encoder (`encoder_file`), or without one
+    `runs/latest/encoder.safetensors`, with the fix when it is not there."""
     if path is not None:
-        return Path(path).expanduser()
+        return encoder_file(path)
     latest = default_checkpoint()
     if not latest.is_file():
         raise ConfigError(

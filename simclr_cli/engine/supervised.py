@@ -248,7 +248,7 @@ def train_classifier(
             entry["seconds"] = round(time.perf_counter() - epoch_start, 3)
             history.append(entry)
             log.info("%s epoch %d/%d: loss %.4f, val top-1 %s", description, epoch + 1, epochs, entry["loss"],
-                     "-" if entry["top1"] is None else f"{entry['top1']:.4f}")
+                     "-" if entry["top1"] is None else f"{100 * entry['top1']:.2f}%")
     finally:
         progress.stop()
     log.debug("%s: %d steps in %.1f s", description, step, time.perf_counter() - started)

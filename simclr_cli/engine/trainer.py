@@ -93,6 +93,7 @@ class PretrainResult:
     seconds: float
     resumed_from: int | None
     named_data: bool  # pretrained on a named dataset, which evaluation commands then default to
+    already_complete: bool = False  # a --resume of a run that had finished its schedule: nothing was done
 
 
 def source_images(cfg, *, out: Path | None = None):
@@ -121,16 +122,23 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     data = fingerprint(images, data=cfg.data.source)
     if resume_run:  # before any checkpoint is read: other images change the schedule, and the messages with it
         distributed.on_main(world, lambda: rundir.check_same_data(run_dir, data), device=rt.device)
+    batch = cfg.train.batch_size
+    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
+    schedule = Schedule.fit(peak_lr=peak_lr, steps_per_epoch=len(images) // batch, epochs=cfg.train.epochs,
+                            max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
+    final = resume.finished(run_dir, config=to_plain(cfg), total_steps=schedule.total_steps) if resume_run else None
+    if final is not None:  # before any image is decoded
+        return PretrainResult(
+            run_dir=run_dir.root, encoder=run_dir.encoder, steps=final["step"], epochs_done=final["step"] / schedule.steps_per_epoch,
+            first_loss=None, last_loss=None, seconds=float(final.get("elapsed", 0.0)), resumed_from=final["step"],
+            named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS, already_complete=True,
+        )
     pixels, cfg = _pixels(cfg, images, rt=rt)
     config_dict = to_plain(cfg)  # resolved: what config.yaml and every checkpoint record
 
     method = _method(cfg, world=world, rt=rt, init=not resume_run)
-    batch = cfg.train.batch_size
-    peak_lr = scaled_lr(cfg.optim.lr, batch, cfg.optim.lr_scaling)  # from the GLOBAL batch
     optimizer = build_optimizer(method.modules, cfg.optim, lr=peak_lr)
     scaler = rt.grad_scaler()
-    schedule = Schedule.fit(peak_lr=peak_lr, steps_per_epoch=len(images) // batch, epochs=cfg.train.epochs,
-                            max_steps=cfg.train.max_steps, warmup_epochs=cfg.optim.warmup_epochs)
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
@@ -151,6 +159,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
                             max_image_pixels=cfg.data.max_image_pixels, report=run_dir.bad_files(world.rank))
     for folder, reason in getattr(images, "skipped_folders", ()):
         bad.add_folder(folder, reason)
+    distributed.on_main(world, lambda: pipeline.require_decodable(pixels, bad), device=rt.device)
     log.info(
         "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
         "peak lr %.4g, %s on %s, %d data workers%s%s",
@@ -275,6 +284,7 @@ class Trainer:
         self.started, self.elapsed_before = time.perf_counter(), elapsed_before
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.published = False  # runs/latest points here
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -400,6 +410,9 @@ class Trainer:
         for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
         checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        if not self.published:
+            rundir.publish(self.run_dir)  # runs/latest: now there is an encoder to offer
+            self.published = True
         log.debug("saved %s and %s", path, self.run_dir.encoder)
         if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
             plots.plot_run(self.run_dir.root)

@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from simclr_cli.engine import checkpoint
+from simclr_cli.engine import checkpoint, rundir
 from simclr_cli.engine.errors import CheckpointError
 from simclr_cli.engine.model import SimCLR
 
@@ -151,8 +151,9 @@ def init_encoder(model: SimCLR, path: Path) -> InitReport:
     """Copy the encoder weights of `path` into `model` in place (and its head from a matching simclr file).
 
     Every encoder tensor must be filled with the right shape, else CheckpointError naming the keys and layout.
+    A run folder stands for its encoder.safetensors.
     """
-    path = Path(path)
+    path = rundir.encoder_file(path)
     note = ""
     if _is_simclr_file(path):
         loaded = checkpoint.load(path, kind=checkpoint.ENCODER)

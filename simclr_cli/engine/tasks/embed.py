@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 from simclr_cli.engine import defaults, distributed, index, plots, rundir
 from simclr_cli.engine.configs import EmbedConfig
 from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError, Stopped
@@ -111,7 +111,8 @@ def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, o
         )
         if not world.is_main:
             return None
-        index.write_metadata(result.out, result.to_dict())
+        # the encoder's hash: retrieval refuses queries embedded by other weights
+        index.write_metadata(result.out, {**result.to_dict(), "checkpoint_sha256": encoder.digest})
         return Embedded(result=result, map=_plot(result, method=cfg.plot_method) if cfg.plot else None)
 
 
@@ -225,9 +226,7 @@ def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer
     """(what the walk found, the feature width), or the ConfigError / DataError that stops the run before any work."""
     if out.suffix != ".npy":
         raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
-    for existing in (out, paths_file):
-        if existing.exists() and not overwrite:
-            raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another --out")
+    check_output_file(out, overwrite=overwrite, sidecars=(paths_file,))
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
     return scan_folder(folder), dim
 

@@ -11,12 +11,15 @@ Targets:
 - `onnx`: the encoder f as a graph image (B, 3, S, S) -> h (B, D), batch axis dynamic (needs `onnx`).
 
 The projection head g is never exported: SimCLR §4.2 evaluates and transfers h, not z.
-Every target expects images resized and normalised as the metadata says (mean/std, interpolation).
+Every target expects images resized and normalised as the metadata says (`preprocessing`, in words, and
+mean/std, interpolation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -26,9 +29,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from simclr_cli.engine import rundir
+from simclr_cli.engine.augment import describe_eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.supervised import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT
@@ -50,12 +55,13 @@ class ExportResult:
     width: float
     stem: str
     feature_dim: int  # D of h, the exported network's output (or fc's input)
-    tensors: int  # entries written (0 for onnx: its weights live inside the graph)
+    tensors: int  # weight tensors written (for onnx the graph's initializers, BN folded into the convolutions)
     parameters: int  # learnable weights exported (BN running statistics excluded)
     missing_keys: tuple[str, ...]  # keys the target model has that the file lacks (torchvision without fc)
     metadata: dict[str, str]
     bytes: int
     usage: str  # one line showing how to load the file
+    preprocessing: str  # what an image must go through before the exported network (size, scale, mean/std, layout)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,19 +78,25 @@ class ExportResult:
             "metadata": dict(self.metadata),
             "bytes": self.bytes,
             "usage": self.usage,
+            "preprocessing": self.preprocessing,
         }
 
 
 def default_out(checkpoint: Path, *, to: str) -> Path:
-    """`<checkpoint folder>/<checkpoint stem>-<target><suffix>`, e.g. `runs/x/encoder-torchvision.safetensors`."""
+    """Beside the checkpoint, named after it and the target: `runs/x/encoder-torchvision.safetensors`, or where
+    the suffix alone says the format, `runs/x/encoder.onnx`."""
     _check_target(to)
     checkpoint = Path(checkpoint)
-    return checkpoint.parent / f"{checkpoint.stem}-{to}{SUFFIXES[to]}"
+    suffix = SUFFIXES[to]
+    name = f"{checkpoint.stem}{suffix}" if suffix != checkpoint.suffix else f"{checkpoint.stem}-{to}{suffix}"
+    return checkpoint.parent / name
 
 
-def run(cfg: ExportConfig, *, checkpoint: Path, out: Path | None = None, overwrite: bool = False) -> ExportResult:
-    """`checkpoint`'s encoder as `cfg.to`, written to `out` (default: beside the checkpoint, named after the target)."""
+def run(cfg: ExportConfig, *, checkpoint: Path | None, out: Path | None = None, overwrite: bool = False) -> ExportResult:
+    """`checkpoint`'s encoder (a file, a run folder; default runs/latest's) as `cfg.to`, written to `out` (default:
+    beside the checkpoint, named after the target)."""
     cfg.validate()
+    checkpoint = rundir.resolve_checkpoint(checkpoint)
     return export(checkpoint, to=cfg.to, out=out or default_out(checkpoint, to=cfg.to), overwrite=overwrite,
                   include_fc=cfg.include_fc)
 
@@ -121,8 +133,8 @@ def export(checkpoint: Path, *, to: str, out: Path, overwrite: bool = False, inc
         )
     else:
         tensors, missing = {}, ()
-        _save_onnx(out, net, info, metadata)
-        usage = f"onnxruntime.InferenceSession({str(out)!r}).run(['h'], {{'image': x}})  # x: (B, 3, {info.image_size}, {info.image_size}) float32, normalised"
+        count = _save_onnx(out, net, info, metadata)
+        usage = f"onnxruntime.InferenceSession({str(out)!r}).run(['h'], {{'image': x}})  # x: (B, 3, {info.image_size}, {info.image_size}) float32 (see preprocessing)"
 
     parameters = sum(p.numel() for p in net.parameters())
     if include_fc:
@@ -130,8 +142,9 @@ def export(checkpoint: Path, *, to: str, out: Path, overwrite: bool = False, inc
     log.info("exported %s (%s) to %s", checkpoint, to, out)
     return ExportResult(
         target=to, out=out, checkpoint=checkpoint, architecture=info.model.arch, width=info.model.width,
-        stem=str(info.model.stem), feature_dim=net.out_dim, tensors=len(tensors), parameters=parameters,
-        missing_keys=missing, metadata=metadata, bytes=out.stat().st_size, usage=usage,
+        stem=str(info.model.stem), feature_dim=net.out_dim, tensors=count if to == "onnx" else len(tensors),
+        parameters=parameters, missing_keys=missing, metadata=metadata, bytes=out.stat().st_size, usage=usage,
+        preprocessing=metadata["preprocessing"],
     )
 
 
@@ -144,12 +157,9 @@ def _check_target(to: str) -> None:
 
 
 def _check_out(out: Path, *, checkpoint: Path, overwrite: bool) -> None:
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the path of the file to write")
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out} is the checkpoint being exported; choose another --out")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_output_file(out, overwrite=overwrite)
 
 
 def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:
@@ -206,6 +216,8 @@ def _metadata(info: EncoderInfo, net: ResNet, *, checkpoint: Path) -> dict[str, 
         "mean": json.dumps(list(info.mean)),
         "std": json.dumps(list(info.std)),
         "interpolation": info.interpolation,
+        "preprocessing": describe_eval_transform(image_size=info.image_size, mean=info.mean, std=info.std,
+                                                 interpolation=info.interpolation),
         "epoch": str(info.epoch),
         "step": str(info.step),
     }
@@ -216,8 +228,9 @@ def _save_safetensors(out: Path, tensors: dict[str, torch.Tensor], metadata: dic
     atomic_write(out, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
 
 
-def _save_onnx(out: Path, net: ResNet, info: EncoderInfo, metadata: dict[str, str]) -> None:
-    """Trace f in eval mode (BN on running statistics) with a dynamic batch axis; metadata as model properties."""
+def _save_onnx(out: Path, net: ResNet, info: EncoderInfo, metadata: dict[str, str]) -> int:
+    """Trace f in eval mode (BN on running statistics) with a dynamic batch axis, metadata as model properties;
+    returns the graph's weight tensors (initializers; the exporter folds BN into the convolutions)."""
     import onnx
 
     net = net.to("cpu", torch.float32).eval()
@@ -225,16 +238,24 @@ def _save_onnx(out: Path, net: ResNet, info: EncoderInfo, metadata: dict[str, st
     # The dynamo exporter needs onnxscript; without it the TorchScript exporter does the same job.
     dynamo = _installed("onnxscript")
 
+    initializers = 0
+
     def write(tmp: Path) -> None:
-        kwargs: dict[str, Any] = {"dynamo": dynamo}
+        nonlocal initializers
+        kwargs: dict[str, Any] = {"dynamo": dynamo, "verbose": False}
         if dynamo:
             kwargs["external_data"] = False  # one self-contained file: a side .data file would not follow the rename
             kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)  # the dynamo exporter's own form
         else:
             kwargs["dynamic_axes"] = {"image": {0: "batch"}, "h": {0: "batch"}}
-        torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["h"], **kwargs)
+        # The exporter narrates its passes on stdout ("[torch.onnx] Run decompositions..."), which is ours to use.
+        with contextlib.redirect_stdout(io.StringIO()) as narration:
+            torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["h"], **kwargs)
+        log.debug("torch.onnx: %s", narration.getvalue().strip())
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, metadata)
         onnx.save(model, str(tmp))
+        initializers = len(model.graph.initializer)
 
     atomic_write(out, write)
+    return initializers

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from simclr_cli.engine import rundir
+from simclr_cli.engine.augment import describe_eval_transform
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.results import RESULTS_FILE
 
@@ -60,6 +61,7 @@ class CheckpointInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    preprocessing: str  # the input transform in words, for using the network outside simclr
     epoch: int
     step: int
     config: dict[str, Any]  # the resolved config it was trained with
@@ -92,6 +94,7 @@ class CheckpointInfo:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            "preprocessing": self.preprocessing,
             "epoch": self.epoch,
             "step": self.step,
             "config": self.config,
@@ -129,6 +132,8 @@ def describe(checkpoint: Path) -> CheckpointInfo:
         mean=tuple(info.mean),
         std=tuple(info.std),
         interpolation=info.interpolation,
+        preprocessing=describe_eval_transform(image_size=info.image_size, mean=info.mean, std=info.std,
+                                              interpolation=info.interpolation),
         epoch=info.epoch,
         step=info.step,
         config=info.config,

@@ -133,8 +133,8 @@ def evaluate(
     plot = Path(out_dir) / CONFUSION_FILE if plots.available() else None  # an optional extra, like pretrain's plots
     if plot is not None:
         distributed.on_main(world, lambda: plots.plot_confusion(confusion.numpy(), classes, out=plot), device=rt.device)
-    log.info("linear eval (%s, %s): top-1 %.4f%s", cfg.protocol, cfg.layer, top1,
-             "" if top5 is None else f", top-5 {top5:.4f}")
+    log.info("linear eval (%s, %s): top-1 %.2f%%%s", cfg.protocol, cfg.layer, 100 * top1,
+             "" if top5 is None else f", top-5 {100 * top5:.2f}%")
     return LinearEvalResult(
         top1=top1, top5=top5, protocol=cfg.protocol, layer=cfg.layer, settings=settings, history=history,
         checkpoint=encoder.source, classifier=path, confusion=confusion.tolist(), confusion_plot=plot,

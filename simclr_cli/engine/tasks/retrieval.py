@@ -5,19 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from simclr_cli.engine.files import atomic_write
+from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.images import ImageFiles, find_images
 from simclr_cli.engine import defaults, distributed, rundir
 from simclr_cli.engine.configs import RetrievalConfig
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.features import Encoder, extract, open_encoder
-from simclr_cli.engine.index import open_index, read_metadata
+from simclr_cli.engine.index import metadata_file_for, open_index, read_metadata
 from simclr_cli.engine.neighbours import nearest
+
+log = logging.getLogger("simclr")
 
 
 @dataclass(frozen=True)
@@ -36,18 +39,45 @@ def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | No
     """Each query image's `cfg.k` nearest images in `index`, embedded with the index's own encoder and layer unless
     `checkpoint`/`cfg.layer` say otherwise; written to `out` (.csv or .json) when given."""
     cfg.validate()
+    if out is not None:  # before anything is embedded
+        _check_matches_out(out)
     with distributed.context(device=cfg.device) as world:
         if world.world_size > 1:
             raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
         made_with = read_metadata(index)
         path = checkpoint or (Path(made_with["checkpoint"]) if made_with.get("checkpoint") else rundir.resolve_checkpoint(None))
         encoder = open_encoder(path)
+        check_same_encoder(encoder, made_with, index=index)
         rt = runtime(device=cfg.device, precision=cfg.precision)
         matches = search(encoder, index=index, query=query, k=cfg.k, layer=cfg.layer or made_with.get("layer", "encoder"),
                          batch_size=cfg.batch_size, workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt)
         if out is not None:
             write_matches(matches, out)
         return matches
+
+
+def check_same_encoder(encoder: Encoder, made_with: dict, *, index: Path) -> None:
+    """ConfigError when `encoder` is not, byte for byte, the file the index was embedded with: queries embedded by
+    other weights land in another space, and their similarities to the index mean nothing."""
+    if not made_with:
+        return  # a .npy made elsewhere: nothing to compare with
+    recorded = made_with.get("checkpoint_sha256")
+    if recorded is None:
+        log.warning("%s does not record its encoder's hash (an index from an older simclr): whether %s made it cannot "
+                    "be checked", metadata_file_for(index), encoder.source)
+        return
+    if encoder.digest == recorded:
+        return
+    built_with = made_with.get("checkpoint") or "another encoder"
+    if str(encoder.source) == built_with:
+        raise ConfigError(
+            f"{built_with} has changed since {index} was embedded with it (its SHA-256 differs); re-run simclr embed "
+            "to rebuild the index"
+        )
+    raise ConfigError(
+        f"{index} was embedded with {built_with}, not {encoder.source} (their SHA-256 differ); query with the index's "
+        f"encoder, or rebuild the index with simclr embed -c {encoder.source}"
+    )
 
 
 def search(
@@ -76,9 +106,10 @@ def search(
 def write_matches(matches: list[Match], out: Path) -> None:
     """Matches as CSV (query, rank, path, similarity) or JSON, chosen by the file's extension."""
     out = Path(out)
+    _check_matches_out(out)
     if out.suffix == ".json":
         text = json.dumps([asdict(m) for m in matches], indent=2) + "\n"
-    elif out.suffix == ".csv":
+    else:  # .csv
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["query", "rank", "path", "similarity"])
@@ -86,6 +117,14 @@ def write_matches(matches: list[Match], out: Path) -> None:
             for rank, n in enumerate(match.neighbours, start=1):
                 writer.writerow([match.query, rank, n.path, f"{n.similarity:.6f}"])
         text = buffer.getvalue()
-    else:
-        raise ConfigError(f"--out {out} must end with .csv or .json for retrieval results")
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
+
+
+MATCH_FORMATS = (".csv", ".json")
+
+
+def _check_matches_out(out: Path) -> None:
+    """ConfigError unless `out` is a .csv or .json file simclr can write (an existing one is replaced)."""
+    if Path(out).suffix not in MATCH_FORMATS:
+        raise ConfigError(f"--out {out} must end with .csv or .json for retrieval results")
+    check_output_file(out, overwrite=True)
