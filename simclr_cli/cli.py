@@ -47,6 +47,7 @@ def pretrain(
     method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default, and for now the only one).")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
+    sk_ratio: options.SkRatio = None,
     image_size: options.ImageSize = None,
     batch_size: options.BatchSize = None,
     epochs: options.Epochs = None,
@@ -100,7 +101,7 @@ def pretrain(
 
         flags = {
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
-            "augment.image_size": image_size,
+            "model.sk_ratio": sk_ratio, "augment.image_size": image_size,
             "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
@@ -518,7 +519,8 @@ def info(
             ("kind", described.kind),
             ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
-                             f"{described.head_layers}-layer head -> {described.proj_dim}"),
+                             + (f"selective kernels {described.sk_ratio:g}, " if described.sk_ratio else "")
+                             + f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
             ("trained", f"step {described.step}, epoch {described.epoch}"),

@@ -6,8 +6,9 @@ Targets:
   then reports exactly `fc.weight`, `fc.bias` missing and nothing unexpected; with `include_fc=True` a
   fine-tuned file's classifier (trained on h, head layer 0) becomes `fc`, so
   `resnetXX(num_classes=C)` loads it strictly.
-- `safetensors-encoder`: the bare encoder f (any width or stem) with its architecture and input transform
-  as safetensors metadata strings; it loads into `simclr_cli.engine.model.ResNet(arch=, width=, stem=)`.
+- `safetensors-encoder`: the bare encoder f (any width, stem or sk_ratio) with its architecture and input
+  transform as safetensors metadata strings; it loads into `simclr_cli.engine.model.ResNet(arch=, width=, stem=,
+  sk_ratio=)`. Selective-kernel encoders (SimCLRv2) have no torchvision twin: export them this way or as ONNX.
 - `onnx`: the encoder f as a graph image (B, 3, S, S) -> h (B, D), batch axis dynamic (needs `onnx`).
 
 The projection head g is never exported: SimCLR §4.2 evaluates and transfers h, not z.
@@ -115,8 +116,9 @@ def export(checkpoint: Path, *, to: str, out: Path, overwrite: bool = False, inc
         tensors = dict(net.state_dict())
         missing = ()
         _save_safetensors(out, tensors, metadata)
+        sk = f", sk_ratio={info.model.sk_ratio!r}" if info.model.sk_ratio else ""
         usage = (
-            f"simclr_cli.engine.model.ResNet(arch={info.model.arch!r}, width={info.model.width!r}, stem={info.model.stem!r})"
+            f"simclr_cli.engine.model.ResNet(arch={info.model.arch!r}, width={info.model.width!r}, stem={info.model.stem!r}{sk})"
             f".load_state_dict(safetensors.torch.load_file({str(out)!r}))"
         )
     else:
@@ -159,6 +161,8 @@ def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:
         reasons.append(f"width {info.model.width:g} (torchvision's ResNets are width 1: 64 stem channels)")
     if info.model.stem != "standard":
         reasons.append(f"the {info.model.stem} stem (torchvision has only the 7x7 stride-2 conv + max-pool stem)")
+    if info.model.sk_ratio > 0:
+        reasons.append(f"selective kernels (sk_ratio {info.model.sk_ratio:g}; torchvision's ResNets have none)")
     if reasons:
         raise ConfigError(
             f"{checkpoint} cannot be exported --to torchvision: it has {' and '.join(reasons)}; "
@@ -201,6 +205,7 @@ def _metadata(info: EncoderInfo, net: ResNet, *, checkpoint: Path) -> dict[str, 
         "architecture": info.model.arch,
         "width": f"{info.model.width:g}",
         "stem": str(info.model.stem),
+        "sk_ratio": f"{info.model.sk_ratio:g}",
         "feature_dim": str(net.out_dim),
         "image_size": str(info.image_size),
         "mean": json.dumps(list(info.mean)),

@@ -50,6 +50,7 @@ class CheckpointInfo:
     architecture: str
     width: float
     stem: str
+    sk_ratio: float  # selective kernels (SimCLRv2); 0 = none
     head_layers: int
     proj_dim: int
     feature_dim: int  # D of h
@@ -79,6 +80,7 @@ class CheckpointInfo:
             "architecture": self.architecture,
             "width": self.width,
             "stem": self.stem,
+            "sk_ratio": self.sk_ratio,
             "head_layers": self.head_layers,
             "proj_dim": self.proj_dim,
             "feature_dim": self.feature_dim,
@@ -119,6 +121,7 @@ def describe(checkpoint: Path) -> CheckpointInfo:
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),
+        sk_ratio=info.model.sk_ratio,
         head_layers=info.model.head_layers,
         proj_dim=info.model.proj_dim,
         feature_dim=model.encoder.out_dim,
