@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from simclr_cli.engine.checkpoint import EncoderInfo
+from simclr_cli.engine.checkpoint import CLASSIFIER_TASKS, EncoderInfo
 from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
 from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.errors import ConfigError
@@ -172,7 +172,7 @@ def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:
 
 def _classifier_as_fc(info: EncoderInfo, *, checkpoint: Path) -> dict[str, torch.Tensor]:
     """A fine-tuned file's classifier as torchvision's fc; only one trained on h (head layer 0) fits there."""
-    if info.extra.get("task") != "finetune" or CLASSIFIER_WEIGHT not in info.extra_tensors:
+    if info.extra.get("task") not in CLASSIFIER_TASKS or CLASSIFIER_WEIGHT not in info.extra_tensors:
         raise ConfigError(
             f"--include-fc needs a fine-tuned checkpoint (finetuned.safetensors); {checkpoint} has no classifier, "
             "so drop --include-fc and replace fc yourself"

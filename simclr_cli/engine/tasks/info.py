@@ -18,6 +18,7 @@ from simclr_cli.engine.results import RESULTS_FILE
 
 ENCODER = "encoder"
 FINE_TUNED = "fine-tuned"
+DISTILLED = "distilled"
 # eval folders are `<command>-<UTC timestamp>[-n]` (rundir.default_eval_dir)
 _EVAL_DIR = re.compile(r"^(?P<command>.+?)-\d{8}-\d{6}(?:-\d+)?$")
 
@@ -45,7 +46,7 @@ class EvalRecord:
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
-    kind: str  # "encoder" or "fine-tuned" (info.extra says task finetune)
+    kind: str  # "encoder", "fine-tuned" or "distilled" (info.extra says task finetune / distill)
     method: str  # the pretraining method that trained the encoder
     architecture: str
     width: float
@@ -113,10 +114,10 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     checkpoint = Path(checkpoint)
     encoder = open_encoder(checkpoint)
     info, model = encoder.info, encoder.model
-    fine_tuned = info.extra.get("task") == "finetune"
+    kind = {"finetune": FINE_TUNED, "distill": DISTILLED}.get(info.extra.get("task"), ENCODER)
     return CheckpointInfo(
         path=checkpoint,
-        kind=FINE_TUNED if fine_tuned else ENCODER,
+        kind=kind,
         method=info.method,
         architecture=info.model.arch,
         width=info.model.width,
