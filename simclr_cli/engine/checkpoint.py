@@ -399,7 +399,7 @@ def _check_encoder_values(info: EncoderInfo) -> None:
     weight, bias = info.extra_tensors.get(CLASSIFIER_WEIGHT), info.extra_tensors.get(CLASSIFIER_BIAS)
     if weight is None or bias is None or weight.ndim != 2 or tuple(bias.shape) != (weight.shape[0],):
         raise ConfigError(
-            f"a {task} file needs {EXTRA}{CLASSIFIER_WEIGHT} (classes x features) and {EXTRA}{CLASSIFIER_BIAS} (classes)"
+            f"a {'distilled' if task == 'distill' else 'fine-tuned'} file needs {EXTRA}{CLASSIFIER_WEIGHT} (classes x features) and {EXTRA}{CLASSIFIER_BIAS} (classes)"
         )
     layer = info.extra.get("from_head_layer", 0)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= info.model.head_layers - 1:
