@@ -47,6 +47,7 @@ def pretrain(
     method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default, and for now the only one).")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
+    sk_ratio: options.SkRatio = None,
     image_size: options.ImageSize = None,
     batch_size: options.BatchSize = None,
     epochs: options.Epochs = None,
@@ -100,7 +101,7 @@ def pretrain(
 
         flags = {
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
-            "augment.image_size": image_size,
+            "model.sk_ratio": sk_ratio, "augment.image_size": image_size,
             "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
             "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
@@ -428,6 +429,57 @@ def finetune(
 
 
 @app.command()
+def distill(
+    teacher: Annotated[Path, typer.Argument(help="The fine-tuned teacher: a finetuned.safetensors written by `simclr finetune` "
+                                            "(or a student of an earlier distill).")],
+    data: Annotated[str | None, typer.Argument(help="Unlabelled images: a folder (searched recursively) or a dataset name, as "
+                                               "for pretrain. Default: the teacher's pretraining data.")] = None,
+    val: Annotated[str | None, typer.Option("--val", help="Labelled data evaluated every epoch (a dataset name, or a folder with "
+                                            "train/ and val/). Default: DATA, when it is a named dataset.")] = None,
+    student_arch: Annotated[str | None, typer.Option(help="The student's ResNet. Default: the teacher's (self-distillation).")] = None,
+    student_width: Annotated[float | None, typer.Option(help="The student's width multiplier. Default: the teacher's.")] = None,
+    student_sk_ratio: Annotated[float | None, typer.Option(help="The student's selective kernels (0 = none). Default: the teacher's.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="tau of both softmaxes; 1 (default) as the paper's "
+                                                      "big-to-small students, 0.1 its self-distillation (the effect is small).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="lars (default; v2: pretraining's 0.1 x sqrt(B)) | sgd (Nesterov, 0.1 x B/256).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the unlabelled images (the paper's 400 by default).")] = None,
+    lr: options.Lr = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Unlabelled images per step (default 256; capped at the data).")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="The student encoder's starting weights (any --init file); default: random.")] = None,
+    on_bad_image: options.OnBadImage = None,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder. Default: runs/distill-<timestamp>/.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint (one per epoch).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Distil a fine-tuned teacher into a student on unlabelled images with its soft labels only (SimCLRv2 step 3)."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import distill as task
+
+        flags = {"data": data, "val": val, "student_arch": student_arch, "student_width": student_width,
+                 "student_sk_ratio": student_sk_ratio, "temperature": temperature, "optimizer": optimizer, "epochs": epochs,
+                 "lr": lr, "batch_size": batch_size, "init": str(init) if init else None, "on_bad_image": on_bad_image,
+                 "data_root": str(data_root) if data_root else None, "download": download, "device": device,
+                 "precision": precision, "workers": workers, "seed": seed}
+        cfg = config.resolve_task("distill", preset=preset, sets=set_, flags=flags)
+        r = task.run(cfg, teacher=teacher, out=out, resume_run=resume, overwrite=overwrite, progress=RichProgress())
+        show_table(f"distillation of {r.teacher.name} on {r.images} unlabelled images", [
+            ("student top-1", _pct(r.top1)), ("student top-5", _pct(r.top5)),
+            ("teacher top-1", _pct(r.teacher_top1)), ("val data", str(r.val or "-")), ("student", str(r.student)),
+        ])
+
+
+@app.command()
 def embed(
     folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
@@ -522,7 +574,8 @@ def info(
             ("kind", described.kind),
             ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
-                             f"{described.head_layers}-layer head -> {described.proj_dim}"),
+                             + (f"selective kernels {described.sk_ratio:g}, " if described.sk_ratio else "")
+                             + f"{described.head_layers}-layer head -> {described.proj_dim}"),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
             ("preprocessing", described.preprocessing),

@@ -109,6 +109,8 @@ MaxImagePixels = Annotated[
 ]
 Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.")]
 Width = Annotated[float | None, typer.Option(help="Channel multiplier for every layer (SimCLR's R50 2x is --width 2).")]
+SkRatio = Annotated[float | None, typer.Option(help="Selective kernels (SimCLRv2): 0 = off; 0.0625 as in the paper's SK models, "
+                                               "which also brings the ResNet-D stem and shortcuts.")]
 ImageSize = Annotated[int | None, typer.Option(help="Training resolution. <= 64 px uses the CIFAR stem, weaker colour jitter and no blur.")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model: faster steps after a compile of a "
                                               "minute or more; worth it for long runs.")]

@@ -363,13 +363,25 @@ def test_encoder_metadata_fields(tmp_path):
     meta = load(path, kind="encoder").meta
     assert meta == {
         "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
-                  "zero_init_residual": False, "head_output_bn": None},
+                  "zero_init_residual": False, "head_output_bn": None, "sk_ratio": 0.0},
         "transform": {"image_size": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"},
         "config": {"train": {"epochs": 2}, "augment": {"crop_scale": [0.3, 1.0]}},
         "epoch": 1,
         "step": 12,
         "extra": {},
     }
+
+
+def test_an_encoder_file_from_before_selective_kernels_loads_without_them(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    cfg = ModelConfig(arch="resnet18", width=0.25, stem="small")
+    save_encoder(path, tiny(), info=encoder_info(cfg))
+    header, tensors = checkpoint.read_safetensors(path, fix="")
+    meta = checkpoint.parse_json(header["model"])
+    del meta["sk_ratio"]  # what a file written before sk_ratio existed says
+    save_file(tensors, str(path), metadata=header | {"model": checkpoint.json.dumps(meta)})
+    _, info = load_encoder(path)
+    assert info.model.sk_ratio == 0.0
 
 
 def test_load_encoder_refuses_a_train_state_file(tmp_path):
@@ -406,7 +418,7 @@ def test_load_encoder_weights_that_do_not_match_the_metadata(tmp_path):
     del weights["encoder.conv1.weight"]
     save(path, weights, kind="encoder", meta={
         "model": {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
-                  "zero_init_residual": False},
+                  "zero_init_residual": False, "sk_ratio": 0.0},
         "transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},
         "config": {}, "epoch": 0, "step": 0,
     })

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from simclr_cli.config import from_dict, load_yaml, merge, nest, parse_sets, preset_names, preset_path, resolve_pretrain
+from simclr_cli.config import from_dict, load_yaml, merge, nest, parse_sets, preset_names, preset_path, resolve_pretrain, resolve_task
 from simclr_cli.engine.plain import to_plain
 from simclr_cli.engine.augment import AugmentConfig
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.model import ModelConfig
 from simclr_cli.engine.optim import OptimConfig
 from simclr_cli.engine import defaults
-from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.configs import TASK_CONFIGS, PretrainConfig
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
-SHIPPED = ["cifar10", "demo", "imagenet", "stl10"]
+SHIPPED = ["cifar10", "demo", "imagenet", "simclrv2", "stl10"]
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -41,14 +41,14 @@ def test_preset_path_accepts_a_yaml_file(tmp_path):
 def test_unknown_preset_name_lists_the_choices():
     with pytest.raises(ConfigError) as err:
         preset_path("cifar11")
-    assert str(err.value) == "unknown preset 'cifar11'; choose one of: cifar10, demo, imagenet, stl10, or pass a YAML file"
+    assert str(err.value) == "unknown preset 'cifar11'; choose one of: cifar10, demo, imagenet, simclrv2, stl10, or pass a YAML file"
 
 
 def test_missing_preset_file_is_an_error(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as err:
         preset_path(str(missing))
-    assert str(err.value) == f"preset file {missing} does not exist; pass a YAML file or one of: cifar10, demo, imagenet, stl10"
+    assert str(err.value) == f"preset file {missing} does not exist; pass a YAML file or one of: cifar10, demo, imagenet, simclrv2, stl10"
 
 
 def test_a_folder_given_as_preset_is_an_error(tmp_path):
@@ -60,8 +60,11 @@ def test_a_folder_given_as_preset_is_an_error(tmp_path):
 def test_every_shipped_preset_is_a_valid_runnable_recipe(name):
     path = preset_path(name)
     assert path.read_text(encoding="utf-8").startswith("# "), "a preset starts with a comment saying what it reproduces"
-    cfg = from_dict(PretrainConfig, load_yaml(path))
+    recipe = load_yaml(path)
+    cfg = from_dict(PretrainConfig, {k: v for k, v in recipe.items() if k not in TASK_CONFIGS})
     defaults.resolve_sizes(cfg)  # validates every section
+    for section in set(recipe) & set(TASK_CONFIGS):  # and the other commands' sections, as they read them
+        resolve_task(section, preset=name, sets=None, flags={})
 
 
 # --- load_yaml -------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def test_from_dict_keeps_defaults_for_missing_keys():
 def test_unknown_top_level_key_names_it():
     with pytest.raises(ConfigError) as err:
         from_dict(ModelConfig, {"arch": "resnet18", "depth": 3})
-    assert str(err.value) == "unknown config key 'depth'; valid keys: arch, width, stem, head_layers, proj_dim, zero_init_residual"
+    assert str(err.value) == "unknown config key 'depth'; valid keys: arch, width, stem, head_layers, proj_dim, zero_init_residual, sk_ratio"
 
 
 def test_unknown_nested_key_names_the_dotted_key():
@@ -237,7 +240,7 @@ def test_to_dict_is_plain_data_and_round_trips():
     assert plain["augment"]["crop_scale"] == [0.3, 1.0]
     assert plain["augment"]["mean"] == [0.485, 0.456, 0.406]
     assert plain["model"] == {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
-                              "zero_init_residual": False}
+                              "zero_init_residual": False, "sk_ratio": 0.0}
     assert plain["data"] == {"source": None, "root": None, "download": False, "workers": None, "on_bad_image": "skip",
                              "decode_side": None, "cache_gb": None, "max_bad_fraction": 0.5, "max_image_pixels": 178956970}
     assert from_dict(PretrainConfig, plain) == cfg
@@ -414,7 +417,26 @@ def test_every_command_reads_its_own_section_of_one_preset(tmp_path):
     assert resolve_pretrain(data=None, preset=str(path), sets=None, flags={}).train.epochs == 3
 
 
-@pytest.mark.parametrize("name", ["cifar10", "demo", "imagenet", "stl10"])
+def test_the_simclrv2_preset_resolves_to_the_v2_recipe():
+    """v2 §3: 3-layer head, LARS 0.1 x sqrt(B) = 6.4 at 4096, wd 1e-4, 5% of 800 epochs warm-up, tau 0.1; its
+    finetune section is step 2 (LARS from head layer 1, batch 1024)."""
+    from simclr_cli.config import resolve_task
+    from simclr_cli.engine.defaults import resolve_sizes
+    from simclr_cli.engine.optim import scaled_lr
+
+    cfg = resolve_sizes(resolve_pretrain(data=None, preset="simclrv2", sets=None, flags=NO_FLAGS))
+    assert (cfg.model.arch, cfg.model.width, cfg.model.sk_ratio, cfg.model.head_layers) == ("resnet50", 1, 0, 3)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.lr_scaling, cfg.optim.weight_decay) == ("lars", 0.1, "sqrt", 1e-4)
+    assert scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling) == pytest.approx(6.4)
+    assert cfg.optim.warmup_epochs == 0.05 * cfg.train.epochs == 40
+    assert (cfg.train.temperature, cfg.augment.image_size, cfg.model.stem) == (0.1, 224, "standard")
+    finetune = resolve_task("finetune", preset="simclrv2", sets=None, flags={})
+    assert (finetune.optimizer, finetune.from_head_layer, finetune.batch_size) == ("lars", 1, 1024)
+    sk = resolve_pretrain(data=None, preset="simclrv2", sets=["model.sk_ratio=0.0625"], flags=NO_FLAGS)
+    assert sk.model.sk_ratio == 0.0625
+
+
+@pytest.mark.parametrize("name", ["cifar10", "demo", "imagenet", "stl10", "simclrv2"])
 def test_a_presets_header_states_the_temperature_it_sets(name):
     """Presets are recipes people trust: the tau the header names is the one the file sets (stl10 once called 0.2
     "the CIFAR temperature", which is 0.5)."""
@@ -425,4 +447,24 @@ def test_a_presets_header_states_the_temperature_it_sets(name):
     stated = re.search(r"(?:tau|temperature) (\d+(?:\.\d+)?)", header)
     assert "CIFAR temperature" not in header
     if stated:
-        assert float(stated[1]) == from_dict(PretrainConfig, load_yaml(path)).train.temperature
+        assert float(stated[1]) == resolve_pretrain(data=None, preset=name, sets=None, flags=NO_FLAGS).train.temperature
+
+
+def test_the_simclrv2_header_s_run_command_resolves_the_preset(monkeypatch):
+    """The header's `Run:` line, as typed, reaches the pretraining task with the v2 recipe."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+    from simclr_cli.engine.tasks import pretrain as task
+
+    header = preset_path("simclrv2").read_text(encoding="utf-8")
+    command = next(line for line in header.splitlines() if line.startswith("# Run: ")).removeprefix("# Run: ")
+    got = []
+    monkeypatch.setattr(task, "run", lambda cfg, **kwargs: got.append(cfg))
+    monkeypatch.setattr("simclr_cli.launcher.launch_pretrain", lambda cfg, **kwargs: got.append(cfg) or 0)
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    (cfg,) = got
+    assert (cfg.data.source, cfg.model.head_layers, cfg.optim.lr, cfg.train.epochs) == ("imagenet", 3, 0.1, 800)

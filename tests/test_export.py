@@ -42,13 +42,14 @@ def saved_encoder(
     arch: str = "resnet18",
     width: float = 1.0,
     stem: str = "standard",
+    sk_ratio: float = 0.0,
     image_size: int = 32,
     extra: dict | None = None,
     extra_tensors: dict | None = None,
     name: str = "encoder.safetensors",
 ):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, width=width, stem=stem, proj_dim=16)
+    cfg = ModelConfig(arch=arch, width=width, stem=stem, proj_dim=16, sk_ratio=sk_ratio)
     model = build_model(cfg)
     perturb(model)
     info = EncoderInfo(
@@ -96,11 +97,12 @@ def test_torchvision_round_trip(tmp_path, arch):
 
 
 @pytest.mark.parametrize(
-    ("width", "stem", "why"),
-    [(0.25, "standard", r"width 0\.25 \(torchvision's ResNets are width 1"), (1.0, "small", "the small stem")],
+    ("width", "stem", "sk_ratio", "why"),
+    [(0.25, "standard", 0.0, r"width 0\.25 \(torchvision's ResNets are width 1"), (1.0, "small", 0.0, "the small stem"),
+     (1.0, "standard", 0.0625, r"selective kernels \(sk_ratio 0\.0625; torchvision's ResNets have none\)")],
 )
-def test_torchvision_refuses_what_torchvision_cannot_hold(tmp_path, width, stem, why):
-    path, _ = saved_encoder(tmp_path, width=width, stem=stem)
+def test_torchvision_refuses_what_torchvision_cannot_hold(tmp_path, width, stem, sk_ratio, why):
+    path, _ = saved_encoder(tmp_path, width=width, stem=stem, sk_ratio=sk_ratio)
     out = tmp_path / "tv.safetensors"
     with pytest.raises(ConfigError, match=f"cannot be exported --to torchvision: it has {why}.*use --to safetensors-encoder"):
         export(path, to="torchvision", out=out)
@@ -151,7 +153,7 @@ def test_safetensors_encoder_any_variant_with_metadata(tmp_path):
         metadata = handle.metadata()
     assert metadata == {
         "exported_by": "simclr-cli", "source": "encoder.safetensors", "architecture": "resnet18", "width": "0.25",
-        "stem": "small", "feature_dim": "128", "image_size": "16", "mean": "[0.5, 0.4, 0.3]",
+        "stem": "small", "sk_ratio": "0", "feature_dim": "128", "image_size": "16", "mean": "[0.5, 0.4, 0.3]",
         "std": "[0.2, 0.25, 0.3]", "interpolation": "bilinear", "epoch": "2", "step": "30",
         "preprocessing": "RGB images, resize to 16 x 16 (bilinear); scale pixels to [0, 1], then per channel (R, G, B) "
                          "subtract mean [0.5, 0.4, 0.3] and divide by std [0.2, 0.25, 0.3]; input float32 (B, 3, 16, 16), "
@@ -172,6 +174,20 @@ def test_safetensors_encoder_any_variant_with_metadata(tmp_path):
     # not a simclr checkpoint: the tool's own loaders refuse it rather than misread it
     with pytest.raises(CheckpointError, match="not a simclr checkpoint"):
         load(out, kind="encoder")
+
+
+def test_safetensors_encoder_of_a_selective_kernel_encoder_rebuilds_it(tmp_path):
+    path, model = saved_encoder(tmp_path, arch="resnet50", width=0.25, stem="standard", sk_ratio=0.0625, image_size=40)
+    out = tmp_path / "bare.safetensors"
+    result = export(path, to="safetensors-encoder", out=out)
+    assert result.metadata["sk_ratio"] == "0.0625"
+    assert "sk_ratio=0.0625)" in result.usage
+    net = ResNet(arch="resnet50", width=0.25, stem="standard", sk_ratio=0.0625)
+    net.load_state_dict(load_file(str(out)), strict=True)
+    net.eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(net(x), model.encoder(x))
 
 
 # --- onnx ---------------------------------------------------------------------------------------------
@@ -234,6 +250,18 @@ def test_the_preprocessing_of_large_images_is_resize_then_centre_crop():
         "channel (R, G, B) subtract mean [0.485, 0.456, 0.406] and divide by std [0.229, 0.224, 0.225]; input float32 "
         "(B, 3, 224, 224), channels first"
     )
+
+
+def test_onnx_export_of_a_selective_kernel_encoder(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path, model = saved_encoder(tmp_path, arch="resnet50", width=0.25, stem="standard", sk_ratio=0.0625, image_size=40)
+    out = tmp_path / "sk.onnx"
+    export(path, to="onnx", out=out)
+    x = torch.randn(3, 3, 40, 40)
+    (h,) = ort.InferenceSession(str(out)).run(["h"], {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(h), model.encoder(x), rtol=1e-4, atol=1e-4)
 
 
 # --- refusals -----------------------------------------------------------------------------------------

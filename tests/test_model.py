@@ -346,6 +346,10 @@ def test_default_config_is_valid() -> None:
         ({"head_layers": 4}, "model.head_layers 4", "use 2"),
         ({"proj_dim": 0}, "model.proj_dim 0", ">= 1"),
         ({"proj_dim": -5}, "model.proj_dim -5", ">= 1"),
+        ({"sk_ratio": -0.1}, "model.sk_ratio -0.1", "0.0625"),
+        ({"sk_ratio": 2}, "model.sk_ratio 2", "0.0625"),
+        ({"sk_ratio": float("nan")}, "model.sk_ratio nan", "0.0625"),
+        ({"sk_ratio": True}, "model.sk_ratio True", "0.0625"),
     ],
 )
 def test_validate_rejects_bad_fields(overrides: dict, field: str, fix: str) -> None:
@@ -366,3 +370,124 @@ def test_build_model_validates() -> None:
 def test_resolved_rejects_bad_image_size() -> None:
     with pytest.raises(ConfigError, match="image_size 0"):
         ModelConfig().resolved(image_size=0)
+
+
+# ---------------------------------------------------------------------------- selective kernels (SimCLRv2)
+
+# Parameter counts of the official SimCLRv2 models, in millions, from the "Param (M)" column of the table in
+# google-research/simclr README.md ("Pre-trained models for SimCLRv2", = SimCLRv2 paper Table 1): the ResNet without
+# its linear classifier, rounded to the nearest million. The table's two R152 2x rows (233, 354) are left out:
+# they sit 0.6-0.75 M above the count of the very network its R152 1x and 3x rows agree with.
+OFFICIAL_PARAMS_M = [
+    ("resnet50", 1, 0.0, 24),  # r50_1x_sk0
+    ("resnet50", 1, 0.0625, 35),  # r50_1x_sk1
+    ("resnet50", 2, 0.0, 94),
+    ("resnet50", 2, 0.0625, 140),
+    ("resnet101", 1, 0.0, 43),
+    ("resnet101", 1, 0.0625, 65),
+    ("resnet101", 2, 0.0625, 257),
+    ("resnet152", 1, 0.0, 58),
+    ("resnet152", 1, 0.0625, 89),
+    ("resnet152", 3, 0.0625, 795),  # r152_3x_sk1
+]
+
+
+@pytest.mark.parametrize("arch, width, sk_ratio, millions", OFFICIAL_PARAMS_M)
+def test_parameter_counts_match_the_official_simclrv2_family(arch, width, sk_ratio, millions) -> None:
+    with torch.device("meta"):  # r152 3x is 795 M parameters: count them without allocating 3 GB
+        encoder = ResNet(arch=arch, width=width, stem="standard", sk_ratio=sk_ratio)
+    count = sum(p.numel() for p in encoder.parameters())
+    assert abs(count / 1e6 - millions) <= 0.5, count
+
+
+def _bn_eval(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """BN in eval mode from its formula, on a (C, ...) tensor of one image."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return (x - bn.running_mean.view(shape)) * scale.view(shape) + bn.bias.view(shape)
+
+
+def test_selective_kernel_matches_a_naive_single_image_reference() -> None:
+    from simclr_cli.engine.model import SelectiveKernel
+
+    torch.manual_seed(0)
+    in_planes, planes = 6, 5
+    sk = SelectiveKernel(in_planes, planes, stride=2, sk_ratio=0.0625)
+    _randomise_bn(sk, torch.Generator().manual_seed(1))
+    sk.eval()
+    x = torch.randn(3, in_planes, 9, 9)
+    with torch.no_grad():
+        got = sk(x)
+        assert sk.attn_reduce.out_channels == 32  # max(int(5 * 0.0625), 32): the official floor
+        for i in range(len(x)):
+            image = x[i : i + 1]
+            weight = sk.conv.weight  # (2C, in, 3, 3): branch 0 is the first C output channels, branch 1 the rest
+            bn_out = _bn_eval(torch.nn.functional.conv2d(image, weight, stride=2, padding=1)[0], sk.bn)
+            a, b = torch.relu(bn_out[:planes]), torch.relu(bn_out[planes:])  # the two branches, (C, 5, 5) each
+            s = torch.stack([(a[c] + b[c]).mean() for c in range(planes)])  # pooled sum, (C,)
+            z = torch.relu(_bn_eval(sk.attn_reduce.weight[:, :, 0, 0] @ s, sk.attn_bn))  # (32,)
+            logits = sk.attn_expand.weight[:, :, 0, 0] @ z  # (2C,)
+            expected = torch.empty_like(a)
+            for c in range(planes):  # softmax over the two branches, channel by channel
+                pa, pb = torch.softmax(torch.stack([logits[c], logits[planes + c]]), dim=0)
+                expected[c] = pa * a[c] + pb * b[c]
+            torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [6, 7])
+def test_avg_down_pools_as_the_official_code(stride: int, size: int) -> None:
+    """stride 2: FixedPadding(2) (one zero row/column at the end) then a VALID 2x2 pool; stride 1: TensorFlow's
+    'SAME' 2x2 pool, which averages only the cells inside the image."""
+    from simclr_cli.engine.model import AvgDown
+
+    x = torch.randn(2, 3, size, size)
+    got = AvgDown(stride)(x)
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    out = (size + 1 - 2) // stride + 1 if stride == 2 else size
+    expected = torch.empty(2, 3, out, out)
+    for i in range(out):
+        for j in range(out):
+            r, c = i * stride, j * stride
+            if stride == 2:
+                expected[:, :, i, j] = padded[:, :, r : r + 2, c : c + 2].mean(dim=(2, 3))
+            else:
+                expected[:, :, i, j] = x[:, :, r : r + 2, c : c + 2].mean(dim=(2, 3))  # slicing stops at the edge
+    torch.testing.assert_close(got, expected)
+
+
+def test_sk_standard_stem_is_resnet_d_and_shortcuts_pool() -> None:
+    encoder = ResNet(arch="resnet50", width=0.5, stem="standard", sk_ratio=0.0625)
+    convs = [m for m in encoder.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 16, (3, 3), (2, 2)), (16, 16, (3, 3), (1, 1)), (16, 32, (3, 3), (1, 1)),
+    ]
+    assert isinstance(encoder.maxpool, nn.MaxPool2d)
+    shortcut = encoder.layer2[0].downsample
+    assert shortcut[0].stride == 2 and shortcut[1].stride == (1, 1) and shortcut[1].kernel_size == (1, 1)
+    assert set(encoder.layer2[0].conv2.state_dict()) >= {"conv.weight", "attn_reduce.weight", "attn_expand.weight"}
+    assert encoder.layer2[0].bn2 is None  # SK carries its own BN + ReLU
+
+
+def test_sk_small_stem_stays_a_single_3x3_conv() -> None:
+    """The official cifar_stem ignores sk_ratio: 3x3 stride 1, no max-pool."""
+    encoder = ResNet(arch="resnet18", width=0.25, stem="small", sk_ratio=0.0625)
+    assert isinstance(encoder.conv1, nn.Conv2d) and encoder.conv1.stride == (1, 1)
+    assert isinstance(encoder.layer1[0].conv1, nn.Module) and hasattr(encoder.layer1[0].conv1, "attn_reduce")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("stem, size", [("small", 16), ("standard", 33)])
+def test_sk_models_run_and_every_parameter_gets_a_gradient(arch: str, stem: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, width=0.25, stem=stem, sk_ratio=0.0625, proj_dim=8))
+    h, z = model(torch.randn(3, 3, size, size))
+    assert h.shape == (3, model.encoder.out_dim) and z.shape == (3, 8)
+    z.sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_sk_zero_init_residual_zeroes_each_block_s_last_bn() -> None:
+    encoder = ResNet(arch="resnet50", width=0.25, stem="small", sk_ratio=0.0625, zero_init_residual=True)
+    assert all(not block.bn3.weight.any() for layer in (encoder.layer1, encoder.layer4) for block in layer)

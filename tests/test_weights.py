@@ -252,10 +252,78 @@ def test_the_mapping_table_covers_every_bottleneck_name():
         assert weights._rename_key(to_simclrv2_names(name), weights.SIMCLRV2_NAMES) == name
 
 
-def test_a_selective_kernel_simclrv2_model_is_refused(tmp_path):
-    path = save_pth(tmp_path / "r50_1x_sk1.pth", {"resnet": {"net.1.blocks.0.net.2.main_conv.0.weight": torch.zeros(1)}})
-    with pytest.raises(CheckpointError, match=r"selective-kernel \(sk1\) SimCLRv2 model.*Use an \*_sk0 checkpoint"):
-        init_encoder(tiny("resnet50", stem="standard"), path)
+def to_simclrv2_sk_names(name: str) -> str:
+    """Our SK name -> Separius/SimCLRv2-Pytorch resnet.py's with sk_ratio > 0, from that file's module structure:
+    Stem = [conv, BNReLU, conv, BNReLU, conv, BNReLU, MaxPool]; a block's net is [conv, BNReLU, SelectiveKernel,
+    conv, BNReLU], SelectiveKernel = main_conv [conv, BNReLU] + mixing_conv [conv, BNReLU, conv]; the shortcut is
+    projection.shortcut [ZeroPad2d, AvgPool2d, conv] + projection.bn (BNReLU)."""
+    parts = name.split(".")
+    stem = {("conv1", "0"): "net.0.0", ("conv1", "1"): "net.0.1.0", ("conv1", "3"): "net.0.2",
+            ("conv1", "4"): "net.0.3.0", ("conv1", "6"): "net.0.4"}
+    if parts[0] == "conv1":
+        return f"{stem[('conv1', parts[1])]}.{parts[2]}"
+    if parts[0] == "bn1":
+        return "net.0.5.0." + parts[1]
+    stage, block, module, rest = parts[0].removeprefix("layer"), parts[1], parts[2], parts[3:]
+    head = f"net.{stage}.blocks.{block}"
+    if module == "downsample":
+        index, attr = rest
+        return f"{head}.projection.shortcut.2.{attr}" if index == "1" else f"{head}.projection.bn.0.{attr}"
+    if module == "conv2":
+        inner = {"conv": "main_conv.0", "bn": "main_conv.1.0", "attn_reduce": "mixing_conv.0",
+                 "attn_bn": "mixing_conv.1.0", "attn_expand": "mixing_conv.2"}[rest[0]]
+        return f"{head}.net.2.{inner}.{rest[1]}"
+    return f"{head}.net." + {"conv1": "0", "bn1": "1.0", "conv3": "3", "bn3": "4.0"}[module] + f".{rest[0]}"
+
+
+def sk_model(seed: int, sk_ratio: float = 0.0625):
+    return tiny("resnet50", seed=seed, stem="standard", sk_ratio=sk_ratio)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_selective_kernel_simclrv2_pytorch_conversion(tmp_path, suffix):
+    source = plain(sk_model(seed=1).encoder.state_dict())
+    resnet = {to_simclrv2_sk_names(k): v for k, v in source.items()}
+    assert "net.1.blocks.0.net.2.mixing_conv.2.weight" in resnet and "net.0.4.weight" in resnet
+    resnet |= {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    if suffix == ".pth":
+        path = save_pth(tmp_path / "r50_1x_sk1.pth", {"resnet": resnet, "head": {"layers.0.weight": torch.zeros(2, 2)}})
+        layout = "simclrv2-converted sk1 under 'resnet'"
+    else:
+        path = save_st(tmp_path / "r50_1x_sk1.safetensors", resnet)
+        layout = "simclrv2-converted sk1"
+    model = sk_model(seed=2)
+    report = init_encoder(model, path)
+    assert_same_encoder(model, source)
+    assert report.layout == layout
+    assert "unnormalised [0, 1]" in report.note
+
+
+def test_the_sk_mapping_table_covers_every_name():
+    for name in sk_model(seed=0).encoder.state_dict():
+        assert weights._rename_key(to_simclrv2_sk_names(name), weights.SIMCLRV2_SK_NAMES) == name
+
+
+def test_a_selective_kernel_simclrv2_model_needs_the_official_sk_ratio(tmp_path):
+    resnet = {to_simclrv2_sk_names(k): v for k, v in plain(sk_model(seed=1).encoder.state_dict()).items()}
+    path = save_pth(tmp_path / "r50_1x_sk1.pth", {"resnet": resnet})
+    for sk_ratio in (0.0, 0.125):
+        model = sk_model(seed=2, sk_ratio=sk_ratio)
+        with pytest.raises(CheckpointError, match=r"selective-kernel \(sk1\) SimCLRv2 model; build the same network with --sk-ratio 0.0625"):
+            init_encoder(model, path)
+
+
+def test_an_sk0_simclrv2_model_is_refused_by_an_sk_network(tmp_path):
+    resnet = {to_simclrv2_names(k): v for k, v in plain(tiny("resnet50", seed=1, stem="standard").encoder.state_dict()).items()}
+    path = save_pth(tmp_path / "r50_1x_sk0.pth", {"resnet": resnet})
+    with pytest.raises(CheckpointError, match=r"without selective kernels \(sk0\); build the same network with --sk-ratio 0"):
+        init_encoder(sk_model(seed=2), path)
+
+
+def test_a_simclr_file_with_another_sk_ratio_is_refused(tmp_path):
+    path = encoder_file(tmp_path / "encoder.safetensors", tiny(seed=1, sk_ratio=0.0625))
+    with pytest.raises(CheckpointError, match=r"model.sk_ratio is 0.0625 there, 0.0 here"):
+        init_encoder(tiny(seed=2), path)
 
 
 # --- refusals ----------------------------------------------------------------------------------------

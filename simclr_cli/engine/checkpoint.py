@@ -416,6 +416,8 @@ def _encoder_info(loaded: Loaded, path: Path) -> EncoderInfo:
 MAX_COUNT = 2**53
 MAX_SECONDS = 1e12
 CLASSIFIER_WEIGHT, CLASSIFIER_BIAS = "classifier.weight", "classifier.bias"  # a fine-tuned file's extra tensors
+# The `extra.task` of files that carry a classifier: fine-tuned (SimCLR §4.2) and distilled (SimCLRv2 §2.3) networks.
+CLASSIFIER_TASKS = ("finetune", "distill")
 
 
 def _check_encoder_values(info: EncoderInfo) -> None:
@@ -434,12 +436,12 @@ def _check_encoder_values(info: EncoderInfo) -> None:
     task = info.extra.get("task")
     if task is not None and not isinstance(task, str):
         raise ConfigError(f"extra.task is a {type(task).__name__}, not text")
-    if task != "finetune":
+    if task not in CLASSIFIER_TASKS:
         return
     weight, bias = info.extra_tensors.get(CLASSIFIER_WEIGHT), info.extra_tensors.get(CLASSIFIER_BIAS)
     if weight is None or bias is None or weight.ndim != 2 or tuple(bias.shape) != (weight.shape[0],):
         raise ConfigError(
-            f"a fine-tuned file needs {EXTRA}{CLASSIFIER_WEIGHT} (classes x features) and {EXTRA}{CLASSIFIER_BIAS} (classes)"
+            f"a {'distilled' if task == 'distill' else 'fine-tuned'} file needs {EXTRA}{CLASSIFIER_WEIGHT} (classes x features) and {EXTRA}{CLASSIFIER_BIAS} (classes)"
         )
     layer = info.extra.get("from_head_layer", 0)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= info.model.head_layers - 1:

@@ -200,6 +200,68 @@ class FinetuneConfig(LabelledEvalConfig):
         return replace(self, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
 
 
+DISTILL_BASE_LR = {"lars": 0.1, "sgd": 0.1}  # v2 §3: distillation uses pretraining's 0.1 x sqrt(B) (LARS); sgd: x B/256
+
+
+@dataclass
+class DistillConfig(InferenceConfig):
+    """`simclr distill`: a student trained on unlabelled images to match a fine-tuned teacher's class distribution
+    (SimCLRv2 §2.3); batch_size is the training batch."""
+
+    data: str | None = None  # the unlabelled images: a folder or a dataset name; None = the teacher's pretraining data
+    val: str | None = None  # labelled data (a name or a folder with train/ and val/) evaluated each epoch; None = as data
+    data_root: str | None = None
+    download: bool = False
+    student_arch: str | None = None  # None: the teacher's (self-distillation)
+    student_width: float | None = None
+    student_sk_ratio: float | None = None
+    init: str | None = None  # the student encoder's starting weights (any --init layout); None = random
+    temperature: float = 1.0  # tau of both softmaxes (v2 §2.3; 1.0 for big-to-small, 0.1 for self-distillation)
+    epochs: int = 400  # v2 §3
+    optimizer: str = "lars"  # lars (v2: as pretraining) | sgd (Nesterov)
+    lr: float | None = None  # BASE lr; None: 0.1 x sqrt(B) (lars) or 0.1 x B/256 (sgd)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # v2 §3: pretraining's
+    warmup_epochs: float | None = None  # None: the first 5% of the epochs (v2 §3)
+    seed: int = 0
+    log_every: int = 10
+    on_bad_image: str = "skip"
+    max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        self.validate_inputs("distill")
+        ModelConfig(arch=self.student_arch or "resnet50", width=1.0 if self.student_width is None else self.student_width,
+                    sk_ratio=self.student_sk_ratio or 0.0).validate()
+        if not (is_finite_number(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"distill.temperature {self.temperature!r} must be a number > 0; the paper uses 1 (or 0.1)")
+        for name in ("epochs", "log_every"):
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < 1:
+                raise ConfigError(f"distill.{name} {value!r} must be a whole number >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"distill.optimizer {self.optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr is not None and not (is_finite_number(self.lr) and self.lr > 0):
+            raise ConfigError(f"distill.lr {self.lr!r} must be a positive number, or unset for 0.1 (x sqrt(B) with lars)")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"distill.momentum {self.momentum!r} must be in [0, 1); the paper uses 0.9")
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"distill.weight_decay {self.weight_decay!r} must be >= 0; the paper uses 1e-4")
+        if self.warmup_epochs is not None and not (is_finite_number(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ConfigError(f"distill.warmup_epochs {self.warmup_epochs!r} must be >= 0, or unset for 5% of the epochs")
+        badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
+        if self.on_bad_image not in badfiles.POLICIES:
+            raise ConfigError(f"distill.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
+
+    def resolved(self) -> DistillConfig:
+        """Copy with the base lr and the warm-up filled in."""
+        self.validate()
+        return replace(
+            self, lr=DISTILL_BASE_LR[self.optimizer] if self.lr is None else self.lr,
+            warmup_epochs=0.05 * self.epochs if self.warmup_epochs is None else self.warmup_epochs,
+        )
+
+
 @dataclass
 class EmbedConfig(InferenceConfig):
     """`simclr embed`: one row per image of a folder."""
@@ -250,4 +312,4 @@ class ExportConfig:
 
 # Each command's section in a preset and its --set keys (`--set knn.k=[10,20]`).
 TASK_CONFIGS = {"knn": KnnConfig, "linear_eval": LinearEvalConfig, "finetune": FinetuneConfig, "embed": EmbedConfig,
-                "retrieval": RetrievalConfig}
+                "retrieval": RetrievalConfig, "distill": DistillConfig}

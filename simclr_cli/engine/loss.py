@@ -1,4 +1,5 @@
-"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al. 2020, §2.1, eq. 1)."""
+"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al. 2020, §2.1, eq. 1), and the
+distillation loss of SimCLRv2 (Chen et al. 2020b, §2.3, eq. 2)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,18 @@ def _contrast(anchors: Tensor, keys: Tensor, *, first: int, temperature: float) 
     # The positive of view i is view i+N and vice versa; cross_entropy's log-sum-exp keeps tiny temperatures finite.
     targets = torch.cat([own + big_n, own])  # (2n,)
     return F.cross_entropy(logits, targets)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """SimCLRv2 eq. 2: -sum_y P_T(y|x; tau) log P_S(y|x; tau), both softmaxes at temperature tau, mean over the batch.
+
+    student_logits, teacher_logits: (N, C). The teacher's side carries no gradient; computed in fp32.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(f"logits must both be (N, C), got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with torch.autocast(student_logits.device.type, enabled=False):
+        targets = F.softmax(teacher_logits.detach().float() / temperature, dim=1)  # (N, C), P_T
+        log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)  # (N, C), log P_S
+        return -(targets * log_probs).sum(dim=1).mean()

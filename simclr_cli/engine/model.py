@@ -1,4 +1,5 @@
-"""The SimCLR network: a width-scaled ResNet encoder f and a projection head g (SimCLR §2.1, §B.9).
+"""The SimCLR network: a width-scaled ResNet encoder f and a projection head g (SimCLR §2.1, §B.9), optionally with
+SimCLRv2's selective kernels (v2 §2; the official `tf2/resnet.py`: `SK_Conv2D`, the ResNet-D stem and shortcut).
 
 Pure modules: no devices, dtypes, files or environment; the caller places and casts them.
 """
@@ -11,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simclr_cli.engine.errors import ConfigError
@@ -22,6 +24,7 @@ SMALL_STEM_MAX_IMAGE_SIZE = 64  # CIFAR-size inputs lose too much to a 7x7 s2 co
 # Upper bounds that keep a typo from asking for terabytes: the paper's largest model is R50 (4x), its z 128-d.
 MAX_WIDTH = 64
 MAX_PROJ_DIM = 16384
+SK_MIN_DIM = 32  # the attention bottleneck is never narrower than this (official SK_Conv2D's min_dim)
 
 
 @dataclass
@@ -37,6 +40,10 @@ class ModelConfig:
     # BN (scale, no shift) on z, as in the official code; None = auto: on above 64 px, off at <= 64 px, where
     # the common Linear-BN-ReLU-Linear head trained better encoders in short runs (BENCHMARKS.md, "Quality").
     head_output_bn: bool | None = None
+    # Selective kernels (SimCLRv2 §2): 0 = off; the paper's SK models use 0.0625. With SK on, every 3x3 conv that
+    # carries a block's stride has two branches, the standard stem is ResNet-D's three 3x3 convs and the
+    # projection shortcuts average-pool before their 1x1 conv (official code).
+    sk_ratio: float = 0.0
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field, its value and the fix."""
@@ -61,6 +68,13 @@ class ModelConfig:
         if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or not 1 <= self.proj_dim <= MAX_PROJ_DIM:
             raise ConfigError(
                 f"model.proj_dim {self.proj_dim!r} is not valid; use a whole number >= 1 and at most {MAX_PROJ_DIM} (SimCLR uses 128)"
+            )
+        if isinstance(self.sk_ratio, bool) or not isinstance(self.sk_ratio, (int, float)) or not (
+            math.isfinite(self.sk_ratio) and 0 <= self.sk_ratio <= 1
+        ):
+            raise ConfigError(
+                f"model.sk_ratio {self.sk_ratio!r} is not valid; use 0 (no selective kernels) or a fraction up to 1 "
+                "(SimCLRv2's SK models use 0.0625)"
             )
         if not isinstance(self.zero_init_residual, bool):
             raise ConfigError(
@@ -101,15 +115,71 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+class SelectiveKernel(nn.Module):
+    """SimCLRv2's selective-kernel conv (official `SK_Conv2D`, after Li et al. 2019): two 3x3 branches, computed as
+    one conv to 2C channels + BN + ReLU, mixed per channel by a softmax over the branches of attention logits computed
+    from their spatially pooled sum through a 1x1 bottleneck of max(int(C * sk_ratio), 32) channels (+ BN + ReLU).
+    Both branches are plain 3x3 convs, as in the official code (the SKNet paper's second branch is dilated)."""
+
+    def __init__(self, in_planes: int, planes: int, *, stride: int = 1, sk_ratio: float):
+        super().__init__()
+        if not sk_ratio > 0:
+            raise ValueError(f"sk_ratio {sk_ratio!r} must be > 0")
+        mid = max(int(planes * sk_ratio), SK_MIN_DIM)
+        self.planes = planes
+        self.conv = _conv3x3(in_planes, 2 * planes, stride)
+        self.bn = nn.BatchNorm2d(2 * planes)
+        self.attn_reduce = _conv1x1(planes, mid)
+        self.attn_bn = nn.BatchNorm2d(mid)
+        self.attn_expand = _conv1x1(mid, 2 * planes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        branches = self.relu(self.bn(self.conv(x))).unflatten(1, (2, self.planes))  # (B, 2, C, H, W)
+        pooled = branches.sum(dim=1).mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        logits = self.attn_expand(self.relu(self.attn_bn(self.attn_reduce(pooled))))  # (B, 2C, 1, 1)
+        attention = logits.unflatten(1, (2, self.planes)).softmax(dim=1)  # (B, 2, C, 1, 1), sums to 1 over branches
+        return (branches * attention).sum(dim=1)  # (B, C, H, W)
+
+
+class AvgDown(nn.Module):
+    """The 2x2 average pool of a ResNet-D shortcut as the official code computes it: stride 2 pools the input padded
+    with one zero row and column at the end (FixedPadding(2) + VALID); stride 1 is TensorFlow's 'SAME' pool, whose
+    padding is left out of the mean."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = F.avg_pool2d(F.pad(x, (0, 1, 0, 1)), kernel_size=2, stride=self.stride)  # (B, C, H/s, W/s)
+        if self.stride > 1:
+            return pooled
+        ones = F.pad(torch.ones_like(x[:1, :1]), (0, 1, 0, 1))  # (1, 1, H+1, W+1): 1 where x has a value
+        return pooled / F.avg_pool2d(ones, kernel_size=2, stride=1)  # the mean over the cells inside x only
+
+
+def _downsample(in_planes: int, out_planes: int, *, stride: int, resnet_d: bool) -> nn.Sequential:
+    """The projection shortcut: a strided 1x1 conv + BN, or with SK ResNet-D's pool + 1x1 conv + BN (timm's names)."""
+    if resnet_d:
+        return nn.Sequential(AvgDown(stride), _conv1x1(in_planes, out_planes), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(_conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as in torchvision (ResNet-18/34)."""
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, as in torchvision (ResNet-18/34). With SK the
+    first conv (the one with the stride) is selective, as in timm's skresnet18/34: the official code has no SK here."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
+                 sk_ratio: float = 0.0):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1: nn.Module = (
+            SelectiveKernel(inplanes, planes, stride=stride, sk_ratio=sk_ratio) if sk_ratio > 0
+            else _conv3x3(inplanes, planes, stride)
+        )
+        self.bn1 = None if sk_ratio > 0 else nn.BatchNorm2d(planes)  # SK has its own BN + ReLU before the mixing
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -121,22 +191,29 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.conv1(x)
+        if self.bn1 is not None:
+            out = self.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (carries the stride, torchvision "ResNet v1.5") -> 1x1 x4, for ResNet-50/101/152."""
+    """1x1 -> 3x3 (carries the stride, torchvision "ResNet v1.5") -> 1x1 x4, for ResNet-50/101/152. With SK the 3x3 is
+    a SelectiveKernel (official BottleneckBlock)."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
+                 sk_ratio: float = 0.0):
         super().__init__()
         self.conv1 = _conv1x1(inplanes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2: nn.Module = (
+            SelectiveKernel(planes, planes, stride=stride, sk_ratio=sk_ratio) if sk_ratio > 0
+            else _conv3x3(planes, planes, stride)
+        )
+        self.bn2 = None if sk_ratio > 0 else nn.BatchNorm2d(planes)  # SK has its own BN + ReLU before the mixing
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
@@ -149,7 +226,9 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.conv2(out)
+        if self.bn2 is not None:
+            out = self.relu(self.bn2(out))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -164,9 +243,11 @@ _SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int
 
 
 class ResNet(nn.Module):
-    """ResNet encoder f without fc; module names match torchvision so width-1 weights load both ways."""
+    """ResNet encoder f without fc; module names match torchvision so width-1 weights load both ways. With SK (sk_ratio
+    > 0) the names follow timm's ResNet-D (conv1.0/.3/.6 deep stem, downsample.1/.2 after the pool)."""
 
-    def __init__(self, *, arch: str, width: float = 1.0, stem: str = "standard", zero_init_residual: bool = False):
+    def __init__(self, *, arch: str, width: float = 1.0, stem: str = "standard", zero_init_residual: bool = False,
+                 sk_ratio: float = 0.0):
         super().__init__()
         if arch not in _SPECS:
             raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
@@ -174,6 +255,9 @@ class ResNet(nn.Module):
             raise ValueError(f"width {width!r}: 64*width must be a positive whole number")
         if stem not in STEMS:
             raise ValueError(f"stem {stem!r} is not one of {STEMS}")
+        if not 0 <= sk_ratio <= 1:
+            raise ValueError(f"sk_ratio {sk_ratio!r} must be in [0, 1]")
+        self.sk_ratio = sk_ratio
         block, depths = _SPECS[arch]
         base = int(64 * width)  # the stem is scaled too: R50 2x has a 128-channel stem (SimCLR §B.1)
 
@@ -181,6 +265,15 @@ class ResNet(nn.Module):
             # CIFAR stem (SimCLR §B.9): keep full resolution; Identity keeps torchvision's module names.
             self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
+        elif sk_ratio > 0:
+            # ResNet-D stem (official code with SK): three 3x3 convs, the first strided, half width for the first two
+            half = max(base // 2, 1)
+            self.conv1 = nn.Sequential(
+                _conv3x3(3, half, stride=2), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                _conv3x3(half, half), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                _conv3x3(half, base),
+            )
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
             self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -211,13 +304,10 @@ class ResNet(nn.Module):
     ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                _conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride=stride, downsample=downsample)]
+            downsample = _downsample(self.inplanes, planes * block.expansion, stride=stride, resnet_d=self.sk_ratio > 0)
+        layers = [block(self.inplanes, planes, stride=stride, downsample=downsample, sk_ratio=self.sk_ratio)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, sk_ratio=self.sk_ratio) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,7 +370,8 @@ class SimCLR(nn.Module):
             raise ValueError("ModelConfig.stem is None; pass cfg.resolved(image_size=...) to SimCLR")
         output_bn = True if cfg.head_output_bn is None else cfg.head_output_bn  # None: a file from before the choice
         self.cfg = cfg
-        self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem, zero_init_residual=cfg.zero_init_residual)
+        self.encoder = ResNet(arch=cfg.arch, width=cfg.width, stem=cfg.stem, zero_init_residual=cfg.zero_init_residual,
+                              sk_ratio=cfg.sk_ratio)
         self.head = ProjectionHead(in_dim=self.encoder.out_dim, out_dim=cfg.proj_dim, layers=cfg.head_layers,
                                    output_bn=output_bn)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_cli.engine import checkpoint
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import DataError, NonFiniteLoss
+from simclr_cli.engine.errors import CheckpointError, DataError, NonFiniteLoss
 from simclr_cli.engine.model import SimCLR
-from simclr_cli.engine.optim import lr_at
+from simclr_cli.engine.optim import LARS, lr_at
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -61,9 +63,10 @@ class LinearClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.fc((h.float() - self.mean) / self.std)  # (B, num_classes)
 
-# A fine-tuned encoder file keeps its linear head as these extra tensors (read by finetune and export).
-CLASSIFIER_WEIGHT = "classifier.weight"
-CLASSIFIER_BIAS = "classifier.bias"
+# A fine-tuned (or distilled) encoder file keeps its linear head as these extra tensors (read by finetune, distill
+# and export).
+CLASSIFIER_WEIGHT = checkpoint.CLASSIFIER_WEIGHT
+CLASSIFIER_BIAS = checkpoint.CLASSIFIER_BIAS
 
 
 class Classifier(nn.Module):
@@ -266,3 +269,32 @@ def batch_size_for(requested: int, available: int, *, name: str) -> int:
     if available < 2:
         raise DataError(f"the {name} set has {available} image(s); training a classifier needs at least 2")
     return min(requested, available)
+
+
+def classifier_optimizer(params: list[nn.Parameter], *, name: str, lr: float, momentum: float,
+                         weight_decay: float) -> torch.optim.Optimizer:
+    """Nesterov SGD (SimCLR v1 fine-tuning) or LARS (SimCLRv2 fine-tuning and distillation); 1-D parameters (BN,
+    biases) never get weight decay."""
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, exclude_1d=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+
+
+def load_classifier(path: Path) -> tuple[Classifier, checkpoint.EncoderInfo]:
+    """The network and linear classifier of a fine-tuned (or distilled) file, in eval mode; CheckpointError naming
+    `simclr finetune` as the step that makes one when the file is a plain encoder."""
+    model, info = checkpoint.load_encoder(Path(path))
+    if info.extra.get("task") not in checkpoint.CLASSIFIER_TASKS:
+        raise CheckpointError(
+            f"{path} holds no fine-tuned classifier (it is a pretrained encoder); make one with "
+            "`simclr finetune` and pass its finetuned.safetensors"
+        )
+    weight, bias = info.extra_tensors[CLASSIFIER_WEIGHT], info.extra_tensors[CLASSIFIER_BIAS]  # checked by load_encoder
+    backbone = Backbone(model, depth=int(info.extra.get("from_head_layer", 0)))
+    head = LinearClassifier(weight.shape[1], weight.shape[0])
+    head.fc.load_state_dict({"weight": weight, "bias": bias})
+    return Classifier(backbone, head, frozen=False).eval(), info

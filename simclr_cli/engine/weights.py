@@ -16,14 +16,16 @@ Layouts, detected from the file (names after the wrapper prefixes below are stri
 - `simclrv2-converted`: Separius/SimCLRv2-Pytorch's convert.py writes {"resnet": ..., "head": ...}; the
   "resnet" dict names its modules net.0 (stem: net.0.0 conv, net.0.1.0 BN) and net.1..4 (stages:
   net.S.blocks.B.net.{0,2,4} convs, .net.{1,3,5}.0 BNs, .projection.shortcut / .projection.bn.0 for the
-  shortcut); `SIMCLRV2_NAMES` maps these onto ours. Only its selective-kernel-free models (`*_sk0`) fit this
-  ResNet; `*_sk1` files are refused. Its contrastive "head" entry is not loaded (the head keeps its fresh
-  init). The official models were trained on unnormalised [0, 1] pixels (both v1 and v2): see InitReport.note.
+  shortcut); `SIMCLRV2_NAMES` maps these onto ours. Its selective-kernel models (`*_sk1`: a ResNet-D stem
+  net.0.{0,2,4} convs, SK convs net.S.blocks.B.net.2.main_conv / .mixing_conv, average-pool shortcuts
+  .projection.shortcut.2) map through `SIMCLRV2_SK_NAMES` onto a model with sk_ratio 0.0625 (the ratio they were
+  trained with). Its contrastive "head" entry is not loaded (the head keeps its fresh init). The official
+  models were trained on unnormalised [0, 1] pixels (both v1 and v2): see InitReport.note.
 Wrapper prefixes stripped from every key, repeatedly: `WRAPPER_PREFIXES` ("module." from DDP, "model.",
 "backbone.", "encoder."). Keys outside the ResNet namespace (fc.*, a projection head, extra/*) are ignored
 and listed in the report; BN `num_batches_tracked` counters may be absent (they keep the model's value).
-Not supported: TensorFlow checkpoints themselves (convert them first), SimCLRv2 sk1 models, ResNet variants
-whose modules differ from torchvision's (ResNet-D, SE/ECA blocks, ResNeXt groups change shapes).
+Not supported: TensorFlow checkpoints themselves (convert them first), ResNet variants
+whose modules differ from torchvision's (ResNet-D without SK, SE/ECA blocks, ResNeXt groups change shapes).
 
 Files are read through safetensors, or for .pt/.pth/.bin/.ckpt through `_load_torch_file`, the one place in
 this project that calls `torch.load`, with `weights_only=True`: anything that is not a plain container of
@@ -69,6 +71,27 @@ SIMCLRV2_NAMES: dict[str, str] = {
     r"^net\.([1-4])\.blocks\.(\d+)\.projection\.shortcut\.weight$": r"layer\1.\2.downsample.0.weight",
     rf"^net\.([1-4])\.blocks\.(\d+)\.projection\.bn\.0\.{_BN}$": r"layer\1.\2.downsample.1.\3",
 }
+# Separius/SimCLRv2-Pytorch resnet.py with sk_ratio > 0 (its `*_sk1` files) -> our SK names (timm's ResNet-D layout).
+SIMCLRV2_SK_NAMES: dict[str, str] = {
+    r"^net\.0\.0\.weight$": r"conv1.0.weight",
+    rf"^net\.0\.1\.0\.{_BN}$": r"conv1.1.\1",
+    r"^net\.0\.2\.weight$": r"conv1.3.weight",
+    rf"^net\.0\.3\.0\.{_BN}$": r"conv1.4.\1",
+    r"^net\.0\.4\.weight$": r"conv1.6.weight",
+    rf"^net\.0\.5\.0\.{_BN}$": r"bn1.\1",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.0\.weight$": r"layer\1.\2.conv1.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.1\.0\.{_BN}$": r"layer\1.\2.bn1.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.main_conv\.0\.weight$": r"layer\1.\2.conv2.conv.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.main_conv\.1\.0\.{_BN}$": r"layer\1.\2.conv2.bn.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.mixing_conv\.0\.weight$": r"layer\1.\2.conv2.attn_reduce.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.mixing_conv\.1\.0\.{_BN}$": r"layer\1.\2.conv2.attn_bn.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.2\.mixing_conv\.2\.weight$": r"layer\1.\2.conv2.attn_expand.weight",
+    r"^net\.([1-4])\.blocks\.(\d+)\.net\.3\.weight$": r"layer\1.\2.conv3.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.net\.4\.0\.{_BN}$": r"layer\1.\2.bn3.\3",
+    r"^net\.([1-4])\.blocks\.(\d+)\.projection\.shortcut\.2\.weight$": r"layer\1.\2.downsample.1.weight",
+    rf"^net\.([1-4])\.blocks\.(\d+)\.projection\.bn\.0\.{_BN}$": r"layer\1.\2.downsample.2.\3",
+}
+SIMCLRV2_SK_RATIO = 0.0625  # every official SK model (SimCLRv2 §2; the converter's name_to_params)
 _SIMCLRV2_MARKER = re.compile(r"^net\.[0-4]\.(\d+\.|blocks\.)")
 _SELECTIVE_KERNEL_MARKER = re.compile(r"\.(main_conv|mixing_conv)\.")
 UNNORMALISED_NOTE = (
@@ -166,15 +189,12 @@ def init_encoder(model: SimCLR, path: Path) -> InitReport:
     else:
         tensors, trail, dropped = _read(path)
         layout, head_fits = "torchvision", True
-        if any(_SELECTIVE_KERNEL_MARKER.search(k) for k in tensors):
-            raise CheckpointError(
-                f"{path} is a selective-kernel (sk1) SimCLRv2 model; its blocks have no counterpart in this ResNet. "
-                "Use an *_sk0 checkpoint"
-            )
-    names, stripped = _map_names(tensors, simclrv2=False)
+    names, stripped = _map_names(tensors, table=None)
     if layout == "torchvision" and any(_SIMCLRV2_MARKER.match(k) for k in names.values()):
-        layout, note = "simclrv2-converted", UNNORMALISED_NOTE
-        names, stripped = _map_names(tensors, simclrv2=True)
+        selective = any(_SELECTIVE_KERNEL_MARKER.search(k) for k in names.values())
+        _check_sk_ratio(model, selective=selective, path=path)
+        layout, note = "simclrv2-converted" + (" sk1" if selective else ""), UNNORMALISED_NOTE
+        names, stripped = _map_names(tensors, table=SIMCLRV2_SK_NAMES if selective else SIMCLRV2_NAMES)
     renamed = _renamed(tensors, names, path)
     described = layout + "".join(f" under '{k}'" for k in trail) + (
         f" (prefixes {', '.join(sorted(stripped))} stripped)" if stripped else ""
@@ -213,14 +233,30 @@ def _is_simclr_file(path: Path) -> bool:
         return False  # `_read` reports the damage
 
 
+def _check_sk_ratio(model: SimCLR, *, selective: bool, path: Path) -> None:
+    """A converted SimCLRv2 file fits only the same kind of network: sk1 files need sk_ratio 0.0625, sk0 files 0."""
+    if selective and model.cfg.sk_ratio != SIMCLRV2_SK_RATIO:
+        raise CheckpointError(
+            f"{path} is a selective-kernel (sk1) SimCLRv2 model; build the same network with --sk-ratio "
+            f"{SIMCLRV2_SK_RATIO} (model.sk_ratio), not {model.cfg.sk_ratio:g}"
+        )
+    if not selective and model.cfg.sk_ratio > 0:
+        raise CheckpointError(
+            f"{path} is a SimCLRv2 model without selective kernels (sk0); build the same network with --sk-ratio 0"
+        )
+
+
+_ABSENT = {"sk_ratio": 0.0}  # files written before selective kernels existed have none
+
+
 def _check_architecture(model: SimCLR, meta: Mapping[str, Any], path: Path) -> None:
     source = meta.get("model")
     if not isinstance(source, Mapping):
         raise CheckpointError(f"{path} has no model metadata; the file is damaged")
     differ = [
-        f"model.{name} is {source.get(name)!r} there, {getattr(model.cfg, name)!r} here"
-        for name in ("arch", "width", "stem")
-        if source.get(name) != getattr(model.cfg, name)
+        f"model.{name} is {source.get(name, _ABSENT.get(name))!r} there, {getattr(model.cfg, name)!r} here"
+        for name in ("arch", "width", "stem", "sk_ratio")
+        if source.get(name, _ABSENT.get(name)) != getattr(model.cfg, name)
     ]
     if differ:
         raise CheckpointError(
@@ -228,9 +264,9 @@ def _check_architecture(model: SimCLR, meta: Mapping[str, Any], path: Path) -> N
         )
 
 
-def _map_names(tensors: Mapping[str, Tensor], *, simclrv2: bool) -> tuple[dict[str, str], set[str]]:
-    """Each source key -> its model name: WRAPPER_PREFIXES removed from the front (repeatedly), then for
-    SimCLRv2 conversions the SIMCLRV2_NAMES table; also the set of prefixes that were removed."""
+def _map_names(tensors: Mapping[str, Tensor], *, table: Mapping[str, str] | None) -> tuple[dict[str, str], set[str]]:
+    """Each source key -> its model name: WRAPPER_PREFIXES removed from the front (repeatedly), then renamed by
+    `table` (SIMCLRV2_NAMES or SIMCLRV2_SK_NAMES for SimCLRv2 conversions); also the set of prefixes removed."""
     names: dict[str, str] = {}
     stripped: set[str] = set()
     for key in tensors:
@@ -241,7 +277,7 @@ def _map_names(tensors: Mapping[str, Tensor], *, simclrv2: bool) -> tuple[dict[s
             if prefix is not None:
                 name = name.removeprefix(prefix)
                 stripped.add(prefix)
-        names[key] = _rename_key(name, SIMCLRV2_NAMES) if simclrv2 else name
+        names[key] = _rename_key(name, table) if table is not None else name
     return names, stripped
 
 

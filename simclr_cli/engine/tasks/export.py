@@ -6,8 +6,9 @@ Targets:
   then reports exactly `fc.weight`, `fc.bias` missing and nothing unexpected; with `include_fc=True` a
   fine-tuned file's classifier (trained on h, head layer 0) becomes `fc`, so
   `resnetXX(num_classes=C)` loads it strictly.
-- `safetensors-encoder`: the bare encoder f (any width or stem) with its architecture and input transform
-  as safetensors metadata strings; it loads into `simclr_cli.engine.model.ResNet(arch=, width=, stem=)`.
+- `safetensors-encoder`: the bare encoder f (any width, stem or sk_ratio) with its architecture and input
+  transform as safetensors metadata strings; it loads into `simclr_cli.engine.model.ResNet(arch=, width=, stem=,
+  sk_ratio=)`. Selective-kernel encoders (SimCLRv2) have no torchvision twin: export them this way or as ONNX.
 - `onnx`: the encoder f as a graph image (B, 3, S, S) -> h (B, D), batch axis dynamic (needs `onnx`).
 
 The projection head g is never exported: SimCLR §4.2 evaluates and transfers h, not z.
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 
 from simclr_cli.engine import rundir
 from simclr_cli.engine.augment import describe_eval_transform
-from simclr_cli.engine.checkpoint import EncoderInfo
+from simclr_cli.engine.checkpoint import CLASSIFIER_TASKS, EncoderInfo
 from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
 from simclr_cli.engine.files import atomic_write, check_output_file
 from simclr_cli.engine.errors import ConfigError
@@ -127,8 +128,9 @@ def export(checkpoint: Path, *, to: str, out: Path, overwrite: bool = False, inc
         tensors = dict(net.state_dict())
         missing = ()
         _save_safetensors(out, tensors, metadata)
+        sk = f", sk_ratio={info.model.sk_ratio!r}" if info.model.sk_ratio else ""
         usage = (
-            f"simclr_cli.engine.model.ResNet(arch={info.model.arch!r}, width={info.model.width!r}, stem={info.model.stem!r})"
+            f"simclr_cli.engine.model.ResNet(arch={info.model.arch!r}, width={info.model.width!r}, stem={info.model.stem!r}{sk})"
             f".load_state_dict(safetensors.torch.load_file({str(out)!r}))"
         )
     else:
@@ -169,6 +171,8 @@ def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:
         reasons.append(f"width {info.model.width:g} (torchvision's ResNets are width 1: 64 stem channels)")
     if info.model.stem != "standard":
         reasons.append(f"the {info.model.stem} stem (torchvision has only the 7x7 stride-2 conv + max-pool stem)")
+    if info.model.sk_ratio > 0:
+        reasons.append(f"selective kernels (sk_ratio {info.model.sk_ratio:g}; torchvision's ResNets have none)")
     if reasons:
         raise ConfigError(
             f"{checkpoint} cannot be exported --to torchvision: it has {' and '.join(reasons)}; "
@@ -178,7 +182,7 @@ def _check_torchvision(info: EncoderInfo, *, checkpoint: Path) -> None:
 
 def _classifier_as_fc(info: EncoderInfo, *, checkpoint: Path) -> dict[str, torch.Tensor]:
     """A fine-tuned file's classifier as torchvision's fc; only one trained on h (head layer 0) fits there."""
-    if info.extra.get("task") != "finetune" or CLASSIFIER_WEIGHT not in info.extra_tensors:
+    if info.extra.get("task") not in CLASSIFIER_TASKS or CLASSIFIER_WEIGHT not in info.extra_tensors:
         raise ConfigError(
             f"--include-fc needs a fine-tuned checkpoint (finetuned.safetensors); {checkpoint} has no classifier, "
             "so drop --include-fc and replace fc yourself"
@@ -211,6 +215,7 @@ def _metadata(info: EncoderInfo, net: ResNet, *, checkpoint: Path) -> dict[str, 
         "architecture": info.model.arch,
         "width": f"{info.model.width:g}",
         "stem": str(info.model.stem),
+        "sk_ratio": f"{info.model.sk_ratio:g}",
         "feature_dim": str(net.out_dim),
         "image_size": str(info.image_size),
         "mean": json.dumps(list(info.mean)),

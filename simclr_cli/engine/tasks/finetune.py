@@ -33,8 +33,8 @@ from simclr_cli.engine import checkpoint, defaults, evaluation, features, weight
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
 from simclr_cli.engine.augment import eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
-from simclr_cli.engine.optim import LARS, scaled_lr
+from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.optim import scaled_lr
 from simclr_cli.engine.report import NoProgress, Progress
 from simclr_cli.engine.supervised import (
     CLASSIFIER_BIAS,
@@ -44,8 +44,10 @@ from simclr_cli.engine.supervised import (
     LinearClassifier,
     batch_size_for,
     check_labels,
+    classifier_optimizer,
     cosine_schedule,
     eval_loader,
+    load_classifier,
     train_classifier,
     train_loader,
 )
@@ -199,7 +201,8 @@ def evaluate(
     batch = batch_size_for(cfg.batch_size, len(labelled), name="labelled train")
     peak_lr = scaled_lr(cfg.lr, batch, LR_SCALING[cfg.optimizer])
     trained = [*model.encoder.parameters(), *model.head.layers[: cfg.from_head_layer].parameters(), *head.parameters()]
-    optimizer = _optimizer(cfg, trained, lr=peak_lr)
+    optimizer = classifier_optimizer(trained, name=cfg.optimizer, lr=peak_lr, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
     info = encoder.info
     transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
     loader = train_loader(labelled, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
@@ -243,25 +246,6 @@ def evaluate(
     )
 
 
-def _optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
-    """Nesterov SGD (v1) or LARS (v2); 1-D parameters (BN, biases) never get weight decay."""
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, exclude_1d=True)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
-
-
 def load_finetuned(path: Path) -> tuple[Classifier, checkpoint.EncoderInfo]:
     """The fine-tuned network and its classifier from a `finetuned.safetensors`, in eval mode."""
-    model, info = checkpoint.load_encoder(Path(path))
-    try:
-        weight, bias = info.extra_tensors[CLASSIFIER_WEIGHT], info.extra_tensors[CLASSIFIER_BIAS]
-        backbone = Backbone(model, depth=int(info.extra["from_head_layer"]))
-        head = LinearClassifier(weight.shape[1], weight.shape[0])
-        head.fc.load_state_dict({"weight": weight, "bias": bias})
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path} holds no fine-tuned classifier ({exc!r}); pass a file written by simclr finetune") from exc
-    return Classifier(backbone, head, frozen=False).eval(), info
+    return load_classifier(path)

@@ -19,6 +19,7 @@ from simclr_cli.engine.results import RESULTS_FILE
 
 ENCODER = "encoder"
 FINE_TUNED = "fine-tuned"
+DISTILLED = "distilled"
 # eval folders are `<command>-<UTC timestamp>[-n]` (rundir.default_eval_dir)
 _EVAL_DIR = re.compile(r"^(?P<command>.+?)-\d{8}-\d{6}(?:-\d+)?$")
 
@@ -46,11 +47,12 @@ class EvalRecord:
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
-    kind: str  # "encoder" or "fine-tuned" (info.extra says task finetune)
+    kind: str  # "encoder", "fine-tuned" or "distilled" (info.extra says task finetune / distill)
     method: str  # the pretraining method that trained the encoder
     architecture: str
     width: float
     stem: str
+    sk_ratio: float  # selective kernels (SimCLRv2); 0 = none
     head_layers: int
     proj_dim: int
     feature_dim: int  # D of h
@@ -81,6 +83,7 @@ class CheckpointInfo:
             "architecture": self.architecture,
             "width": self.width,
             "stem": self.stem,
+            "sk_ratio": self.sk_ratio,
             "head_layers": self.head_layers,
             "proj_dim": self.proj_dim,
             "feature_dim": self.feature_dim,
@@ -114,14 +117,15 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     checkpoint = Path(checkpoint)
     encoder = open_encoder(checkpoint)
     info, model = encoder.info, encoder.model
-    fine_tuned = info.extra.get("task") == "finetune"
+    kind = {"finetune": FINE_TUNED, "distill": DISTILLED}.get(info.extra.get("task"), ENCODER)
     return CheckpointInfo(
         path=checkpoint,
-        kind=FINE_TUNED if fine_tuned else ENCODER,
+        kind=kind,
         method=info.method,
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),
+        sk_ratio=info.model.sk_ratio,
         head_layers=info.model.head_layers,
         proj_dim=info.model.proj_dim,
         feature_dim=model.encoder.out_dim,
