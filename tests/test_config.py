@@ -152,7 +152,7 @@ def test_from_dict_keeps_defaults_for_missing_keys():
 def test_unknown_top_level_key_names_it():
     with pytest.raises(ConfigError) as err:
         from_dict(ModelConfig, {"arch": "resnet18", "depth": 3})
-    assert str(err.value) == "unknown config key 'depth'; valid keys: arch, width, stem, head_layers, proj_dim, zero_init_residual, sk_ratio"
+    assert str(err.value) == "unknown config key 'depth'; valid keys: arch, width, stem, head_layers, proj_dim, zero_init_residual, head_output_bn, sk_ratio"
 
 
 def test_unknown_nested_key_names_the_dotted_key():
@@ -240,7 +240,7 @@ def test_to_dict_is_plain_data_and_round_trips():
     assert plain["augment"]["crop_scale"] == [0.3, 1.0]
     assert plain["augment"]["mean"] == [0.485, 0.456, 0.406]
     assert plain["model"] == {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
-                              "zero_init_residual": False, "sk_ratio": 0.0}
+                              "zero_init_residual": False, "head_output_bn, sk_ratio": None}
     assert plain["data"] == {"source": None, "root": None, "download": False, "workers": None, "on_bad_image": "skip",
                              "decode_side": None, "cache_gb": None, "max_bad_fraction": 0.5, "max_image_pixels": 178956970}
     assert from_dict(PretrainConfig, plain) == cfg
