@@ -162,7 +162,7 @@ def test_unknown_nested_key_names_the_dotted_key():
 
 
 def test_unknown_section_names_it():
-    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train, monitor$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train, monitor, moco$"):
         from_dict(PretrainConfig, {"trian": {"epochs": 1}})
 
 

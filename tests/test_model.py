@@ -342,7 +342,7 @@ def test_default_config_is_valid() -> None:
         ({"width": float("nan")}, "model.width nan", "positive whole number"),
         ({"width": True}, "model.width True", "positive whole number"),
         ({"stem": "tiny"}, "model.stem 'tiny'", "small, standard"),
-        ({"head_layers": 1}, "model.head_layers 1", "use 2"),
+        ({"head_layers": 0}, "model.head_layers 0", "use 2"),
         ({"head_layers": 4}, "model.head_layers 4", "use 2"),
         ({"proj_dim": 0}, "model.proj_dim 0", ">= 1"),
         ({"proj_dim": -5}, "model.proj_dim -5", ">= 1"),
@@ -366,3 +366,11 @@ def test_build_model_validates() -> None:
 def test_resolved_rejects_bad_image_size() -> None:
     with pytest.raises(ConfigError, match="image_size 0"):
         ModelConfig().resolved(image_size=0)
+
+
+def test_a_one_layer_head_is_one_linear_map_as_in_moco_v1():
+    cfg = ModelConfig(arch="resnet18", width=0.25, head_layers=1, proj_dim=8, head_output_bn=False).resolved(image_size=16)
+    model = build_model(cfg)
+    assert [type(m) for m in model.head.layers.modules() if not isinstance(m, nn.Sequential)] == [nn.Linear]
+    h, z = model.eval()(torch.zeros(2, 3, 16, 16))
+    torch.testing.assert_close(z, model.head.layers[0].linear(h))
