@@ -291,3 +291,19 @@ def test_bad_moco_options_are_one_line_errors(image_folder, tmp_path, args, mess
                                  "16", "--batch-size", "8", "--device", "cpu", "--workers", "0", *args,
                                  "--out", str(tmp_path / "run")])
     assert one_line_error(result).startswith(message)
+
+
+@pytest.mark.parametrize("name, T, head_layers, blur, target", [("moco-v1", 0.07, 1, 0.0, "60.6%"),
+                                                                ("moco-v2", 0.2, 2, 0.5, "67.5%")])
+def test_the_presets_hold_the_papers_recipes_and_run(name, T, head_layers, blur, target, image_folder, tmp_path):
+    from simclr_cli.config import preset_path, resolve_pretrain
+
+    cfg = resolve_pretrain(data=None, preset=name, sets=None, flags={})
+    assert (cfg.train.method, cfg.moco.K, cfg.moco.m, cfg.moco.T) == (name, 65536, 0.999, T)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == ("sgd", 0.03, 1e-4, 0.9)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.head_layers, cfg.augment.blur_p) == (256, 200, head_layers, blur)
+    assert target in preset_path(name).read_text() and f"--preset {name}" in preset_path(name).read_text()
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--preset", name, "--arch", "resnet18", "--width", "0.25",
+                                 "--image-size", "16", "--batch-size", "8", "--max-steps", "1", "--device", "cpu",
+                                 "--workers", "0", "--set", "moco.K=12", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
