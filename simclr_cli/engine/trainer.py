@@ -233,6 +233,7 @@ def _method(cfg, *, world: distributed.World, rt: Runtime, init: bool) -> Method
                  ", projection head included" if report.head_loaded else "")
         if report.note:
             log.warning("%s", report.note)
+        method.after_init()
     method.modules = method.modules.to(rt.device)
     if world.world_size > 1 and cfg.train.sync_bn:
         method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)
