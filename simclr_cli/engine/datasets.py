@@ -56,8 +56,6 @@ IMAGENET_FIX = ("pass --data-root DIR holding the extracted ImageNet: the devkit
 
 log = logging.getLogger("simclr")
 
-log = logging.getLogger("simclr")
-
 
 class LabelledImages(Dataset):
     """(PIL RGB, int label) pairs from files or in-memory images; `classes[label]` names the class."""
@@ -66,6 +64,7 @@ class LabelledImages(Dataset):
         self.samples = list(samples)
         self.classes = list(classes)
         self.targets = [int(label) for _, label in self.samples]
+        self.min_side: int | None = None  # see images.decoded_at_least
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,7 +74,7 @@ class LabelledImages(Dataset):
         if isinstance(image, Image.Image):
             return (image if image.mode == "RGB" else image.convert("RGB")), self.targets[index]
         try:
-            return decode_image(image), self.targets[index]
+            return decode_image(image, min_side=self.min_side), self.targets[index]
         except BadImage as exc:  # a labelled set is not skipped silently: the score would be over other images
             raise DataError(f"cannot decode {printable_path(image)} ({exc.reason}); fix or remove it from the labelled data") from exc
 

@@ -6,6 +6,7 @@ Every image comes out as a PIL RGB image; datasets and pipelines build on these 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import stat
@@ -125,14 +126,17 @@ def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
     return FolderScan(images, skipped)
 
 
-def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """The one image decoder: 8-bit RGB, EXIF orientation applied, frame 0 of an animation, the file closed.
 
     Only ACCEPTED_FORMATS, as PIL detects them from the bytes (not the extension). Transparency is composited on
     white (BACKGROUND: how a logo or scan looks on a page). 16-bit and 32-bit integer grey (PNG, TIFF) keep their
     levels, v -> round(v / 257); 16-bit colour keeps PIL's high byte; float grey in [0, 1] is scaled by 255, other
     float ranges are stretched min..max. Images over `max_pixels` are refused from the header, before any pixel
-    is decoded (None: no limit; whoever passes None must log that). Every failure is a BadImage naming the reason.
+    is decoded (None: no limit; whoever passes None must log that). With `min_side`, a JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose short side still has `min_side` pixels, for a caller that shrinks it to
+    that size anyway: a 12-megapixel photo wanted at 448 px decodes 1/16 of its pixels. Every failure is a BadImage
+    naming the reason.
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels {max_pixels} must be >= 1, or None for no limit")
@@ -149,7 +153,10 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
         try:
             with Image.open(path, formats=ACCEPTED_FORMATS) as img:
                 size = img.size
-                _check_pixels(img.size, max_pixels, path=path)
+                _check_pixels(img.size, max_pixels, path=path)  # the header's size, whatever is decoded below
+                if min_side is not None:
+                    # A square request: both sides stay >= min_side, so the short side does, however EXIF turns it.
+                    img.draft("RGB", (min_side, min_side))  # JPEG only; other formats ignore it
                 img.load()  # frame 0: an animation opens on its first frame
                 return _to_rgb(ImageOps.exif_transpose(img))
         except BadImage:
@@ -274,9 +281,21 @@ class ImageFiles(Dataset):
         self.paths = [Path(p) for p in paths]
         self.max_pixels = max_pixels
         self.skipped_folders = list(skipped_folders)  # what the walk could not enter, for the bad-files report
+        self.min_side: int | None = None  # see decoded_at_least
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index], max_pixels=self.max_pixels)
+        return decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
+
+
+def decoded_at_least(images: Dataset, side: int | None) -> Dataset:
+    """`images` with its JPEGs decoded at a reduced scale whose short side still covers `side` px (decode_image's
+    `min_side`), for a consumer that shrinks every image to that size: a copy when `images` decodes files
+    (ImageFiles, datasets.LabelledImages), else `images` itself (pixels already in memory)."""
+    if side is None or not hasattr(images, "min_side"):
+        return images
+    reduced = copy.copy(images)  # the caller's dataset keeps decoding at full size
+    reduced.min_side = side
+    return reduced

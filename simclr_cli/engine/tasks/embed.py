@@ -43,7 +43,8 @@ from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_imag
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError, Stopped
 from simclr_cli.engine.index import LINE_BREAK, relative_name
-from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, open_encoder, prepare, transform_for
+from simclr_cli.engine.features import (Encoder, decode_side_for, encode, layer_dim, loader, local_rows, open_encoder,
+                                         prepare, transform_for)
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -321,7 +322,7 @@ def _write_rows(
     Plain writes at exact byte offsets, not a shared memory map: a map writes back whole pages, and on a network
     filesystem the page two ranks share would lose one rank's rows.
     """
-    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels)
+    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels, min_side=decode_side_for(encoder))
     batches = loader(Subset(decoded, rows), batch_size=batch_size, workers=workers, rt=rt, collate_fn=_collate)
     model = prepare(encoder, rt)
     offset = np.load(scratch, mmap_mode="r").offset  # the .npy header's length
@@ -369,17 +370,19 @@ def _copy_rows(src: Path, dst: Path, *, kept: list[int]) -> None:
 class _Decoded(Dataset):
     """Item i: (i, transformed image, None), or (i, None, reason) when the file cannot be decoded."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None,
+                 min_side: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_side = min_side  # the transform's resize: JPEGs are decoded at the smallest scale still covering it
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            image = decode_image(self.paths[index], max_pixels=self.max_pixels)
+            image = decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
         except BadImage as exc:  # this one file is unusable; the main process applies the policy
             return index, None, exc.reason
         return index, self.transform(image), None
