@@ -11,7 +11,10 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +79,51 @@ def scan_folder(root: Path, *, exclude: Path | None = None) -> FolderScan:
     return scan
 
 
-def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
+DISCOVERY_THREADS = 16  # folder listings in flight: a network filesystem answers many at once, a local disk does not mind
+PROGRESS_SECONDS = 5.0  # between "found so far" log lines while a walk runs
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One folder's entries, as a worker thread read them: what the walk decides on, without touching the disk."""
+
+    folders: list[tuple[str, tuple[int, int] | OSError]]  # sorted visible subfolders: (st_dev, st_ino) or why stat failed
+    images: list[str]  # sorted visible image file names
+    error: OSError | None = None  # the folder itself could not be read
+
+
+def _list_folder(folder: Path) -> _Listing:
+    dirs, files = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()  # follows symlinks, as the walk does
+                except OSError:
+                    is_dir = False
+                (dirs if is_dir else files).append(entry.name)
+    except OSError as exc:
+        return _Listing([], [], exc)
+    folders: list[tuple[str, tuple[int, int] | OSError]] = []
+    # Hidden entries (.git, macOS "._x.jpg" resource forks) are never training images.
+    for name in sorted(d for d in dirs if not d.startswith(".")):
+        try:
+            info = os.stat(folder / name)
+            folders.append((name, (info.st_dev, info.st_ino)))
+        except OSError as exc:
+            folders.append((name, exc))
+    images = sorted(n for n in files if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    return _Listing(folders, images)
+
+
+def walk_images(root: Path, *, exclude: Path | None = None, threads: int = DISCOVERY_THREADS) -> FolderScan:
+    """Every image under `root` in sorted, top-down order (a folder's files, then each subfolder's in name order).
+
+    Folders are listed by `threads` worker threads ahead of the walk (on a network filesystem a listing is a round
+    trip); the walk itself, which decides the order, the skips and the symlink rules, runs here, one folder at a
+    time, so the result is the same for any number of threads. A line is logged every PROGRESS_SECONDS.
+    """
+    root = Path(root)
     images: list[Path] = []
     excluded: tuple[int, int] | None = None
     if exclude is not None:
@@ -89,41 +136,73 @@ def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
         log.warning("skipping folder %s: %s", printable_path(folder), reason)
         skipped.append((folder, reason))
 
-    def unreadable(error: OSError) -> None:
-        skip(Path(error.filename) if error.filename else root, f"cannot read the folder ({error.strerror or error})")
+    def unreadable(error: OSError, folder: Path) -> None:
+        skip(Path(error.filename) if error.filename else folder, f"cannot read the folder ({error.strerror or error})")
 
     # Symlinked folders are followed; each real folder (st_dev, st_ino) is walked once, so a link back up the
     # tree (a loop) or a second link to the same folder is skipped instead of walked forever or twice.
     walked: dict[tuple[int, int], Path] = {}
-    with contextlib.suppress(OSError):  # an unreadable root is reported by os.walk's onerror below
+    with contextlib.suppress(OSError):  # an unreadable root is reported when it is listed
         info = os.stat(root)
         walked[(info.st_dev, info.st_ino)] = root
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        here = Path(dirpath)
-        kept = []
-        # Hidden entries (.git, macOS "._x.jpg" resource forks) are never training images.
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
-            folder = here / name
-            try:
-                info = os.stat(folder)
-            except OSError as exc:
-                unreadable(exc)
+    progress = _WalkProgress(root)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="simclr-discovery") as pool:
+        pending = [(root, pool.submit(_list_folder, root))]  # a stack: the next folder in walk order is on top
+        while pending:
+            here, listed = pending.pop()
+            listing = progress.wait(listed, images=len(images))
+            if listing.error is not None:
+                unreadable(listing.error, here)
                 continue
-            if (info.st_dev, info.st_ino) == excluded:
-                log.info("leaving out %s: the run's own output folder is not training data", printable_path(folder))
-                continue
-            first = walked.setdefault((info.st_dev, info.st_ino), folder)
-            if first == folder:
-                kept.append(name)
-            elif first in folder.parents:
-                skip(folder, f"symlink loop back to {printable_path(first)}")
-            else:
-                skip(folder, f"the same folder as {printable_path(first)}, walked there")
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                images.append(here / name)
+            kept = []
+            for name, identity in listing.folders:
+                folder = here / name
+                if isinstance(identity, OSError):
+                    unreadable(identity, folder)
+                elif identity == excluded:
+                    log.info("leaving out %s: the run's own output folder is not training data", printable_path(folder))
+                elif (first := walked.setdefault(identity, folder)) == folder:
+                    kept.append(folder)
+                elif first in folder.parents:
+                    skip(folder, f"symlink loop back to {printable_path(first)}")
+                else:
+                    skip(folder, f"the same folder as {printable_path(first)}, walked there")
+            images.extend(here / name for name in listing.images)
+            pending.extend((folder, pool.submit(_list_folder, folder)) for folder in reversed(kept))
+    progress.done(images=len(images))
     return FolderScan(images, skipped)
+
+
+class _WalkProgress:
+    """The walk's log lines: one every PROGRESS_SECONDS while it runs (so a long listing is never a silent pause),
+    and a total at the end of a walk that took that long."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = printable_path(root)
+        self.started = self.last = time.monotonic()
+        self.folders = 0
+
+    def wait(self, listed: Future, *, images: int) -> _Listing:
+        while True:
+            try:
+                listing = listed.result(timeout=PROGRESS_SECONDS)
+                break
+            except FutureTimeout:
+                self._report(images)
+        self.folders += 1
+        if time.monotonic() - self.last >= PROGRESS_SECONDS:
+            self._report(images)
+        return listing
+
+    def _report(self, images: int) -> None:
+        self.last = time.monotonic()
+        log.info("looking for images under %s: %d found in %d folders so far (%.0f s)", self.root, images, self.folders,
+                 self.last - self.started)
+
+    def done(self, *, images: int) -> None:
+        seconds = time.monotonic() - self.started
+        (log.info if seconds >= PROGRESS_SECONDS else log.debug)(
+            "found %d images in %d folders under %s in %.1f s", images, self.folders, self.root, seconds)
 
 
 def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
