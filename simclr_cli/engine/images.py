@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from simclr_cli.engine.errors import BadImage, DataError, one_line
+from simclr_cli.engine.files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # any letter case
 # What decode_image reads, as PIL names the format it detects from the bytes (JPEG includes a camera's
@@ -203,6 +204,44 @@ class _WalkProgress:
         seconds = time.monotonic() - self.started
         (log.info if seconds >= PROGRESS_SECONDS else log.debug)(
             "found %d images in %d folders under %s in %.1f s", images, self.folders, self.root, seconds)
+
+
+def read_file_list(list_file: Path, *, base: Path, check: bool = True) -> list[Path]:
+    """The images a file list names, in its order: one path a line (UTF-8; other bytes as `write_file_list` wrote
+    them), relative to `base` or absolute; blank lines are ignored. With `check`, a listed file that does not exist
+    is a DataError naming it and its line (one stat per file, no pixels read)."""
+    list_file = Path(list_file).expanduser()
+    try:
+        text = list_file.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise DataError(f"cannot read the file list {printable_path(list_file)} ({exc.strerror or exc}); "
+                        "pass a text file with one image path a line") from None
+    paths = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        name = line.removesuffix("\r")
+        if not name.strip():
+            continue
+        path = base / name  # an absolute name stays absolute
+        if check and not os.path.exists(path):
+            raise DataError(f"{printable_path(list_file)} line {number}: {printable_path(path)} does not exist; "
+                            f"fix the list (relative paths start at {printable_path(base)})")
+        paths.append(path)
+    if not paths:
+        raise DataError(f"the file list {printable_path(list_file)} names no images; put one image path on each line")
+    return paths
+
+
+def write_file_list(list_file: Path, images: Sequence[Path], *, base: Path) -> bool:
+    """Save `images` as `read_file_list` reads them, relative to `base` where they lie below it; False (nothing
+    written) when a name holds a line break, which a one-path-a-line list cannot."""
+    prefix = os.path.join(os.fspath(base), "")
+    names = [name[len(prefix):] if name.startswith(prefix) else name for name in map(os.fspath, images)]
+    if any("\n" in name or "\r" in name for name in names):
+        log.info("not saving the image list in %s: a file name holds a line break", printable_path(list_file))
+        return False
+    text = "".join(f"{name}\n" for name in names)
+    atomic_write(list_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+    return True
 
 
 def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:

@@ -44,6 +44,7 @@ class DataConfig:
     cache_gb: float | None = None  # memory for decoded images kept between epochs; None = half the free memory, 0 = off
     max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
+    file_list: str | None = None  # the images, one path a line (relative to the data folder, or absolute); None = search it
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
