@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from simclr_cli.engine.images import find_images, read_file_list, write_file_lis
 from simclr_cli.engine.tasks import pretrain as task
 
 from test_cli import one_line_error
+from test_knn import tiny_checkpoint
 from test_pretrain import CrashAt, tiny_config
 
 runner = CliRunner()
@@ -108,8 +108,7 @@ def test_resume_still_notices_images_that_changed_since(image_folder, tmp_path, 
 
 def test_embed_file_list_rows_follow_the_list(image_folder, tmp_path):
 
-    checkpoint = tmp_path / "enc.safetensors"
-    _save_tiny_encoder(checkpoint)
+    checkpoint = tiny_checkpoint(tmp_path / "enc.safetensors")
     listed = tmp_path / "list.txt"
     listed.write_text("b/c/img_003.JPG\na/img_001.png\n")
     out = tmp_path / "vecs.npy"
@@ -126,15 +125,3 @@ def test_embed_file_list_rows_follow_the_list(image_folder, tmp_path):
     assert len(errors) == 1 and "list.txt line 2:" in errors[0] and "gone.png does not exist" in errors[0]
     assert not (tmp_path / "v2.npy").exists()
 
-
-def _save_tiny_encoder(path: Path) -> None:
-    import torch
-
-    from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
-    from simclr_cli.engine.model import ModelConfig, build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
-    info = EncoderInfo(model=cfg, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
-                       config={}, epoch=1, step=1)
-    save_encoder(path, build_model(cfg), info=info)
