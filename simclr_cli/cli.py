@@ -65,6 +65,7 @@ def pretrain(
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    file_list: options.FileList = None,
     on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
                                                      "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
     cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
@@ -111,6 +112,7 @@ def pretrain(
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
             "data.max_bad_fraction": max_bad_fraction, "data.max_image_pixels": max_image_pixels, "data.cache_gb": cache_gb,
+            "data.file_list": str(file_list) if file_list else None,
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
@@ -496,6 +498,7 @@ def embed(
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    file_list: options.FileList = None,
     preset: options.Preset = None,
     set_: options.Set = None,
     gpus: options.Procs = None,
@@ -514,7 +517,8 @@ def embed(
         cfg = config.resolve_task("embed", preset=preset, sets=set_, flags=flags)
         if _launched(gpus, cfg.device):
             return
-        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, progress=RichProgress())
+        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, file_list=file_list,
+                        progress=RichProgress())
         if done is None:
             return
         r = done.result
