@@ -44,7 +44,7 @@ def pretrain(
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
-    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default, and for now the only one).")] = None,
+    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default), moco-v1 or moco-v2 (their options: --set moco.K=, moco.m=, moco.T=; presets moco-v1, moco-v2).")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
     sk_ratio: options.SkRatio = None,
@@ -57,14 +57,15 @@ def pretrain(
     optimizer: Annotated[str | None, typer.Option(help="lars (the paper's) | sgd | adamw.")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="1e-6 in the SimCLR paper, 1e-4 in SimCLRv2.")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length, capped at 10% of the run.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="NT-Xent tau. Default: 0.5 at <= 64 px (the CIFAR recipe, best at small images and short runs), 0.1 above (ImageNet at batch 4096).")] = None,
-    head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="NT-Xent tau (--method simclr; MoCo's is moco.T). Default: 0.5 at <= 64 px (the CIFAR recipe, best at small images and short runs), 0.1 above (ImageNet at batch 4096).")] = None,
+    head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2); 1 is a linear head (MoCo v1).")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
     init: options.Init = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    file_list: options.FileList = None,
     on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
                                                      "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
     cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
@@ -111,6 +112,7 @@ def pretrain(
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
             "data.max_bad_fraction": max_bad_fraction, "data.max_image_pixels": max_image_pixels, "data.cache_gb": cache_gb,
+            "data.file_list": str(file_list) if file_list else None,
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
@@ -496,6 +498,7 @@ def embed(
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
+    file_list: options.FileList = None,
     preset: options.Preset = None,
     set_: options.Set = None,
     gpus: options.Procs = None,
@@ -514,7 +517,8 @@ def embed(
         cfg = config.resolve_task("embed", preset=preset, sets=set_, flags=flags)
         if _launched(gpus, cfg.device):
             return
-        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, progress=RichProgress())
+        done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, file_list=file_list,
+                        progress=RichProgress())
         if done is None:
             return
         r = done.result

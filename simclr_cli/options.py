@@ -107,6 +107,12 @@ MaxImagePixels = Annotated[
     typer.Option("--max-image-pixels", help="Refuse an image with more pixels than this, read from its header before decoding "
                  "(decompression-bomb guard; default 178956970, about 13,400 x 13,400). 0 turns the limit off."),
 ]
+FileList = Annotated[
+    Path | None,
+    typer.Option("--file-list", help="Use the images this text file lists, one path a line (relative to the data folder, or "
+                 "absolute), instead of searching the folder: for millions of files, list them once (e.g. with find). A "
+                 "listed file that does not exist stops the command at once, naming it."),
+]
 Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.")]
 Width = Annotated[float | None, typer.Option(help="Channel multiplier for every layer (SimCLR's R50 2x is --width 2).")]
 SkRatio = Annotated[float | None, typer.Option(help="Selective kernels (SimCLRv2): 0 = off; 0.0625 as in the paper's SK models, "

@@ -146,6 +146,59 @@ def test_a_non_utf8_file_name_is_found_and_logged_safely(tmp_path):
     assert b"\\xff\\xfe.jpg" in stream.buffer.getvalue()
 
 
+def serial_reference(root: Path) -> list[Path]:
+    """The walk's contract, naively: os.walk top-down, sorted, hidden folders and files left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def write_nested_tree(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        depth = int(rng.integers(0, 4))
+        folder = root.joinpath(*[f"{'.' if rng.random() < 0.1 else ''}d{int(rng.integers(0, 4))}" for _ in range(depth)])
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{'.' if rng.random() < 0.1 else ''}f{i}{rng.choice(['.jpg', '.PNG', '.txt'])}"
+        (folder / name).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_the_parallel_walk_returns_the_sorted_serial_result(tmp_path, monkeypatch, threads):
+    import random
+    import time
+
+    from simclr_cli.engine import images
+
+    root = tmp_path / "tree"
+    write_nested_tree(root)
+    listed = images._list_folder
+
+    def slow_and_out_of_order(folder):  # listings finish in a random order
+        time.sleep(random.random() / 200)
+        return listed(folder)
+
+    monkeypatch.setattr(images, "_list_folder", slow_and_out_of_order)
+    expected = serial_reference(root)
+    assert len(expected) > 20 and any(".PNG" in p.name for p in expected)
+    assert images.walk_images(root, threads=threads).images == expected
+
+
+def test_a_long_walk_logs_its_progress(tmp_path, monkeypatch, caplog):
+    from simclr_cli.engine import images
+
+    write_nested_tree(tmp_path / "tree")
+    monkeypatch.setattr(images, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="simclr"):
+        found = images.walk_images(tmp_path / "tree").images
+    lines = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
+    assert lines and re.match(r"looking for images under .*tree: \d+ found in \d+ folders so far", lines[0])
+    assert f"found {len(found)} images in" in caplog.text
+
+
 def test_find_images_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist; point DATA at a folder of images"):
         find_images(tmp_path / "nope")

@@ -247,3 +247,72 @@ def test_bad_images_are_what_datasets_treat_as_undecodable(tmp_path):
     with pytest.raises(BadImage) as info:
         decode_image(tmp_path / "x.png")
     assert info.value.reason == "not an image" and info.value.path == tmp_path / "x.png"
+
+
+# --- reduced-size JPEG decoding ---------------------------------------------------------------------
+
+
+def large_photo(path: Path, *, size: tuple[int, int] = (1600, 1200), seed: int = 0, **save) -> Path:
+    """A photo-like JPEG: smooth shapes (a small random image upscaled) plus sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize(size, Image.BICUBIC))
+    noisy = smooth.astype(np.int16) + rng.integers(-20, 21, smooth.shape)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90, **save)
+    return path
+
+
+@pytest.mark.parametrize("min_side", [100, 224, 448, 600])
+def test_a_reduced_decode_covers_min_side_and_keeps_the_statistics(tmp_path, min_side):
+    from simclr_cli.engine.pipeline import to_pixels
+
+    path = large_photo(tmp_path / "photo.jpg")
+    reduced = decode_image(path, min_side=min_side)
+    assert min(reduced.size) >= min_side and reduced.size[0] * reduced.size[1] <= 1600 * 1200 / 4  # really reduced
+    full, fast = (to_pixels(img, max_side=min_side).float() for img in (decode_image(path), reduced))
+    assert fast.shape == full.shape
+    assert (fast - full).abs().mean() < 3.0  # levels of 255: resampling differences, not a changed image
+    assert abs(fast.mean() - full.mean()) < 0.5 and abs(fast.std() - full.std()) < 1.0
+
+
+def test_the_eval_transform_of_a_reduced_decode_matches_the_full_one(tmp_path):
+    from simclr_cli.engine.augment import eval_resize_side, eval_transform
+
+    path = large_photo(tmp_path / "photo.jpg")
+    transform = eval_transform(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    full, fast = (transform(decode_image(path, min_side=side)) for side in (None, eval_resize_side(224)))
+    assert fast.shape == full.shape == (3, 224, 224)
+    assert (fast - full).abs().mean() * 0.25 * 255 < 3.0  # in levels of 255
+
+
+def test_a_reduced_decode_covers_min_side_after_exif_turns_the_photo(tmp_path):
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # stored 1600 x 800, viewed 800 x 1600
+    path = large_photo(tmp_path / "turned.jpg", size=(1600, 800), exif=exif)
+    assert decode_image(path, min_side=300).size == (400, 800)  # 1/2 scale: 1/4 would leave a 200 px short side
+
+
+def test_min_side_leaves_other_formats_and_small_jpegs_at_full_size(tmp_path):
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(tmp_path / "x.png")
+    large_photo(tmp_path / "small.jpg", size=(500, 375))
+    assert decode_image(tmp_path / "x.png", min_side=100).size == (640, 480)
+    assert decode_image(tmp_path / "small.jpg", min_side=448).size == (500, 375)
+
+
+def test_the_pixel_limit_reads_the_header_not_the_reduced_size(tmp_path):
+    path = large_photo(tmp_path / "photo.jpg")
+    with pytest.raises(BadImage, match=r"^1600x1200 = 1.9 Mpx exceeds the 1.0 Mpx limit"):
+        decode_image(path, max_pixels=1_000_000, min_side=100)  # decoded, it would be 200 x 150
+
+
+def test_pretraining_and_evaluation_decode_reduced_but_the_dataset_keeps_full_size(tmp_path):
+    from simclr_cli.engine.datasets import labelled_folder
+    from simclr_cli.engine.images import ImageFiles, decoded_at_least
+    from simclr_cli.engine.pipeline import PixelDataset
+
+    (tmp_path / "cls").mkdir()
+    path = large_photo(tmp_path / "cls" / "photo.jpg")
+    files = ImageFiles([path])
+    assert PixelDataset(files, max_side=100).images[0].size == (200, 150)
+    assert files[0].size == (1600, 1200)  # the caller's dataset (the benchmark's PIL baseline) is untouched
+    labelled = labelled_folder(tmp_path)
+    assert decoded_at_least(labelled, 300)[0][0].size == (400, 300) and labelled[0][0].size == (1600, 1200)

@@ -20,7 +20,7 @@ from simclr_cli.engine import features, index
 from simclr_cli.engine.tasks import embed
 from simclr_cli.engine.badfiles import MIN_SEEN, BadFiles
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
-from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, ImageFiles
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, ImageFiles, decode_image
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.model import ModelConfig, build_model
@@ -415,3 +415,17 @@ def test_embed_max_image_pixels(encoder, tmp_path):
     assert unlimited.exit_code == 0, unlimited.output
     assert squeezed("the decompression-bomb limit is off") in squeezed(unlimited.output)
     assert index.read_paths(tmp_path / "b.paths.txt") == ["big.png", "small.png"]
+
+
+def test_embed_decodes_jpegs_only_as_large_as_the_eval_resize(encoder, folder, tmp_path, monkeypatch):
+    from simclr_cli.engine.augment import eval_resize_side
+
+    asked = []
+
+    def recording(path, **kwargs):
+        asked.append(kwargs.get("min_side"))
+        return decode_image(path, **kwargs)
+
+    monkeypatch.setattr(embed, "decode_image", recording)
+    run(encoder, folder, tmp_path / "vecs.npy")
+    assert asked and set(asked) == {eval_resize_side(encoder.info.image_size)} == {16}  # 16 px: resized to 16 x 16

@@ -957,15 +957,20 @@ def resume(out: Path):
     return runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
 
 
-def test_resume_refuses_images_added_to_the_data_and_names_both_counts(images, tmp_path):
-    out = tmp_path / "run"
-    interrupted_run(images, out)
+def test_resume_trains_on_its_saved_list_and_a_new_search_refuses_added_images(images, tmp_path):
+    listed, searched = tmp_path / "listed", tmp_path / "searched"
+    interrupted_run(images, listed)
+    interrupted_run(images, searched)
     write_images(images / "later", 7, size=16, seed=3)
-    assert the_error(resume(out)) == (f"error: --resume: the data differs from what {out} trained on (16 images, now 23); "
-                                      "resume with the original data, or start a new run")
+    resumed = resume(listed)  # its files.txt: the 16 images it started on; the 7 added since are never searched for
+    assert resumed.exit_code == 0, resumed.output
+    assert "using the 16 images listed in" in resumed.output and "(step 3)" in " ".join(resumed.output.split())
+    (searched / "files.txt").unlink()  # no list: DATA is searched again, and the fingerprint tells
+    assert the_error(resume(searched)) == (f"error: --resume: the data differs from what {searched} trained on (16 images, "
+                                           "now 23); resume with the original data, or start a new run")
     for path in (images / "later").iterdir():
         path.unlink()  # the original data again
-    resumed = resume(out)
+    resumed = resume(searched)
     assert resumed.exit_code == 0, resumed.output
     assert "(step 3)" in " ".join(resumed.output.split())
 

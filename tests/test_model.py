@@ -342,7 +342,7 @@ def test_default_config_is_valid() -> None:
         ({"width": float("nan")}, "model.width nan", "positive whole number"),
         ({"width": True}, "model.width True", "positive whole number"),
         ({"stem": "tiny"}, "model.stem 'tiny'", "small, standard"),
-        ({"head_layers": 1}, "model.head_layers 1", "use 2"),
+        ({"head_layers": 0}, "model.head_layers 0", "use 2"),
         ({"head_layers": 4}, "model.head_layers 4", "use 2"),
         ({"proj_dim": 0}, "model.proj_dim 0", ">= 1"),
         ({"proj_dim": -5}, "model.proj_dim -5", ">= 1"),
@@ -491,3 +491,9 @@ def test_sk_models_run_and_every_parameter_gets_a_gradient(arch: str, stem: str,
 def test_sk_zero_init_residual_zeroes_each_block_s_last_bn() -> None:
     encoder = ResNet(arch="resnet50", width=0.25, stem="small", sk_ratio=0.0625, zero_init_residual=True)
     assert all(not block.bn3.weight.any() for layer in (encoder.layer1, encoder.layer4) for block in layer)
+def test_a_one_layer_head_is_one_linear_map_as_in_moco_v1():
+    cfg = ModelConfig(arch="resnet18", width=0.25, head_layers=1, proj_dim=8, head_output_bn=False).resolved(image_size=16)
+    model = build_model(cfg)
+    assert [type(m) for m in model.head.layers.modules() if not isinstance(m, nn.Sequential)] == [nn.Linear]
+    h, z = model.eval()(torch.zeros(2, 3, 16, 16))
+    torch.testing.assert_close(z, model.head.layers[0].linear(h))

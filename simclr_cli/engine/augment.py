@@ -169,10 +169,15 @@ def eval_transform(
         resize: list[Callable] = [v2.Resize((image_size, image_size), interpolation=mode, antialias=True)]
     else:
         resize = [
-            v2.Resize(math.floor(image_size / crop_fraction), interpolation=mode, antialias=True),  # 256 at 224
+            v2.Resize(eval_resize_side(image_size, crop_fraction), interpolation=mode, antialias=True),  # 256 at 224
             v2.CenterCrop(image_size),
         ]
     return v2.Compose([*resize, *_to_normalised_tensor(mean, std)])
+
+
+def eval_resize_side(image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> int:
+    """The short side `eval_transform` resizes to (both sides at <= 64 px): what a reduced decode must still cover."""
+    return image_size if image_size <= SMALL_IMAGE_MAX_SIZE else math.floor(image_size / crop_fraction)
 
 
 def describe_eval_transform(*, image_size: int, mean: tuple[float, float, float], std: tuple[float, float, float],
@@ -182,7 +187,7 @@ def describe_eval_transform(*, image_size: int, mean: tuple[float, float, float]
     if image_size <= SMALL_IMAGE_MAX_SIZE:
         resize = f"resize to {size} ({interpolation})"
     else:
-        resize = f"resize the short side to {math.floor(image_size / EVAL_CROP_FRACTION)} ({interpolation}), centre-crop {size}"
+        resize = f"resize the short side to {eval_resize_side(image_size)} ({interpolation}), centre-crop {size}"
     return (f"RGB images, {resize}; scale pixels to [0, 1], then per channel (R, G, B) subtract mean "
             f"{_rounded(mean)} and divide by std {_rounded(std)}; input float32 (B, 3, {image_size}, {image_size}), channels first")
 

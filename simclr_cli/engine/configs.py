@@ -1,6 +1,6 @@
 """The typed config of every task: pretraining's, composed of the sections their blocks own (ModelConfig in model,
 AugmentConfig in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in
-monitor), and one per evaluation or inference command.
+monitor) plus the `moco:` section of the MoCo methods, and one per evaluation or inference command.
 
 Blocks never import this module: they take their own section. `simclr_cli/config.py` fills these from defaults,
 presets, --set and flags; `defaults` fills their "auto" values.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from simclr_cli.engine import badfiles
 from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, AugmentConfig
-from simclr_cli.engine.errors import ConfigError, is_finite_number, is_whole_number
+from simclr_cli.engine.errors import ConfigError, DataError, is_finite_number, is_whole_number
 from simclr_cli.engine.features import LAYERS
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS
 from simclr_cli.engine.model import ModelConfig
@@ -22,6 +22,49 @@ from simclr_cli.engine.monitor import MonitorConfig
 from simclr_cli.engine.optim import OptimConfig
 from simclr_cli.engine.pipeline import DataConfig
 from simclr_cli.engine.trainer import TrainConfig
+
+
+# --- the MoCo methods' section (engine/methods/moco.py) ---------------------------------------------------------
+
+MOCO_METHODS = ("moco-v1", "moco-v2")  # the methods that read the `moco:` section
+MOCO_PAPER_K = 65536  # the queue of both papers (ImageNet)
+MOCO_PAPER_T = {"moco-v1": 0.07, "moco-v2": 0.2}  # MoCo v1 §4; MoCo v2 Table 1
+
+
+@dataclass
+class MoCoConfig:
+    """The `moco:` section, read by --method moco-v1 and moco-v2; the papers' names."""
+
+    K: int | None = None  # queue length; None = 65,536, or on small data the largest multiple of the batch <= half the images
+    m: float = 0.999  # key encoder momentum
+    T: float | None = None  # InfoNCE temperature; None = 0.07 (moco-v1) or 0.2 (moco-v2)
+
+    def validate(self) -> None:
+        if self.K is not None and (not is_whole_number(self.K) or self.K < 1):
+            raise ConfigError(f"moco.K {self.K!r} must be a whole number >= 1 (the papers use 65536), or unset")
+        if not (is_finite_number(self.m) and 0 <= self.m < 1):
+            raise ConfigError(f"moco.m {self.m!r} must be in [0, 1); the papers use 0.999")
+        if self.T is not None and not (is_finite_number(self.T) and self.T > 0):
+            raise ConfigError(f"moco.T {self.T!r} must be > 0; the papers use 0.07 (v1) or 0.2 (v2), or leave it unset")
+
+    def resolved(self, *, method: str, num_images: int, batch_size: int) -> MoCoConfig:
+        """K and T filled in for `method` on `num_images` images at global batch `batch_size`; raises when the
+        queue cannot work on this data."""
+        self.validate()
+        K = self.K
+        if K is None:
+            K = min(MOCO_PAPER_K, max(batch_size, num_images // 2 // batch_size * batch_size))
+            if K >= num_images:
+                raise DataError(f"the data holds {num_images} images, too few for a MoCo queue of at least the batch "
+                                f"({batch_size} keys) below the dataset size; lower --batch-size")
+        elif K < batch_size:
+            raise ConfigError(f"moco.K {K} is smaller than the global batch {batch_size}: every step enqueues "
+                              f"{batch_size} keys; use K >= {batch_size}, or lower --batch-size")
+        elif K >= num_images:
+            raise DataError(f"moco.K {K} is not below the dataset size ({num_images} images): the queue would hold "
+                            "each image's own earlier key as a negative; lower moco.K, or leave it unset to size it "
+                            "from the data")
+        return replace(self, K=K, T=MOCO_PAPER_T[method] if self.T is None else self.T)
 
 
 @dataclass
@@ -34,10 +77,36 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)  # read by --method moco-v1 / moco-v2 only
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
+        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor, self.moco):
             section.validate()
+        self.check_method_options()
+
+    def reads_nt_xent_temperature(self) -> bool:
+        """Whether the method reads train.temperature (NT-Xent's tau); the MoCo methods read moco.T."""
+        return self.train.method not in MOCO_METHODS
+
+    def with_method_settings(self, *, num_images: int) -> PretrainConfig:
+        """The method's own auto settings filled in, once the data's size and the global batch are known."""
+        if self.train.method not in MOCO_METHODS:
+            return self
+        return replace(self, moco=self.moco.resolved(method=self.train.method, num_images=num_images,
+                                                     batch_size=self.train.batch_size))
+
+    def check_method_options(self) -> None:
+        """Settings the chosen method does not read are refused, not silently ignored."""
+        method = self.train.method
+        if method in MOCO_METHODS:
+            if self.train.temperature is not None:
+                raise ConfigError(f"train.temperature is NT-Xent's (--method simclr); {method} reads moco.T instead "
+                                  f"(e.g. --set moco.T=0.2), so leave train.temperature unset")
+            return
+        for name, default in vars(MoCoConfig()).items():
+            if getattr(self.moco, name) != default:
+                raise ConfigError(f"moco.{name} applies to --method {' or '.join(MOCO_METHODS)} only, not {method}; "
+                                  "drop it or choose one of those methods")
 
 
 # --- evaluation and inference --------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from simclr_cli.engine.cifar import CIFAR_BINARY, cifar_binary
 from simclr_cli.engine.errors import BadImage, DataError, one_line
-from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, ImageFiles, decode_image, printable_path, scan_folder, walk_images
+from simclr_cli.engine.images import (DEFAULT_MAX_PIXELS, ImageFiles, decode_image, printable_path, read_file_list, scan_folder,
+                                      walk_images)
 
 NAMED_DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagenet")
 PRETRAIN_SPLITS = {
@@ -56,8 +57,6 @@ IMAGENET_FIX = ("pass --data-root DIR holding the extracted ImageNet: the devkit
 
 log = logging.getLogger("simclr")
 
-log = logging.getLogger("simclr")
-
 
 class LabelledImages(Dataset):
     """(PIL RGB, int label) pairs from files or in-memory images; `classes[label]` names the class."""
@@ -66,6 +65,7 @@ class LabelledImages(Dataset):
         self.samples = list(samples)
         self.classes = list(classes)
         self.targets = [int(label) for _, label in self.samples]
+        self.min_side: int | None = None  # see images.decoded_at_least
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,7 +75,7 @@ class LabelledImages(Dataset):
         if isinstance(image, Image.Image):
             return (image if image.mode == "RGB" else image.convert("RGB")), self.targets[index]
         try:
-            return decode_image(image), self.targets[index]
+            return decode_image(image, min_side=self.min_side), self.targets[index]
         except BadImage as exc:  # a labelled set is not skipped silently: the score would be over other images
             raise DataError(f"cannot decode {printable_path(image)} ({exc.reason}); fix or remove it from the labelled data") from exc
 
@@ -213,14 +213,26 @@ class Unlabelled(Dataset):
 
 
 def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bool,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS, exclude: Path | None = None) -> Dataset:
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, exclude: Path | None = None,
+                     file_list: str | Path | None = None, saved_list: Path | None = None) -> Dataset:
     """Pretraining images: None -> digits (all); a name -> its pretraining split; else a folder of images, without
-    the folder `exclude` (the run's own output folder, when it lies inside the data)."""
+    the folder `exclude` (the run's own output folder, when it lies inside the data). `file_list` names the images
+    instead of a search of the folder (relative to it, or absolute); an existing `saved_list` (the list a run saved,
+    on --resume) is read instead of searching again."""
+    if file_list is not None and (data is None or (isinstance(data, str) and data in NAMED_DATASETS)):
+        raise DataError("--file-list needs DATA, the folder its relative paths start from (`.` for the current folder)")
     if data is None:
         data = "digits"
     if isinstance(data, str) and data in NAMED_DATASETS:
         return Unlabelled(named_dataset(data, root=root, split=PRETRAIN_SPLITS[data], download=download))
     path = Path(data).expanduser()
+    if saved_list is not None and saved_list.is_file():
+        images = read_file_list(saved_list, base=path, check=False)  # --resume checks the data's fingerprint instead
+        log.info("using the %d images listed in %s (delete it to search %s again)", len(images), printable_path(saved_list),
+                 printable_path(path))
+        return ImageFiles(images, max_pixels=max_pixels)
+    if file_list is not None:
+        return ImageFiles(read_file_list(Path(file_list), base=path), max_pixels=max_pixels)
     if not path.exists():
         raise DataError(
             f"DATA {str(data)!r} is neither a dataset name nor an existing folder; "

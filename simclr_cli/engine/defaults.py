@@ -71,7 +71,7 @@ def resolve_sizes(cfg):
     data, train = cfg.data, cfg.train
     if data.decode_side is None:
         data = replace(data, decode_side=pipeline.decode_side(size))
-    if train.temperature is None:
+    if train.temperature is None and cfg.reads_nt_xent_temperature():  # MoCo has its own (moco.T)
         train = replace(train, temperature=default_temperature(size))
     return replace(cfg, data=data, augment=augment, train=train, optim=cfg.optim.resolved(image_size=size),
                    model=cfg.model.resolved(image_size=size))
@@ -95,7 +95,7 @@ def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: 
             f"--batch-size {batch} (the global batch) does not split evenly over {world_size} processes; "
             f"use a multiple of {world_size}"
         )
-    return cfg
+    return cfg.with_method_settings(num_images=num_images)  # e.g. a MoCo queue's length follows data and batch
 
 
 def resolve_runtime(cfg, rt: Runtime):

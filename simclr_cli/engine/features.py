@@ -25,10 +25,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from simclr_cli.engine import checkpoint, distributed, rundir
-from simclr_cli.engine.augment import eval_transform
+from simclr_cli.engine.augment import eval_resize_side, eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.device import MAX_WORKERS, Runtime
 from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.images import decoded_at_least
 from simclr_cli.engine.model import SimCLR, build_model
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
@@ -107,6 +108,11 @@ def transform_for(encoder: Encoder) -> Callable[[Image.Image], Tensor]:
     """The checkpoint's own test-time transform (size, normalisation, interpolation from the file)."""
     info = encoder.info
     return eval_transform(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
+
+
+def decode_side_for(encoder: Encoder) -> int:
+    """The short side `transform_for` resizes to: JPEGs are decoded at the smallest scale that still covers it."""
+    return eval_resize_side(encoder.info.image_size)
 
 
 def prepare(encoder: Encoder, rt: Runtime) -> SimCLR:
@@ -213,6 +219,8 @@ def iter_features(
     rank 0 reports progress.
     """
     check_layer(encoder, layer)
+    if transform is None:  # the checkpoint's transform, whose resize a reduced decode covers
+        images = decoded_at_least(images, decode_side_for(encoder))
     world = distributed.current_world()
     rows = local_rows(len(images), batch_size=batch_size)
     if world.world_size > 1:

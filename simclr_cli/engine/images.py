@@ -6,11 +6,15 @@ Every image comes out as a PIL RGB image; datasets and pipelines build on these 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from simclr_cli.engine.errors import BadImage, DataError, one_line
+from simclr_cli.engine.files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # any letter case
 # What decode_image reads, as PIL names the format it detects from the bytes (JPEG includes a camera's
@@ -75,7 +80,51 @@ def scan_folder(root: Path, *, exclude: Path | None = None) -> FolderScan:
     return scan
 
 
-def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
+DISCOVERY_THREADS = 16  # folder listings in flight: a network filesystem answers many at once, a local disk does not mind
+PROGRESS_SECONDS = 5.0  # between "found so far" log lines while a walk runs
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One folder's entries, as a worker thread read them: what the walk decides on, without touching the disk."""
+
+    folders: list[tuple[str, tuple[int, int] | OSError]]  # sorted visible subfolders: (st_dev, st_ino) or why stat failed
+    images: list[str]  # sorted visible image file names
+    error: OSError | None = None  # the folder itself could not be read
+
+
+def _list_folder(folder: Path) -> _Listing:
+    dirs, files = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()  # follows symlinks, as the walk does
+                except OSError:
+                    is_dir = False
+                (dirs if is_dir else files).append(entry.name)
+    except OSError as exc:
+        return _Listing([], [], exc)
+    folders: list[tuple[str, tuple[int, int] | OSError]] = []
+    # Hidden entries (.git, macOS "._x.jpg" resource forks) are never training images.
+    for name in sorted(d for d in dirs if not d.startswith(".")):
+        try:
+            info = os.stat(folder / name)
+            folders.append((name, (info.st_dev, info.st_ino)))
+        except OSError as exc:
+            folders.append((name, exc))
+    images = sorted(n for n in files if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    return _Listing(folders, images)
+
+
+def walk_images(root: Path, *, exclude: Path | None = None, threads: int = DISCOVERY_THREADS) -> FolderScan:
+    """Every image under `root` in sorted, top-down order (a folder's files, then each subfolder's in name order).
+
+    Folders are listed by `threads` worker threads ahead of the walk (on a network filesystem a listing is a round
+    trip); the walk itself, which decides the order, the skips and the symlink rules, runs here, one folder at a
+    time, so the result is the same for any number of threads. A line is logged every PROGRESS_SECONDS.
+    """
+    root = Path(root)
     images: list[Path] = []
     excluded: tuple[int, int] | None = None
     if exclude is not None:
@@ -88,51 +137,124 @@ def walk_images(root: Path, *, exclude: Path | None = None) -> FolderScan:
         log.warning("skipping folder %s: %s", printable_path(folder), reason)
         skipped.append((folder, reason))
 
-    def unreadable(error: OSError) -> None:
-        skip(Path(error.filename) if error.filename else root, f"cannot read the folder ({error.strerror or error})")
+    def unreadable(error: OSError, folder: Path) -> None:
+        skip(Path(error.filename) if error.filename else folder, f"cannot read the folder ({error.strerror or error})")
 
     # Symlinked folders are followed; each real folder (st_dev, st_ino) is walked once, so a link back up the
     # tree (a loop) or a second link to the same folder is skipped instead of walked forever or twice.
     walked: dict[tuple[int, int], Path] = {}
-    with contextlib.suppress(OSError):  # an unreadable root is reported by os.walk's onerror below
+    with contextlib.suppress(OSError):  # an unreadable root is reported when it is listed
         info = os.stat(root)
         walked[(info.st_dev, info.st_ino)] = root
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        here = Path(dirpath)
-        kept = []
-        # Hidden entries (.git, macOS "._x.jpg" resource forks) are never training images.
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
-            folder = here / name
-            try:
-                info = os.stat(folder)
-            except OSError as exc:
-                unreadable(exc)
+    progress = _WalkProgress(root)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="simclr-discovery") as pool:
+        pending = [(root, pool.submit(_list_folder, root))]  # a stack: the next folder in walk order is on top
+        while pending:
+            here, listed = pending.pop()
+            listing = progress.wait(listed, images=len(images))
+            if listing.error is not None:
+                unreadable(listing.error, here)
                 continue
-            if (info.st_dev, info.st_ino) == excluded:
-                log.info("leaving out %s: the run's own output folder is not training data", printable_path(folder))
-                continue
-            first = walked.setdefault((info.st_dev, info.st_ino), folder)
-            if first == folder:
-                kept.append(name)
-            elif first in folder.parents:
-                skip(folder, f"symlink loop back to {printable_path(first)}")
-            else:
-                skip(folder, f"the same folder as {printable_path(first)}, walked there")
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                images.append(here / name)
+            kept = []
+            for name, identity in listing.folders:
+                folder = here / name
+                if isinstance(identity, OSError):
+                    unreadable(identity, folder)
+                elif identity == excluded:
+                    log.info("leaving out %s: the run's own output folder is not training data", printable_path(folder))
+                elif (first := walked.setdefault(identity, folder)) == folder:
+                    kept.append(folder)
+                elif first in folder.parents:
+                    skip(folder, f"symlink loop back to {printable_path(first)}")
+                else:
+                    skip(folder, f"the same folder as {printable_path(first)}, walked there")
+            images.extend(here / name for name in listing.images)
+            pending.extend((folder, pool.submit(_list_folder, folder)) for folder in reversed(kept))
+    progress.done(images=len(images))
     return FolderScan(images, skipped)
 
 
-def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+class _WalkProgress:
+    """The walk's log lines: one every PROGRESS_SECONDS while it runs (so a long listing is never a silent pause),
+    and a total at the end of a walk that took that long."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = printable_path(root)
+        self.started = self.last = time.monotonic()
+        self.folders = 0
+
+    def wait(self, listed: Future, *, images: int) -> _Listing:
+        while True:
+            try:
+                listing = listed.result(timeout=PROGRESS_SECONDS)
+                break
+            except FutureTimeout:
+                self._report(images)
+        self.folders += 1
+        if time.monotonic() - self.last >= PROGRESS_SECONDS:
+            self._report(images)
+        return listing
+
+    def _report(self, images: int) -> None:
+        self.last = time.monotonic()
+        log.info("looking for images under %s: %d found in %d folders so far (%.0f s)", self.root, images, self.folders,
+                 self.last - self.started)
+
+    def done(self, *, images: int) -> None:
+        seconds = time.monotonic() - self.started
+        (log.info if seconds >= PROGRESS_SECONDS else log.debug)(
+            "found %d images in %d folders under %s in %.1f s", images, self.folders, self.root, seconds)
+
+
+def read_file_list(list_file: Path, *, base: Path, check: bool = True) -> list[Path]:
+    """The images a file list names, in its order: one path a line (UTF-8; other bytes as `write_file_list` wrote
+    them), relative to `base` or absolute; blank lines are ignored. With `check`, a listed file that does not exist
+    is a DataError naming it and its line (one stat per file, no pixels read)."""
+    list_file = Path(list_file).expanduser()
+    try:
+        text = list_file.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise DataError(f"cannot read the file list {printable_path(list_file)} ({exc.strerror or exc}); "
+                        "pass a text file with one image path a line") from None
+    paths = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        name = line.removesuffix("\r")
+        if not name.strip():
+            continue
+        path = base / name  # an absolute name stays absolute
+        if check and not os.path.exists(path):
+            raise DataError(f"{printable_path(list_file)} line {number}: {printable_path(path)} does not exist; "
+                            f"fix the list (relative paths start at {printable_path(base)})")
+        paths.append(path)
+    if not paths:
+        raise DataError(f"the file list {printable_path(list_file)} names no images; put one image path on each line")
+    return paths
+
+
+def write_file_list(list_file: Path, images: Sequence[Path], *, base: Path) -> bool:
+    """Save `images` as `read_file_list` reads them, relative to `base` where they lie below it; False (nothing
+    written) when a name holds a line break, which a one-path-a-line list cannot."""
+    prefix = os.path.join(os.fspath(base), "")
+    names = [name[len(prefix):] if name.startswith(prefix) else name for name in map(os.fspath, images)]
+    if any("\n" in name or "\r" in name for name in names):
+        log.info("not saving the image list in %s: a file name holds a line break", printable_path(list_file))
+        return False
+    text = "".join(f"{name}\n" for name in names)
+    atomic_write(list_file, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape", newline="\n"))
+    return True
+
+
+def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """The one image decoder: 8-bit RGB, EXIF orientation applied, frame 0 of an animation, the file closed.
 
     Only ACCEPTED_FORMATS, as PIL detects them from the bytes (not the extension). Transparency is composited on
     white (BACKGROUND: how a logo or scan looks on a page). 16-bit and 32-bit integer grey (PNG, TIFF) keep their
     levels, v -> round(v / 257); 16-bit colour keeps PIL's high byte; float grey in [0, 1] is scaled by 255, other
     float ranges are stretched min..max. Images over `max_pixels` are refused from the header, before any pixel
-    is decoded (None: no limit; whoever passes None must log that). Every failure is a BadImage naming the reason.
+    is decoded (None: no limit; whoever passes None must log that). With `min_side`, a JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose short side still has `min_side` pixels, for a caller that shrinks it to
+    that size anyway: a 12-megapixel photo wanted at 448 px decodes 1/16 of its pixels. Every failure is a BadImage
+    naming the reason.
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels {max_pixels} must be >= 1, or None for no limit")
@@ -149,7 +271,10 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
         try:
             with Image.open(path, formats=ACCEPTED_FORMATS) as img:
                 size = img.size
-                _check_pixels(img.size, max_pixels, path=path)
+                _check_pixels(img.size, max_pixels, path=path)  # the header's size, whatever is decoded below
+                if min_side is not None:
+                    # A square request: both sides stay >= min_side, so the short side does, however EXIF turns it.
+                    img.draft("RGB", (min_side, min_side))  # JPEG only; other formats ignore it
                 img.load()  # frame 0: an animation opens on its first frame
                 return _to_rgb(ImageOps.exif_transpose(img))
         except BadImage:
@@ -274,9 +399,21 @@ class ImageFiles(Dataset):
         self.paths = [Path(p) for p in paths]
         self.max_pixels = max_pixels
         self.skipped_folders = list(skipped_folders)  # what the walk could not enter, for the bad-files report
+        self.min_side: int | None = None  # see decoded_at_least
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index], max_pixels=self.max_pixels)
+        return decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
+
+
+def decoded_at_least(images: Dataset, side: int | None) -> Dataset:
+    """`images` with its JPEGs decoded at a reduced scale whose short side still covers `side` px (decode_image's
+    `min_side`), for a consumer that shrinks every image to that size: a copy when `images` decodes files
+    (ImageFiles, datasets.LabelledImages), else `images` itself (pixels already in memory)."""
+    if side is None or not hasattr(images, "min_side"):
+        return images
+    reduced = copy.copy(images)  # the caller's dataset keeps decoding at full size
+    reduced.min_side = side
+    return reduced

@@ -86,5 +86,9 @@ def open_index(vectors: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def relative_name(path: Path, folder: Path) -> str:
-    """Row names as the sidecar holds them: relative to the embedded folder, with forward slashes."""
-    return os.fsdecode(Path(path).relative_to(folder).as_posix())
+    """Row names as the sidecar holds them: relative to the embedded folder, with forward slashes (a listed image
+    outside it keeps its absolute path)."""
+    try:
+        return os.fsdecode(Path(path).relative_to(folder).as_posix())
+    except ValueError:
+        return os.fsdecode(Path(path).as_posix())

@@ -19,7 +19,7 @@ from simclr_cli.engine.errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STEMS = ("small", "standard")
-HEAD_LAYERS = (2, 3)
+HEAD_LAYERS = (1, 2, 3)  # 1: one Linear (MoCo v1), 2: SimCLR v1, 3: SimCLRv2
 SMALL_STEM_MAX_IMAGE_SIZE = 64  # CIFAR-size inputs lose too much to a 7x7 s2 conv + max-pool (SimCLR §B.9)
 # Upper bounds that keep a typo from asking for terabytes: the paper's largest model is R50 (4x), its z 128-d.
 MAX_WIDTH = 64
@@ -32,7 +32,7 @@ class ModelConfig:
     arch: str = "resnet50"
     width: float = 1.0  # multiplies EVERY channel count (SimCLR "R50 2x", §B.1); 64*width must be whole
     stem: str | None = None  # None = auto from the image size; "small" (3x3 s1, no max-pool) or "standard"
-    head_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLRv2 head (v2 §2)
+    head_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLRv2 head (v2 §2), 1 = a linear head (MoCo v1)
     proj_dim: int = 128  # z dimension (SimCLR §B.4)
     # Start each residual branch's last BN gamma at 0 (official SimCLR code, Goyal et al. 2017). Off by default:
     # with it, runs of a few hundred steps barely move the residual branches (BENCHMARKS.md, "Quality").
@@ -63,7 +63,8 @@ class ModelConfig:
             )
         if isinstance(self.head_layers, bool) or self.head_layers not in HEAD_LAYERS:
             raise ConfigError(
-                f"model.head_layers {self.head_layers!r} is not supported; use 2 (SimCLR v1 head) or 3 (SimCLRv2 head)"
+                f"model.head_layers {self.head_layers!r} is not supported; use 2 (SimCLR v1 head), 3 (SimCLRv2 head) "
+                "or 1 (a linear head, MoCo v1)"
             )
         if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or not 1 <= self.proj_dim <= MAX_PROJ_DIM:
             raise ConfigError(

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from simclr_cli.engine import badfiles, distributed, memory
 from simclr_cli.engine.device import MAX_WORKERS
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError
-from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, printable_path
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, decoded_at_least, printable_path
 
 log = logging.getLogger("simclr")
 
@@ -44,6 +44,7 @@ class DataConfig:
     cache_gb: float | None = None  # memory for decoded images kept between epochs; None = half the free memory, 0 = off
     max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
+    file_list: str | None = None  # the images, one path a line (relative to the data folder, or absolute); None = search it
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
@@ -136,7 +137,7 @@ class PixelDataset(Dataset):
 
     def __init__(self, images: Dataset, *, max_side: int | None, on_bad_image: str = "skip",
                  cache: PixelCache | None = None) -> None:
-        self.images = images
+        self.images = decoded_at_least(images, max_side)  # JPEGs decoded at the smallest scale still covering max_side
         self.max_side = max_side
         self.on_bad_image = on_bad_image
         self.cache = cache

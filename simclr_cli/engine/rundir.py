@@ -55,6 +55,11 @@ class RunDir:
         return self.root / "data.json"
 
     @property
+    def files(self) -> Path:
+        """The images the run trains on, one path a line relative to DATA: --resume reads it instead of searching DATA."""
+        return self.root / "files.txt"
+
+    @property
     def encoder(self) -> Path:
         return self.root / ENCODER_FILE
 
@@ -122,7 +127,7 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
     if resume:
         return run
     if _holds_run(root):
-        for path in [*run.owned(), run.data]:  # and the old data fingerprint, which no new run may inherit
+        for path in [*run.owned(), run.data, run.files]:  # and the old data's fingerprint and list, which no new run may inherit
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from simclr_cli.engine import checkpoint
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, DataError, NonFiniteLoss
+from simclr_cli.engine.images import decoded_at_least
 from simclr_cli.engine.model import SimCLR
 from simclr_cli.engine.optim import LARS, lr_at
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -134,9 +135,12 @@ def train_loader(
     )
 
 
-def eval_loader(images: Dataset, *, transform: Callable, batch_size: int, workers: int, rt: Runtime) -> DataLoader:
+def eval_loader(images: Dataset, *, transform: Callable, batch_size: int, workers: int, rt: Runtime,
+                decode_side: int | None = None) -> DataLoader:
+    """In order; JPEGs decoded at the smallest scale whose short side still covers `decode_side` (the resize of
+    `transform`), when given."""
     return DataLoader(
-        Transformed(images, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        Transformed(decoded_at_least(images, decode_side), transform), batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=rt.device.type == "cuda",
     )
 

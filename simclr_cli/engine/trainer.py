@@ -25,6 +25,7 @@ from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memo
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
+from simclr_cli.engine.images import ImageFiles, write_file_list
 from simclr_cli.engine.methods.base import Crops, Method
 from simclr_cli.engine.model import parameter_count
 from simclr_cli.engine.metrics import MetricsLog, Throughput, require_tensorboard
@@ -96,11 +97,13 @@ class PretrainResult:
     already_complete: bool = False  # a --resume of a run that had finished its schedule: nothing was done
 
 
-def source_images(cfg, *, out: Path | None = None):
-    """The images `cfg` pretrains on: a named dataset's pretraining split or a folder (decoded under its pixel limit),
-    never the files of the run folder `out` when it lies inside that folder."""
+def source_images(cfg, *, out: Path | None = None, resume: bool = False):
+    """The images `cfg` pretrains on: a named dataset's pretraining split, a folder (decoded under its pixel limit) or
+    the images of its --file-list, never the files of the run folder `out` when it lies inside that folder; on a
+    `resume`, the list the run saved in `out`."""
     return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
-                            max_pixels=cfg.data.max_image_pixels or None, exclude=out)
+                            max_pixels=cfg.data.max_image_pixels or None, exclude=out, file_list=cfg.data.file_list,
+                            saved_list=rundir.RunDir(out).files if resume and out is not None else None)
 
 
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
@@ -111,7 +114,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     run_log = held.enter_context(runlog.recording()) if world.is_main else None
     memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
                                 what=f"{cfg.model.arch} at width {cfg.model.width:g}")
-    images = source_images(cfg, out=out)
+    images = source_images(cfg, out=out, resume=resume_run)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
     cfg = defaults.resolve_runtime(cfg, rt)
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
@@ -147,6 +150,8 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
 
     def begin() -> None:
         rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data)
+        if resumed_from is None and isinstance(images, ImageFiles):  # a folder's list, for --resume to reuse
+            write_file_list(run_dir.files, images.paths, base=Path(cfg.data.source).expanduser())
         run_log.open(run_dir.train_log)
 
     distributed.on_main(world, begin, device=rt.device)
@@ -233,6 +238,7 @@ def _method(cfg, *, world: distributed.World, rt: Runtime, init: bool) -> Method
                  ", projection head included" if report.head_loaded else "")
         if report.note:
             log.warning("%s", report.note)
+        method.after_init()
     method.modules = method.modules.to(rt.device)
     if world.world_size > 1 and cfg.train.sync_bn:
         method.modules = distributed.sync_batchnorm(method.modules, device_type=rt.device.type)

@@ -57,6 +57,10 @@ class Method:
         crop group g, view-major (all first views, then all second views, ...)."""
         raise NotImplementedError
 
+    def after_init(self) -> None:
+        """Called once `network` holds weights loaded from elsewhere (train.init), before the first step; a momentum
+        copy of it starts from them here. Nothing by default."""
+
     def after_step(self, *, step: int) -> None:
         """Called after every optimiser update that was applied (1-based `step`); nothing by default."""
 

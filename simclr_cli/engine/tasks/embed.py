@@ -39,11 +39,12 @@ from simclr_cli.engine import defaults, distributed, index, plots, rundir
 from simclr_cli.engine.configs import EmbedConfig
 from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
 from simclr_cli.engine.files import atomic_write, check_output_file
-from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, scan_folder
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, read_file_list, scan_folder
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError, Stopped
 from simclr_cli.engine.index import LINE_BREAK, relative_name
-from simclr_cli.engine.features import Encoder, encode, layer_dim, loader, local_rows, open_encoder, prepare, transform_for
+from simclr_cli.engine.features import (Encoder, decode_side_for, encode, layer_dim, loader, local_rows, open_encoder,
+                                         prepare, transform_for)
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -93,7 +94,7 @@ class Embedded:
 
 
 def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, overwrite: bool = False,
-        progress: Progress | None = None) -> Embedded | None:
+        file_list: Path | None = None, progress: Progress | None = None) -> Embedded | None:
     """Embed every image under `folder` with the encoder in `checkpoint` (default runs/latest/encoder.safetensors) into
     the index `out` (VECS.npy, VECS.paths.txt, VECS.json); with `cfg.plot` also a map, VECS.png. Returns what to show
     on the main process, None on the others."""
@@ -107,7 +108,7 @@ def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, o
             encoder, folder, out=out, layer=cfg.layer, normalize=cfg.normalize, batch_size=cfg.batch_size,
             workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt, progress=progress if world.is_main else None,
             overwrite=overwrite, on_bad_image=cfg.on_bad_image, max_bad_fraction=cfg.max_bad_fraction,
-            max_image_pixels=cfg.max_image_pixels,
+            max_image_pixels=cfg.max_image_pixels, file_list=file_list,
         )
         if not world.is_main:
             return None
@@ -141,8 +142,10 @@ def embed_folder(
     on_bad_image: str = "skip",
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    file_list: Path | None = None,
 ) -> EmbedResult:
-    """Embed every image under `folder` (sorted, recursive) into `out` (.npy) and its .paths.txt sidecar.
+    """Embed every image under `folder` (sorted, recursive), or those `file_list` names (images.read_file_list),
+    into `out` (.npy) and its .paths.txt sidecar.
 
     Files that cannot be used follow the bad-image policy (see badfiles.BadFiles; `max_image_pixels` 0 = no limit)
     and are listed in <out>.bad_files.jsonl. Under a process group every rank returns the same result (but its own
@@ -157,7 +160,8 @@ def embed_folder(
                    report=report if world.is_main else None)
     # Every rank checks the same things; if one fails alone (storage differs), the others stop too.
     scan, dim = distributed.on_every_rank(
-        lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite), device=rt.device
+        lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite, file_list=file_list),
+        device=rt.device,
     )
     found = scan.images
     # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
@@ -222,12 +226,15 @@ def embed_folder(
     return result
 
 
-def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool) -> tuple[FolderScan, int]:
+def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool,
+           file_list: Path | None = None) -> tuple[FolderScan, int]:
     """(what the walk found, the feature width), or the ConfigError / DataError that stops the run before any work."""
     if out.suffix != ".npy":
         raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
     check_output_file(out, overwrite=overwrite, sidecars=(paths_file,))
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
+    if file_list is not None:
+        return FolderScan(read_file_list(file_list, base=folder), []), dim
     return scan_folder(folder), dim
 
 
@@ -321,7 +328,7 @@ def _write_rows(
     Plain writes at exact byte offsets, not a shared memory map: a map writes back whole pages, and on a network
     filesystem the page two ranks share would lose one rank's rows.
     """
-    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels)
+    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels, min_side=decode_side_for(encoder))
     batches = loader(Subset(decoded, rows), batch_size=batch_size, workers=workers, rt=rt, collate_fn=_collate)
     model = prepare(encoder, rt)
     offset = np.load(scratch, mmap_mode="r").offset  # the .npy header's length
@@ -369,17 +376,19 @@ def _copy_rows(src: Path, dst: Path, *, kept: list[int]) -> None:
 class _Decoded(Dataset):
     """Item i: (i, transformed image, None), or (i, None, reason) when the file cannot be decoded."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None,
+                 min_side: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_side = min_side  # the transform's resize: JPEGs are decoded at the smallest scale still covering it
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            image = decode_image(self.paths[index], max_pixels=self.max_pixels)
+            image = decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
         except BadImage as exc:  # this one file is unusable; the main process applies the policy
             return index, None, exc.reason
         return index, self.transform(image), None

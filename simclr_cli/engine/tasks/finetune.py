@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import checkpoint, defaults, evaluation, features, weights
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
-from simclr_cli.engine.augment import eval_transform, train_eval_transform
+from simclr_cli.engine.augment import eval_resize_side, eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.optim import scaled_lr
@@ -208,7 +208,7 @@ def evaluate(
     loader = train_loader(labelled, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
                           workers=cfg.workers, rt=rt)
     val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
-                             workers=cfg.workers, rt=rt)
+                             workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
     log.info(
         "fine-tuning on %d of %d labelled images (%.2f%%) from head layer %d: batch %d, %d epochs, %s, peak lr %.4g",
         len(labelled), len(train), 100 * labelled_fraction, cfg.from_head_layer, batch, cfg.epochs, cfg.optimizer, peak_lr,

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from simclr_cli.engine import checkpoint, defaults, distributed, evaluation, features, plots
-from simclr_cli.engine.augment import eval_transform, train_eval_transform
+from simclr_cli.engine.augment import eval_resize_side, eval_transform, train_eval_transform
 from simclr_cli.engine.configs import LinearEvalConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
@@ -259,7 +259,7 @@ def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
     loader = train_loader(train, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
                           workers=cfg.workers, rt=rt)
     val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
-                             workers=cfg.workers, rt=rt)
+                             workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
     schedule = cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs)
     history = train_classifier(classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
                                lr_schedule=schedule, rt=rt, progress=progress, log_every=cfg.log_every,
