@@ -216,7 +216,7 @@ def _launched(gpus: int | None, device: str | None) -> bool:
 def _report_pretrain(result) -> None:
     """Where the encoder is, how the loss moved, and what to run next."""
     minutes = result.seconds / 60
-    console.print(f"[bold green]done[/] {result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min")
+    console.print(f"[bold green]done[/] {result.steps} steps ({round(result.epochs_done, 1):g} epochs) in {minutes:.1f} min")
     if result.first_loss is not None and result.last_loss is not None:
         console.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
     console.print(f"encoder: [bold]{result.encoder}[/]")

@@ -94,8 +94,8 @@ class RichProgress:
     def update(self, stats: StepStats) -> None:
         loss = "-" if stats.loss is None else f"{stats.loss:.4f}"
         self._bar.update(
-            self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}",
-            wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
+            self._task, completed=stats.step, epoch="-" if stats.epoch is None else stats.epoch, loss=loss, lr=f"{stats.lr:.3g}",
+            rate=f"{stats.images_per_s:.1f}", wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
         )
 
     def stop(self) -> None:

@@ -125,6 +125,32 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
     assert overwritten.exit_code == 0, overwritten.output
 
 
+TINY_RUN = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--device", "cpu",
+            "--precision", "fp32", "--workers", "0"]
+
+
+def test_epochs_are_counted_from_1_everywhere(image_folder, tmp_path):
+    """One convention: "epoch N" is the N-th epoch, counted from 1, which at its last step is the number of epochs
+    completed; after a run of 2 epochs the summary, metrics.jsonl, the kNN monitor and `info` all say 2."""
+    from conftest import write_images
+
+    labelled = tmp_path / "labelled"
+    for seed, (split, label) in enumerate([("train", "a"), ("train", "b"), ("val", "a"), ("val", "b")]):
+        write_images(labelled / split / label, 4 if split == "train" else 2, size=16, seed=seed)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), *TINY_RUN, "--epochs", "2", "--monitor-knn", str(labelled),
+                                 "--set", "train.log_every=1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "done 6 steps (2 epochs)" in said
+    assert "epoch 1: kNN top-1" in said and "epoch 2: kNN top-1" in said and "epoch 0" not in said
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "loss" in r] == [1, 1, 1, 2, 2, 2]
+    assert [(r["step"], r["epoch"]) for r in records if "knn_top1" in r] == [(3, 1), (6, 2)]
+    shown = _plain(runner.invoke(app, ["info", str(out / "encoder.safetensors")]).output)
+    assert "step 6, epoch 2" in shown
+
+
 def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0

@@ -65,13 +65,13 @@ def test_run_writes_config_metrics_checkpoints_and_encoder(image_folder, tmp_pat
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert {"step", "epoch", "loss", "lr", "time"} <= set(lines[0])
-    assert [r["epoch"] for r in lines] == [0, 0, 0, 1, 1, 1]
+    assert [r["epoch"] for r in lines] == [1, 1, 1, 2, 2, 2]  # counted from 1: the epoch each step belongs to
     assert all(r["loss"] > 0 for r in lines)
     assert lines[-1]["lr"] < lines[1]["lr"]  # cosine decay towards 0
     # one training state per epoch (the default), the two newest kept
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000003.safetensors", "step-000000006.safetensors"]
     model, info = checkpoint.load_encoder(out / "encoder.safetensors")
-    assert info.step == 6 and info.image_size == 16 and info.model.stem == "small"
+    assert info.step == 6 and info.epoch == 2 and info.image_size == 16 and info.model.stem == "small"
     assert info.config == saved
     h, z = model.eval()(torch.zeros(2, 3, 16, 16))
     assert h.shape == (2, 128) and z.shape == (2, 128)
@@ -171,7 +171,7 @@ def test_monitor_knn_logs_accuracy_each_epoch(image_folder, tmp_path):
     task.run(cfg, out=tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in records if "knn_top1" in r]
-    assert [(r["step"], r["epoch"]) for r in checks] == [(3, 0), (6, 1)]
+    assert [(r["step"], r["epoch"]) for r in checks] == [(3, 1), (6, 2)]
     assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_k"] == 8 for r in checks)  # k=20 capped at 8 train images
 
 
@@ -325,7 +325,7 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_resume_is_bit_identical(im
     uninterrupted = tmp_path / "a"
     task.run(tiny_config(image_folder), out=uninterrupted)
     stopped = tmp_path / "b"
-    with pytest.raises(Stopped, match=rf"stopped by {signal.Signals(signum).name} at step 2/6; saved .*step-000000002") as info:
+    with pytest.raises(Stopped, match=rf"stopped by {signal.Signals(signum).name} at step 2/6 \(epoch 1/2\); saved .*step-000000002") as info:
         task.run(tiny_config(image_folder), out=stopped, progress=SignalAt(2, signum))
     assert info.value.exit_code == 128 + signum
     assert (stopped / "checkpoints" / "step-000000002.safetensors").exists()  # mid-epoch: not a scheduled save

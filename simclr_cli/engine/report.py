@@ -11,7 +11,7 @@ class StepStats:
     """What the progress display shows after a step; `loss` is only read back from the device when logged."""
 
     step: int
-    epoch: int
+    epoch: int | None  # 1-based: the epoch this step belongs to; None where there are no epochs (feature extraction)
     total_steps: int
     loss: float | None
     lr: float

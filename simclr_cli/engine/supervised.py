@@ -237,7 +237,7 @@ def train_classifier(
                 if step % log_every == 0 or step % steps_per_epoch == 0:
                     _check_finite(bad_step)
                     now = time.perf_counter()
-                    progress.update(StepStats(step=step, epoch=epoch, total_steps=total_steps, loss=float(loss),
+                    progress.update(StepStats(step=step, epoch=epoch + 1, total_steps=total_steps, loss=float(loss),
                                               lr=lr, images_per_s=window_images / max(now - window_start, 1e-9)))
                     window_start, window_images = now, 0
             _check_finite(bad_step)

@@ -130,7 +130,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
-                                  total_steps=schedule.total_steps)
+                                  total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
     distributed.on_main(world, lambda: rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data), device=rt.device)
 
@@ -259,7 +259,7 @@ class Trainer:
         step, per_epoch, total = start_step, self.schedule.steps_per_epoch, self.schedule.total_steps
         window = Throughput(images_per_step=self.cfg.batch_size)
         while step < total:
-            epoch = step // per_epoch
+            epoch = step // per_epoch  # 0-based, what the data order and the views are drawn from
             sampler.set_epoch(epoch, start_batch=step - epoch * per_epoch)
             batches = iter(loader)
             while True:
@@ -269,7 +269,7 @@ class Trainer:
                 except RuntimeError:  # a worker ended by the same SIGTERM that asked us to stop
                     if stop.signal is None:
                         raise
-                    self.stop_here(stop, step=step, epoch=epoch)
+                    self.stop_here(stop, step=step)
                 window.waited(time.perf_counter() - waited)
                 if batch is None:
                     break
@@ -281,18 +281,23 @@ class Trainer:
                 last = step == total
                 if step % self.cfg.log_every == 0 or last or step % per_epoch == 0:
                     images_per_s, data_wait = window.take()
-                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
+                    self.log(step=step, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
                 # the kNN check first, so the plots drawn when saving include it
                 if self.monitor and self.world.is_main and self.monitor.due(step, steps_per_epoch=per_epoch, last=last):
-                    record = self.monitor.check(self.method.network, self.encoder_info(step=step, epoch=epoch), rt=self.rt)
-                    self.write_metrics({"step": step, "epoch": epoch, **record, "time": round(self.elapsed(), 3)})
+                    record = self.monitor.check(self.method.network, self.encoder_info(step=step), rt=self.rt)
+                    self.write_metrics({"step": step, "epoch": self.epoch_number(step), **record, "time": round(self.elapsed(), 3)})
                 if self.checkpoint_due(step) or last:
-                    self.save(step=step, epoch=epoch)
+                    self.save(step=step)
                 if last:
                     break
                 if stop.agreed(self.world, step=step, every=self.cfg.log_every, device=self.rt.device):
-                    self.stop_here(stop, step=step, epoch=epoch)
+                    self.stop_here(stop, step=step)
         return step
+
+    def epoch_number(self, step: int) -> int:
+        """The epoch `step` (1-based, done) belongs to, counted from 1: at an epoch's last step, the epochs completed.
+        What every record, file and message calls "epoch"."""
+        return -(-step // self.schedule.steps_per_epoch)
 
     def step(self, batch: pipeline.PixelBatch, *, lr: float, step: int, epoch: int) -> torch.Tensor:
         """One optimisation step on a batch of N images; returns the loss without syncing the host."""
@@ -323,23 +328,30 @@ class Trainer:
         if skipped:
             self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
 
-    def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
+    def stop_here(self, stop: StopRequest, *, step: int) -> None:
         """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
         if not self.checkpoint_due(step):
-            self.save(step=step, epoch=epoch)
+            self.save(step=step)
         name = signal.Signals(stop.signal).name
+        epoch = self.epoch_number(step)
         self.write_metrics({"step": step, "epoch": epoch, "event": f"stopped by {name}", "time": round(self.elapsed(), 3)})
         raise Stopped(
-            f"stopped by {name} at step {step}/{self.schedule.total_steps}; saved {self.run_dir.checkpoint(step)}. "
+            f"stopped by {name} at step {step}/{self.schedule.total_steps} (epoch {epoch}/{self.epochs}); "
+            f"saved {self.run_dir.checkpoint(step)}. "
             f"Continue with: simclr pretrain --resume --out {self.run_dir.root}",
             signal_number=stop.signal,
         )
 
-    def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
-        """What the encoder file says about the network being trained: architecture, eval transform, config."""
-        return replace(self.info, step=step, epoch=epoch)
+    @property
+    def epochs(self) -> int:
+        """The epochs the schedule spans (the last one partly, when --max-steps cuts it)."""
+        return self.epoch_number(self.schedule.total_steps)
 
-    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
+    def encoder_info(self, *, step: int) -> checkpoint.EncoderInfo:
+        """What the encoder file says about the network being trained: architecture, eval transform, config."""
+        return replace(self.info, step=step, epoch=self.epoch_number(step))
+
+    def log(self, *, step: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
         self.guard.check()
         value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
         if not math.isfinite(value):
@@ -348,6 +360,7 @@ class Trainer:
             self.first_loss = value
         if value is not None:
             self.last_loss = value
+        epoch = self.epoch_number(step)
         self.write_metrics({"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
                             "images_per_s": round(images_per_s, 2), "data_wait": round(data_wait, 4),
                             "rss_mb": round(memory.resident_mb(), 1)})
@@ -362,7 +375,7 @@ class Trainer:
         every = self.cfg.checkpoint_every
         return step % every == 0 if every else step % self.schedule.steps_per_epoch == 0
 
-    def save(self, *, step: int, epoch: int) -> None:
+    def save(self, *, step: int) -> None:
         """Training state for --resume, then the encoder file the other commands read; never non-finite."""
         self.guard.check()
         self.guard.check_saveable(dict(self.method.modules.state_dict()), step=step)
@@ -370,12 +383,12 @@ class Trainer:
             return  # every rank holds the same weights; one writes them
         path = self.run_dir.checkpoint(step)
         checkpoint.save_train_state(
-            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=self.epoch_number(step),
             config=self.info.config, elapsed=self.elapsed(), extra=self.method.extra_state(),
         )
         for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
-        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step))
         log.debug("saved %s and %s", path, self.run_dir.encoder)
         if plots.available():  # an optional extra: without matplotlib the run simply has no pictures
             plots.plot_run(self.run_dir.root)

@@ -197,7 +197,7 @@ def fit_linear(
         optimizer.zero_grad(set_to_none=True)
         loss = objective(backward=True)
         evaluations += 1
-        progress.update(StepStats(step=min(evaluations, max_iter), epoch=0, total_steps=max_iter, loss=float(loss),
+        progress.update(StepStats(step=min(evaluations, max_iter), epoch=None, total_steps=max_iter, loss=float(loss),
                                   lr=1.0, images_per_s=0.0))
         return loss
 
