@@ -59,7 +59,10 @@ def pretrain(
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="NT-Xent tau. Default: 0.5 at <= 64 px (the CIFAR recipe, best at small images and short runs), 0.1 above (ImageNet at batch 4096).")] = None,
     head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2).")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save the training state every N steps (default: by --checkpoint-minutes).")] = None,
+    checkpoint_minutes: Annotated[float | None, typer.Option(help="Without --checkpoint-every: save the training state at the first logged "
+                                                             "step this many minutes after the last save (default 10; 0: only at the end). "
+                                                             "A run also saves at its end and when stopped by Ctrl-C or SIGTERM.")] = None,
     init: options.Init = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
@@ -102,7 +105,8 @@ def pretrain(
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
             "augment.image_size": image_size,
             "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
-            "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
+            "train.temperature": temperature, "train.checkpoint_every": checkpoint_every,
+            "train.checkpoint_minutes": checkpoint_minutes, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
             "train.device": device, "train.precision": precision,
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,

@@ -12,9 +12,11 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from simclr_cli.engine.errors import OutputError, SimCLRError, Stopped
+from simclr_cli.engine.metrics import clock
 from simclr_cli.engine.report import StepStats
 
 console = Console(stderr=True)
@@ -81,14 +83,15 @@ class RichProgress:
             TextColumn("data wait {task.fields[wait]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            _TimeLeft(),
             console=console,
             disable=not sys.stderr.isatty() and not console.is_terminal,
         )
         self._task = None
 
     def start(self, *, total_steps: int, completed: int, description: str) -> None:
-        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-", wait="-")
+        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-",
+                                        wait="-", seconds_left=None)
         self._bar.start()
 
     def update(self, stats: StepStats) -> None:
@@ -96,10 +99,22 @@ class RichProgress:
         self._bar.update(
             self._task, completed=stats.step, epoch="-" if stats.epoch is None else stats.epoch, loss=loss, lr=f"{stats.lr:.3g}",
             rate=f"{stats.images_per_s:.1f}", wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
+            seconds_left=stats.seconds_left,
         )
 
     def stop(self) -> None:
         self._bar.stop()
+
+
+class _TimeLeft(TimeRemainingColumn):
+    """The task's own estimate when it gives one (timed from its first steps), else rich's from the recent updates,
+    which has none while steps take longer than its 30-second window."""
+
+    def render(self, task) -> Text:
+        seconds = task.fields.get("seconds_left")
+        if seconds is None:
+            return super().render(task)
+        return Text(clock(seconds), style="progress.remaining")
 
 
 def show_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
@@ -151,6 +152,20 @@ def test_epochs_are_counted_from_1_everywhere(image_folder, tmp_path):
     assert "step 6, epoch 2" in shown
 
 
+def test_pretrain_states_its_plan_and_its_checkpoint_cadence_goes_into_config_yaml(image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), *TINY_RUN, "--epochs", "2", "--checkpoint-minutes", "0",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = _plain(result.output)
+    assert "pretraining simclr: resnet18 (width 0.25, small stem, 0.7M parameters) at 16 px on 24 images; " \
+           "2 epochs of 3 steps = 6 steps of batch 8" in said
+    assert "fp32 on cpu, 0 data workers; a checkpoint at the end" in said
+    assert said.index("pretraining simclr:") < said.index("timed the first steps:") < said.index("done 6 steps")
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["checkpoint_minutes"] == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000006.safetensors"]
+
+
 def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
@@ -248,6 +263,22 @@ def test_progress_bar_shows_images_per_second_and_data_wait(data_wait, monkeypat
     text = screen.export_text()
     assert "123.4 img/s" in text and "loss 5.2500" in text
     assert ("data wait 25%" if data_wait else "data wait -") in text
+
+
+def test_progress_bar_shows_the_tasks_own_time_left_after_one_slow_step(monkeypatch):
+    """A 40-second step leaves rich's own estimate (a 30-second window of updates) blank; the task's is shown."""
+    from rich.console import Console
+
+    from simclr_cli import console as ui
+    from simclr_cli.engine.report import StepStats
+
+    screen = Console(record=True, force_terminal=True, width=200)
+    monkeypatch.setattr(ui, "console", screen)
+    bar = ui.RichProgress()
+    bar.start(total_steps=100, completed=0, description="pretrain")
+    bar.update(StepStats(step=1, epoch=1, total_steps=100, loss=None, lr=0.1, images_per_s=0.7, seconds_left=3725.0))
+    bar.stop()
+    assert "eta 1:02:05" in screen.export_text()
 
 
 # --- one entry per command: --batch-size, --preset/--set for every command, --method ---------------------------------

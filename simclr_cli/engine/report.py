@@ -17,6 +17,7 @@ class StepStats:
     lr: float
     images_per_s: float
     data_wait: float | None = None  # fraction of the time since the last update spent waiting for the next batch
+    seconds_left: float | None = None  # the task's own estimate (metrics.Pace); None: the display estimates it
 
 
 class Progress(Protocol):

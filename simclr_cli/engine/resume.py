@@ -17,7 +17,8 @@ log = logging.getLogger("simclr")
 RESUMABLE_CHANGES = {
     "data.root", "data.workers", "data.download", "data.on_bad_image", "train.device", "train.log_every", "train.keep_checkpoints",
     "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard", "data.cache_gb", "train.compile",
-    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips",
+    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips", "train.checkpoint_every",
+    "train.checkpoint_minutes",
 }
 
 

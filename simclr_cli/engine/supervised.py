@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import DataError, NonFiniteLoss
+from simclr_cli.engine.metrics import Pace
 from simclr_cli.engine.model import SimCLR
 from simclr_cli.engine.optim import lr_at
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
@@ -208,6 +209,7 @@ def train_classifier(
     history: list[dict[str, Any]] = []
     step = 0
     started = time.perf_counter()
+    pace = Pace(start_step=0, total_steps=total_steps)
     progress.start(total_steps=total_steps, completed=0, description=description)
     try:
         for epoch in range(epochs):
@@ -233,12 +235,14 @@ def train_classifier(
                 loss_sum += loss
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.tensor(step + 1, device=rt.device), bad_step)
                 step += 1
+                pace.stepped(step)
                 window_images += len(y)
                 if step % log_every == 0 or step % steps_per_epoch == 0:
                     _check_finite(bad_step)
                     now = time.perf_counter()
                     progress.update(StepStats(step=step, epoch=epoch + 1, total_steps=total_steps, loss=float(loss),
-                                              lr=lr, images_per_s=window_images / max(now - window_start, 1e-9)))
+                                              lr=lr, images_per_s=window_images / max(now - window_start, 1e-9),
+                                              seconds_left=pace.seconds_left(step)))
                     window_start, window_images = now, 0
             _check_finite(bad_step)
             entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "lr": lr,
