@@ -281,6 +281,63 @@ def test_progress_bar_shows_the_tasks_own_time_left_after_one_slow_step(monkeypa
     assert "eta 1:02:05" in screen.export_text()
 
 
+# --- --help: every default shown, examples that use real options, no placeholder on flags (issue 16, item 12) ------
+
+COMMANDS = ["pretrain", "benchmark", "linear-eval", "knn", "finetune", "embed", "export", "info"]
+# Options with nothing to default to: switches off unless given, and inputs nothing stands in for.
+NO_DEFAULT = {"--help", "--verbose", "--resume", "--overwrite", "--random-init", "--json", "--include-fc", "--set", "--train",
+              "--val", "--index", "--query", "--label-file", "--init", "--master-addr"}
+
+
+def _help(command: str) -> tuple[dict[str, str], list[str]]:
+    """A command's --help as {long option: its entry} and the example command lines of its epilog."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    entries: list[list[str]] = []
+    examples: list[str] = []
+    section = None
+    for line in result.output.splitlines():
+        if line.strip() in ("Options:", "Examples:"):
+            section = line.strip()
+        elif section == "Options:" and line.startswith("  -"):
+            entries.append([line.strip()])
+        elif section == "Options:" and line.strip() and entries:
+            entries[-1].append(line.strip())
+        elif section == "Examples:" and line.strip():
+            examples.append(line.split("#")[0].strip())
+    options = {next(word for word in e[0].replace(",", " ").split() if word.startswith("--")): " ".join(e) for e in entries}
+    return options, examples
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_every_default_and_examples_that_use_real_options(command):
+    options, examples = _help(command)
+    missing = [name for name, text in options.items()
+               if name not in NO_DEFAULT and "default" not in text.lower() and "[required]" not in text]
+    assert not missing, f"simclr {command} --help states no default for {missing}"
+    assert 1 <= len(examples) <= 3 and all(line.startswith(f"simclr {command}") for line in examples), examples
+    heads = {word for text in options.values() for word in text.replace(",", " ").replace("/", " ").split()[:4] if word.startswith("-")}
+    for line in examples:
+        for word in line.split():
+            if word.startswith("-"):
+                assert word in heads, f"{line!r} uses {word}, which simclr {command} does not have"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_puts_no_type_placeholder_on_flags(command):
+    shown = runner.invoke(app, [*([command] if command else []), "--help"]).output
+    assert "<bool>" not in shown
+
+
+def test_help_states_the_defaults_a_bare_pretrain_runs_with():
+    options, _ = _help("pretrain")
+    assert "resnet50; the demo: resnet18" in options["--arch"]
+    assert "224; 32 for CIFAR and digits, 96 for STL-10" in options["--image-size"]
+    assert "100; the demo: 15" in options["--epochs"]
+    assert "256 on a GPU, 64 on a CPU" in options["--batch-size"]
+    assert "(auto)" in options["--device"] and "(auto)" in options["--precision"] and "--no-compile" in options["--compile"]
+
+
 # --- one entry per command: --batch-size, --preset/--set for every command, --method ---------------------------------
 
 

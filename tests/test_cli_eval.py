@@ -248,6 +248,17 @@ def test_info_and_export_through_the_cli(encoder_file, labelled, tmp_path):
     assert load_file(str(out)).keys() == {k.removeprefix("encoder.") for k in load_file(str(encoder_file)) if k.startswith("encoder.")}
 
 
+def test_export_defaults_to_runs_latest_like_the_other_commands(encoder_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = runner.invoke(app, ["export", "--to", "safetensors-encoder"])
+    assert missing.exit_code == 2 and "no CHECKPOINT given and runs/latest/encoder.safetensors does not exist" in missing.output
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(encoder_file.parent)
+    exported = runner.invoke(app, ["export", "--to", "safetensors-encoder"])
+    assert exported.exit_code == 0, exported.output
+    assert (encoder_file.parent / "encoder-safetensors-encoder.safetensors").is_file()
+
+
 def test_finetune_init_loads_torchvision_weights(encoder_file, labelled, tmp_path):
     """--init puts another file's weights into the checkpoint's architecture before fine-tuning."""
     from safetensors.torch import save_file

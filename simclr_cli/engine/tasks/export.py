@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from simclr_cli.engine import rundir
 from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.configs import EXPORT_TARGETS, ExportConfig
 from simclr_cli.engine.files import atomic_write
@@ -82,9 +83,11 @@ def default_out(checkpoint: Path, *, to: str) -> Path:
     return checkpoint.parent / f"{checkpoint.stem}-{to}{SUFFIXES[to]}"
 
 
-def run(cfg: ExportConfig, *, checkpoint: Path, out: Path | None = None, overwrite: bool = False) -> ExportResult:
-    """`checkpoint`'s encoder as `cfg.to`, written to `out` (default: beside the checkpoint, named after the target)."""
+def run(cfg: ExportConfig, *, checkpoint: Path | None, out: Path | None = None, overwrite: bool = False) -> ExportResult:
+    """`checkpoint`'s encoder (default runs/latest/encoder.safetensors) as `cfg.to`, written to `out` (default: beside
+    the checkpoint, named after the target)."""
     cfg.validate()
+    checkpoint = rundir.resolve_checkpoint(checkpoint)
     return export(checkpoint, to=cfg.to, out=out or default_out(checkpoint, to=cfg.to), overwrite=overwrite,
                   include_fc=cfg.include_fc)
 
