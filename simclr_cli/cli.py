@@ -417,7 +417,8 @@ def finetune(
                                                         "layer (SimCLRv2).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd (default; v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = None,
     init: options.Init = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the labelled subset.",
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the labelled subset. Unset, a small subset gets "
+                                               "more, up to finetune.min_steps steps in all (300).",
                                                show_default="60 at <= 1% labels, 30 above")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="BASE learning rate: x B/256 (sgd) or x sqrt(B) (lars).",
                                              show_default="0.05 (sgd), 0.005 (lars)")] = None,
@@ -434,7 +435,7 @@ def finetune(
     out: options.EvalOut = None,
     verbose: options.Verbose = False,
 ) -> None:
-    """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
+    """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates as it goes."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config

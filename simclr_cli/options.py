@@ -51,7 +51,8 @@ LinearEvalBatchSize = Annotated[
 ]
 FinetuneBatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="Labelled images per training step (the lr scales with it; capped at "
-                             "the labelled subset), and per forward pass when evaluating. Default 256.")
+                             "the labelled subset), and per forward pass when evaluating.",
+                             show_default="256, at most a quarter of the labelled subset")
 ]
 Workers = Annotated[
     int | None, typer.Option("--workers", "-j", help="Data loading processes. Default: chosen from the machine (0 on 2-core CPUs).")

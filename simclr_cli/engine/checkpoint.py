@@ -290,6 +290,13 @@ class EncoderInfo:
         train = self.config.get("train") if isinstance(self.config, dict) else None
         return str(train.get("method", "simclr")) if isinstance(train, dict) else "simclr"
 
+    @property
+    def crops(self) -> dict[str, Any]:
+        """The crop scale and flip probability the encoder was pretrained with (`augment.crop_scale`, `augment.flip_p`),
+        as far as its config says: a classifier trained on it crops and flips its images alike."""
+        augment = self.config.get("augment") if isinstance(self.config, dict) else None
+        return {key: augment[key] for key in ("crop_scale", "flip_p") if key in augment} if isinstance(augment, dict) else {}
+
 
 EXTRA = "extra/"
 METHOD_STATE = "method/"  # a training state's tensors beyond the modules' own (a queue's position, say)
@@ -389,6 +396,10 @@ def _check_encoder_values(info: EncoderInfo) -> None:
     source = (data or {}).get("source")
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"config.data.source is a {type(source).__name__}, not text")
+    augment = info.config.get("augment")
+    if augment is not None and not isinstance(augment, dict):
+        raise ConfigError(f"config.augment is a {type(augment).__name__}, not a mapping")
+    AugmentConfig(image_size=info.image_size, **info.crops).validate()
     task = info.extra.get("task")
     if task is not None and not isinstance(task, str):
         raise ConfigError(f"extra.task is a {type(task).__name__}, not text")

@@ -29,7 +29,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from simclr_cli.engine import checkpoint, defaults, distributed, evaluation, features, plots
-from simclr_cli.engine.augment import eval_transform, train_eval_transform
 from simclr_cli.engine.configs import LinearEvalConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
@@ -42,6 +41,7 @@ from simclr_cli.engine.supervised import (
     check_labels,
     cosine_schedule,
     eval_loader,
+    labelled_transforms,
     topk_correct,
     train_classifier,
     train_loader,
@@ -255,10 +255,9 @@ def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
     batch = batch_size_for(cfg.batch_size, len(train), name="train")
     peak_lr = cfg.lr * batch / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0)
-    transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
-    loader = train_loader(train, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
-                          workers=cfg.workers, rt=rt)
-    val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
+    train_transform, val_transform = labelled_transforms(info)
+    loader = train_loader(train, transform=train_transform, batch_size=batch, seed=cfg.seed, workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=val_transform, batch_size=cfg.batch_size,
                              workers=cfg.workers, rt=rt)
     schedule = cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs)
     history = train_classifier(classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
