@@ -44,7 +44,7 @@ def main(
 
 @app.command(epilog=examples(
     "simclr pretrain                                  # the demo: digits, about 2 minutes on a 2-core CPU",
-    "simclr pretrain ./photos --arch resnet18 --width 0.5 --image-size 64 --epochs 20",
+    "simclr pretrain ./photos --arch resnet18 --width 0.5 --image-size 32 --epochs 20",
     "simclr pretrain --resume                         # continue runs/latest after Ctrl-C",
 ))
 def pretrain(

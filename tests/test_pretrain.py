@@ -155,7 +155,8 @@ def test_a_cpu_run_sized_for_a_gpu_gets_a_hint_and_the_demo_none(image_folder, t
     big.augment.image_size = 72  # above 64 px: the ImageNet-style recipe, which a CPU trains slowly
     with caplog.at_level("INFO", logger="simclr"):
         task.run(big, out=tmp_path / "big")
-    assert "hint: resnet18 at 72 px trains slowly on a CPU" in caplog.text and "--image-size 64" in caplog.text
+    assert "hint: resnet18 at 72 px is sized for a GPU; for a quick first run on this CPU add" in caplog.text
+    assert "--arch resnet18 --width 0.5 --image-size 32 --epochs 20" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="simclr"):
         task.run(tiny_config(image_folder, max_steps=1), out=tmp_path / "small")

@@ -87,9 +87,8 @@ def cpu_hint(cfg, *, device: torch.device) -> str | None:
     small = cfg.augment.image_size <= SMALL_IMAGE_MAX_SIZE and cfg.model.arch in ("resnet18", "resnet34") and cfg.model.width <= 1
     if device.type != "cpu" or small:
         return None
-    return (f"hint: {cfg.model.arch} at {cfg.augment.image_size} px trains slowly on a CPU (a ResNet-50 at 224 px takes "
-            "tens of seconds a step); for a quick first run add --arch resnet18 --width 0.5 --image-size 64 --epochs 20, "
-            "or run `simclr pretrain` with no DATA for the 2-minute demo")
+    return (f"hint: {cfg.model.arch} at {cfg.augment.image_size} px is sized for a GPU; for a quick first run on this CPU add "
+            "--arch resnet18 --width 0.5 --image-size 32 --epochs 20, or run `simclr pretrain` with no DATA for the 2-minute demo")
 
 
 def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: int):

@@ -185,7 +185,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
 def plan(cfg, *, method: str, images: int, schedule: Schedule, rt: Runtime, world: distributed.World) -> str:
     """The run about to start, in one line: model, size, steps, batch, device, precision and checkpoint cadence."""
     train, per_epoch, total = cfg.train, schedule.steps_per_epoch, schedule.total_steps
-    steps = f"{train.epochs} epochs of {per_epoch} steps = {total} steps"
+    steps = f"{train.epochs} epochs of {per_epoch} step{'s' if per_epoch > 1 else ''} = {total} steps"
     if total < train.epochs * per_epoch:
         steps = f"{total} steps (--max-steps; {per_epoch} per epoch, {train.epochs} epochs planned)"
     if train.checkpoint_every:
