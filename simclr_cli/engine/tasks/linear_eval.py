@@ -43,6 +43,7 @@ from simclr_cli.engine.supervised import (
     eval_loader,
     labelled_transforms,
     topk_correct,
+    training_crops,
     train_classifier,
     train_loader,
 )
@@ -265,7 +266,7 @@ def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
                                description="linear-eval")
     settings = {"protocol": "paper", "layer": cfg.layer, "optimizer": "sgd-nesterov", "epochs": cfg.epochs,
                 "batch_size": batch, "base_lr": cfg.lr, "peak_lr": peak_lr, "momentum": cfg.momentum,
-                "weight_decay": 0.0, "schedule": "cosine", "augmentation": "crop+flip", "seed": cfg.seed}
+                "weight_decay": 0.0, "schedule": "cosine", "augmentation": "crop+flip", **training_crops(info), "seed": cfg.seed}
     return head.cpu().eval(), history[-1]["top1"], history[-1]["top5"], history, settings
 
 
