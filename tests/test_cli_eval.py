@@ -141,7 +141,9 @@ def test_finetune_on_a_small_subset_takes_several_steps_an_epoch_and_min_steps_i
     result = runner.invoke(app, ["finetune", str(encoder), "--data", str(labelled), "--set", "finetune.min_steps=200",
                                  "--device", "cpu", "--precision", "fp32", "--workers", "0", "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, result.output
-    assert "batch 4, 50 epochs of 4 steps = 200 steps" in " ".join(result.output.split())
+    said = " ".join(result.output.split())
+    assert "batch 4, 50 epochs of 4 steps = 200 steps" in said
+    assert "finetune epoch 2/50" in said and "finetune epoch 1/50" not in said  # the evaluated epochs are logged
     saved = json.loads((tmp_path / "ft" / "results.json").read_text())
     settings = saved["settings"]
     assert (settings["batch_size"], settings["epochs"], settings["steps"], settings["min_steps"]) == (4, 50, 200, 200)

@@ -267,8 +267,9 @@ def train_classifier(
                 entry["top1"], entry["top5"] = evaluate(classifier, val_loader, rt=rt)
             entry["seconds"] = round(time.perf_counter() - epoch_start, 3)
             history.append(entry)
-            log.info("%s epoch %d/%d: loss %.4f, val top-1 %s", description, epoch + 1, epochs, entry["loss"],
-                     "-" if entry["top1"] is None else f"{entry['top1']:.4f}")
+            level = logging.DEBUG if entry["top1"] is None and val_loader is not None else logging.INFO  # the evaluated ones
+            log.log(level, "%s epoch %d/%d: loss %.4f, val top-1 %s", description, epoch + 1, epochs, entry["loss"],
+                    "-" if entry["top1"] is None else f"{entry['top1']:.4f}")
     finally:
         progress.stop()
     log.debug("%s: %d steps in %.1f s", description, step, time.perf_counter() - started)
