@@ -131,7 +131,7 @@ def test_finetune_runs_on_a_label_fraction_and_its_model_is_accepted_by_embed(en
 
 def test_finetune_on_a_small_subset_takes_several_steps_an_epoch_and_min_steps_in_all(tmp_path, labelled):
     """18 labelled images: a batch of 4 (4 steps an epoch, not one step of 18), epochs raised until min_steps; the
-    training crops and flips as the encoder's pretraining did (here: never flipped, crops of 30% or more)."""
+    training flips as the encoder's pretraining did (here: never) and crops as the paper does."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
     info = checkpoint.EncoderInfo(model=cfg, image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
@@ -147,7 +147,7 @@ def test_finetune_on_a_small_subset_takes_several_steps_an_epoch_and_min_steps_i
     saved = json.loads((tmp_path / "ft" / "results.json").read_text())
     settings = saved["settings"]
     assert (settings["batch_size"], settings["epochs"], settings["steps"], settings["min_steps"]) == (4, 50, 200, 200)
-    assert settings["crop_scale"] == [0.3, 1.0] and settings["flip_p"] == 0.0
+    assert settings["crop_scale"] == [0.08, 1.0] and settings["flip_p"] == 0.0
     evaluated = [h["epoch"] for h in saved["history"] if h["top1"] is not None]
     assert evaluated == list(range(2, 51, 2))  # every 2nd of 50 epochs: at most 30 evaluations, the last included
 

@@ -291,11 +291,11 @@ class EncoderInfo:
         return str(train.get("method", "simclr")) if isinstance(train, dict) else "simclr"
 
     @property
-    def crops(self) -> dict[str, Any]:
-        """The crop scale and flip probability the encoder was pretrained with (`augment.crop_scale`, `augment.flip_p`),
-        as far as its config says: a classifier trained on it crops and flips its images alike."""
+    def flip_p(self) -> float | None:
+        """How often the encoder's pretraining mirrored an image (`augment.flip_p`), None when its config does not say:
+        whether a mirrored image is still the same thing is a property of the data, which its classifiers follow."""
         augment = self.config.get("augment") if isinstance(self.config, dict) else None
-        return {key: augment[key] for key in ("crop_scale", "flip_p") if key in augment} if isinstance(augment, dict) else {}
+        return augment.get("flip_p") if isinstance(augment, dict) else None
 
 
 EXTRA = "extra/"
@@ -399,7 +399,8 @@ def _check_encoder_values(info: EncoderInfo) -> None:
     augment = info.config.get("augment")
     if augment is not None and not isinstance(augment, dict):
         raise ConfigError(f"config.augment is a {type(augment).__name__}, not a mapping")
-    AugmentConfig(image_size=info.image_size, **info.crops).validate()
+    if info.flip_p is not None:
+        AugmentConfig(image_size=info.image_size, flip_p=info.flip_p).validate()
     task = info.extra.get("task")
     if task is not None and not isinstance(task, str):
         raise ConfigError(f"extra.task is a {type(task).__name__}, not text")

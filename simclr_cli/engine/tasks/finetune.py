@@ -8,8 +8,8 @@ Defaults (SimCLR v1, Appendix B.6): Nesterov SGD, momentum 0.9, lr 0.05 x B/256,
 decay without warm-up, 60 epochs at <= 1% labels, 30 epochs at <= 10%. With more labels we also use 30
 epochs (our choice: the paper gives no number there). `optimizer="lars"` is the SimCLRv2 recipe:
 LARS, lr 0.005 x sqrt(B). The paper's schedules are hundreds of steps of a batch of 4096; a small labelled set
-instead gets a batch of at most a quarter of it and at least `min_steps` steps (more epochs), and crops and
-flips as the encoder's pretraining did (`supervised.training_crops`).
+instead gets a batch of at most a quarter of it and at least `min_steps` steps (more epochs). Images are flipped
+as often as the encoder's pretraining flipped them (`supervised.training_crops`).
 The result is saved as an encoder file (`finetuned.safetensors`) that `embed`, `knn` and `linear-eval`
 accept; the classifier rides along as the extra tensors `classifier.weight` / `classifier.bias` and
 `info.extra` records the classes, the head layer and the label subset.
