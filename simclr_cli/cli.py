@@ -14,13 +14,19 @@ import typer
 from simclr_cli import __version__, launcher, options
 from simclr_cli.console import RichProgress, console, errors_as_messages, results, setup_logging, show_table, styled
 
+# Plain click-style help: this Typer's rich panels print a `<bool>` type beside every flag, --help included.
 app = typer.Typer(
     name="simclr",
     help="SimCLR self-supervised pretraining of image encoders, and the tools to evaluate and use them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: example command lines, kept as written (\b stops the help formatter re-wrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _version(value: bool) -> None:
@@ -36,7 +42,11 @@ def main(
     """SimCLR (Chen et al. 2020) from the command line."""
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr pretrain                                  # the demo: digits, about 2 minutes on a 2-core CPU",
+    "simclr pretrain ./photos --arch resnet18 --width 0.5 --image-size 32 --epochs 20",
+    "simclr pretrain --resume                         # continue runs/latest after Ctrl-C",
+))
 def pretrain(
     data: Annotated[
         str | None,
@@ -44,23 +54,29 @@ def pretrain(
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
-    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default), moco-v1 or moco-v2 (their options: --set moco.K=, moco.m=, moco.T=; presets moco-v1, moco-v2).")] = None,
+    method: Annotated[str | None, typer.Option(help="The pretraining method: simclr (the default), moco-v1 or moco-v2 (their options: --set moco.K=, moco.m=, moco.T=; presets moco-v1, moco-v2).", show_default="simclr")] = None,
     arch: options.Arch = None,
     width: options.Width = None,
     sk_ratio: options.SkRatio = None,
     image_size: options.ImageSize = None,
     batch_size: options.BatchSize = None,
     epochs: options.Epochs = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps; the lr schedule is fitted to the shorter run.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps; the lr schedule is fitted to the shorter run.",
+                                                  show_default="all the epochs' steps")] = None,
     lr: Annotated[float | None, typer.Option(help="BASE learning rate, scaled by --lr-scaling with the global batch. Default: 1.0 x B/256 at <= 64 px (the CIFAR recipe), 0.3 x B/256 above; 0.075 x sqrt(B) with --lr-scaling sqrt (all 4.8 at batch 4096).")] = None,
-    lr_scaling: Annotated[str | None, typer.Option(help="linear (lr x B/256) | sqrt (lr x sqrt(B), better for small batches).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="lars (the paper's) | sgd | adamw.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="1e-6 in the SimCLR paper, 1e-4 in SimCLRv2.")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length, capped at 10% of the run.")] = None,
+    lr_scaling: Annotated[str | None, typer.Option(help="linear (lr x B/256) | sqrt (lr x sqrt(B), better for small batches).",
+                                                   show_default="linear")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="lars (the paper's) | sgd | adamw.", show_default="lars")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="1e-6 in the SimCLR paper, 1e-4 in SimCLRv2.", show_default="1e-6")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length, capped at 10% of the run.",
+                                                        show_default="10; the demo: 1")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="NT-Xent tau (--method simclr; MoCo's is moco.T). Default: 0.5 at <= 64 px (the CIFAR recipe, best at small images and short runs), 0.1 above (ImageNet at batch 4096).")] = None,
-    head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2); 1 is a linear head (MoCo v1).")] = None,
-    proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps (default: every epoch, and at the end).")] = None,
+    head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2); 1 is a linear head (MoCo v1).", show_default="2")] = None,
+    proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).", show_default="128")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save the training state every N steps (default: by --checkpoint-minutes).")] = None,
+    checkpoint_minutes: Annotated[float | None, typer.Option(help="Without --checkpoint-every: save the training state at the first logged "
+                                                             "step this many minutes after the last save (default 10; 0: only at the end). "
+                                                             "A run also saves at its end and when stopped by Ctrl-C or SIGTERM.")] = None,
     init: options.Init = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
@@ -71,9 +87,10 @@ def pretrain(
     cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
                                                    "free memory, shared by this machine's processes); 0 decodes every epoch.")] = None,
     compile_: options.Compile = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.",
+                                                     show_default="--no-tensorboard")] = None,
     monitor_knn: Annotated[str | None, typer.Option(help="Labelled data (a dataset name, or a folder with train/ and val/) for a kNN "
-                                                    "accuracy check during pretraining, logged to metrics.jsonl.")] = None,
+                                                    "accuracy check during pretraining, logged to metrics.jsonl.", show_default="none")] = None,
     monitor_every: Annotated[int | None, typer.Option(help="Epochs between --monitor-knn checks (default 1; one also runs at the end).")] = None,
     device: options.Device = None,
     precision: options.Precision = None,
@@ -84,7 +101,7 @@ def pretrain(
     set_: options.Set = None,
     out: options.Out = None,
     gpus: Annotated[int | None, typer.Option("--gpus", "--procs", help="Processes on this machine, one per GPU (with --device cpu: CPU processes "
-                                             "over gloo). --batch-size stays the global batch.")] = None,
+                                             "over gloo). --batch-size stays the global batch.", show_default="1")] = None,
     nodes: Annotated[int, typer.Option(help="Machines taking part; run the same command on each with its --node-rank.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This machine's index among --nodes (0 is the master).")] = 0,
     master_addr: Annotated[str | None, typer.Option(help="Address of node 0, for --nodes > 1.")] = None,
@@ -104,7 +121,8 @@ def pretrain(
             "model.arch": arch, "model.width": width, "model.head_layers": head_layers, "model.proj_dim": proj_dim,
             "model.sk_ratio": sk_ratio, "augment.image_size": image_size,
             "train.method": method, "train.batch_size": batch_size, "train.epochs": epochs, "train.max_steps": max_steps,
-            "train.temperature": temperature, "train.checkpoint_every": checkpoint_every, "train.seed": seed,
+            "train.temperature": temperature, "train.checkpoint_every": checkpoint_every,
+            "train.checkpoint_minutes": checkpoint_minutes, "train.seed": seed,
             "train.init": str(init) if init else None, "train.tensorboard": tensorboard,
             "train.device": device, "train.precision": precision,
             "optim.lr": lr, "optim.lr_scaling": lr_scaling, "optim.name": optimizer, "optim.weight_decay": weight_decay,
@@ -132,7 +150,10 @@ def pretrain(
             _report_pretrain(result)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr benchmark                                 # the digits, as pretrain would run them here",
+    "simclr benchmark ./photos --arch resnet18 --image-size 64 --batch-size 64 --steps 5 --no-baseline",
+))
 def benchmark(
     data: Annotated[
         str | None,
@@ -222,7 +243,7 @@ def _report_pretrain(result) -> None:
         results.print(styled("encoder:", "bold", str(result.encoder)))
         return
     minutes = result.seconds / 60
-    results.print(styled("done", "bold green", f"{result.steps} steps ({result.epochs_done:.1f} epochs) in {minutes:.1f} min"))
+    results.print(styled("done", "bold green", f"{result.steps} steps ({round(result.epochs_done, 1):g} epochs) in {minutes:.1f} min"))
     if result.first_loss is not None and result.last_loss is not None:
         results.print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (metrics in {result.run_dir / 'metrics.jsonl'})")
     results.print(styled("encoder:", "bold", str(result.encoder)))
@@ -250,7 +271,10 @@ def _eval_flags(*, data, train, val, data_root, download, random_init, batch_siz
             "device": device, "precision": precision}
 
 
-@app.command("linear-eval")
+@app.command("linear-eval", epilog=examples(
+    "simclr linear-eval                               # runs/latest on the data it was pretrained on",
+    "simclr linear-eval runs/r50/encoder.safetensors --data cifar10 --data-root ~/data --protocol paper",
+))
 def linear_eval(
     checkpoint: options.Checkpoint = None,
     data: options.Data = None,
@@ -260,8 +284,8 @@ def linear_eval(
                                                  "computed once (fast, standard). paper: SimCLR's protocol, SGD with crop + flip "
                                                  "for 90/100 epochs.")] = None,
     layer: options.Layer = None,
-    epochs: options.Epochs = None,
-    lr: options.Lr = None,
+    epochs: options.LinearEvalEpochs = None,
+    lr: options.LinearEvalLr = None,
     batch_size: options.LinearEvalBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
@@ -299,7 +323,10 @@ def linear_eval(
         ])
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr knn -k 10,20,200                          # runs/latest on the data it was pretrained on",
+    "simclr knn --index vecs.npy --query ./photos/cat.jpg -k 5",
+))
 def knn(
     checkpoint: options.Checkpoint = None,
     data: options.Data = None,
@@ -307,7 +334,8 @@ def knn(
     val: options.ValDir = None,
     k: Annotated[str | None, typer.Option("-k", "--k", help="Neighbours, one or several in one pass: -k 10,20,200. "
                                           "Default 200 (20 below 10,000 training images), or 5 for retrieval.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Vote weight exp(sim / T); the protocol uses 0.1.",
+                                                      show_default="0.1")] = None,
     index: Annotated[Path | None, typer.Option("--index", help="Retrieval mode: a .npy written by `simclr embed`.")] = None,
     query: Annotated[Path | None, typer.Option("--query", help="Retrieval mode: an image or a folder of images to look up in --index.")] = None,
     layer: options.Layer = None,
@@ -378,7 +406,10 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
         raise ConfigError(f"-k {text!r} is not a list of whole numbers; write e.g. -k 20 or -k 10,20,200") from None
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr finetune --label-fraction 0.1             # runs/latest on 10% of its data's labels",
+    "simclr finetune runs/r50/encoder.safetensors --train ./labelled/train --val ./labelled/val",
+))
 def finetune(
     checkpoint: options.Checkpoint = None,
     data: options.Data = None,
@@ -392,8 +423,11 @@ def finetune(
                                                         "layer (SimCLRv2).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd (default; v1: Nesterov, 0.05 x B/256) | lars (v2: 0.005 x sqrt(B)).")] = None,
     init: options.Init = None,
-    epochs: options.Epochs = None,
-    lr: options.Lr = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the labelled subset. Unset, a small subset gets "
+                                               "more, up to finetune.min_steps steps in all (300).",
+                                               show_default="60 at <= 1% labels, 30 above")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="BASE learning rate: x B/256 (sgd) or x sqrt(B) (lars).",
+                                             show_default="0.05 (sgd), 0.005 (lars)")] = None,
     batch_size: options.FinetuneBatchSize = None,
     random_init: options.RandomInit = False,
     data_root: options.DataRoot = None,
@@ -407,7 +441,7 @@ def finetune(
     out: options.EvalOut = None,
     verbose: options.Verbose = False,
 ) -> None:
-    """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates every epoch."""
+    """Fine-tune the whole encoder with a linear classifier on (a fraction of) the labels; evaluates as it goes."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config
@@ -481,19 +515,24 @@ def distill(
         ])
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr embed ./photos -o vecs.npy --normalize    # with runs/latest/encoder.safetensors",
+    "simclr embed ./photos -o vecs.npy -c runs/r50/encoder.safetensors --plot",
+))
 def embed(
     folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
-    normalize: Annotated[bool | None, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise each row (cosine similarity becomes "
+                                                   "a dot product).", show_default="--no-normalize")] = None,
     batch_size: options.ExtractBatchSize = None,
     device: options.Device = None,
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    plot: Annotated[bool | None, typer.Option("--plot", help="Also draw a 2-D map of the embeddings with image thumbnails (VECS.png; needs matplotlib).")] = None,
+    plot: Annotated[bool | None, typer.Option("--plot/--no-plot", help="Also draw a 2-D map of the embeddings with image thumbnails "
+                                              "(VECS.png; needs matplotlib).", show_default="--no-plot")] = None,
     plot_method: Annotated[str | None, typer.Option(help="pca (default) | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = None,
     on_bad_image: options.OnBadImage = None,
     max_bad_fraction: options.MaxBadFraction = None,
@@ -530,11 +569,14 @@ def embed(
         ])
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr export --to torchvision -o r50.safetensors  # runs/latest/encoder.safetensors",
+    "simclr export runs/r50/encoder.safetensors --to onnx",
+))
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="An encoder.safetensors or finetuned.safetensors.")],
     to: Annotated[str, typer.Option("--to", help="torchvision (a state dict for torchvision.models.resnetXX: width 1, standard stem) | "
                                     "safetensors-encoder (the bare encoder, any variant) | onnx (image -> h; needs the onnx package).")],
+    checkpoint: options.Checkpoint = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. Default: beside the checkpoint, named after it and the target.")] = None,
     include_fc: Annotated[bool, typer.Option("--include-fc", help="torchvision: also write a fine-tuned classifier as fc.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
@@ -557,7 +599,10 @@ def export(
         results.print(f"preprocess images: {result.preprocessing}", highlight=False)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr info                                      # runs/latest/encoder.safetensors",
+    "simclr info runs/r50/finetuned.safetensors --json",
+))
 def info(
     checkpoint: options.Checkpoint = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON (including the training config).")] = False,

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from simclr_cli.engine import runlog
 from simclr_cli.engine.errors import OutputError, SimCLRError, Stopped
+from simclr_cli.engine.metrics import clock
 from simclr_cli.engine.report import StepStats
 
 # Results go to stdout, where a script or `> file` takes them; logs and progress to stderr, as Unix tools do.
@@ -98,21 +99,23 @@ class RichProgress:
             TextColumn("data wait {task.fields[wait]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            _TimeLeft(),
             console=console,
             disable=not live_display(),
         )
         self._task = None
 
     def start(self, *, total_steps: int, completed: int, description: str) -> None:
-        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-", wait="-")
+        self._task = self._bar.add_task(description, total=total_steps, completed=completed, epoch="-", loss="-", lr="-", rate="-",
+                                        wait="-", seconds_left=None)
         self._bar.start()
 
     def update(self, stats: StepStats) -> None:
         loss = "-" if stats.loss is None else f"{stats.loss:.4f}"
         self._bar.update(
-            self._task, completed=stats.step, epoch=stats.epoch, loss=loss, lr=f"{stats.lr:.3g}", rate=f"{stats.images_per_s:.1f}",
-            wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
+            self._task, completed=stats.step, epoch="-" if stats.epoch is None else stats.epoch, loss=loss, lr=f"{stats.lr:.3g}",
+            rate=f"{stats.images_per_s:.1f}", wait="-" if stats.data_wait is None else f"{stats.data_wait:.0%}",
+            seconds_left=stats.seconds_left,
         )
 
     def stop(self) -> None:
@@ -122,6 +125,17 @@ class RichProgress:
 def styled(label: str, style: str, text: str = "") -> Text:
     """`label` in `style`, then `text` exactly as it is (never read as markup)."""
     return Text.assemble((label, style), f" {text}" if text else "")
+
+
+class _TimeLeft(TimeRemainingColumn):
+    """The task's own estimate when it gives one (timed from its first steps), else rich's from the recent updates,
+    which has none while steps take longer than its 30-second window."""
+
+    def render(self, task) -> Text:
+        seconds = task.fields.get("seconds_left")
+        if seconds is None:
+            return super().render(task)
+        return Text(clock(seconds), style="progress.remaining")
 
 
 def show_table(title: str, rows: list[tuple[str, str]]) -> None:

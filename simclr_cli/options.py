@@ -1,6 +1,7 @@
 """Options shared by several commands, declared once as `Annotated` aliases.
 
-Every tuning option defaults to None, meaning "not given": only what the user types overrides the preset.
+Every tuning option defaults to None, meaning "not given": only what the user types overrides the preset. Its
+`show_default` states the value that then applies, so `--help` shows every default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import typer
 
 Preset = Annotated[
     str | None,
-    typer.Option("--preset", "-p", help="A recipe from presets/ by name (demo, cifar10, stl10, imagenet) or a YAML file. Flags override it."),
+    typer.Option("--preset", "-p", help="A recipe from presets/ by name (demo, cifar10, stl10, imagenet) or a YAML file. Flags override it.",
+                 show_default="none; pretrain without DATA: demo"),
 ]
 Set = Annotated[
     list[str] | None,
@@ -24,17 +26,20 @@ DataRoot = Annotated[
 ]
 Download = Annotated[
     bool | None,
-    typer.Option("--download/--no-download", help="Download a named dataset into --data-root if missing (needs internet; not ImageNet)."),
+    typer.Option("--download/--no-download", help="Download a named dataset into --data-root if missing (needs internet; not ImageNet).",
+                 show_default="--no-download"),
 ]
 Device = Annotated[
-    str | None, typer.Option("--device", help="auto | cpu | cuda | mps. auto picks a GPU when there is one.")
+    str | None, typer.Option("--device", help="auto | cpu | cuda | mps. auto picks a GPU when there is one.", show_default="auto")
 ]
 Precision = Annotated[
     str | None,
-    typer.Option("--precision", help="auto | fp32 | bf16 | fp16. auto = bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."),
+    typer.Option("--precision", help="auto | fp32 | bf16 | fp16. auto = bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32.",
+                 show_default="auto"),
 ]
 BatchSize = Annotated[
-    int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch of images (each gives 2 views). Larger batches mean more negatives.")
+    int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch of images (each gives 2 views). Larger batches mean more negatives.",
+                             show_default="256 on a GPU, 64 on a CPU, at most the dataset; the demo: 128")
 ]
 ExtractBatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="Images per forward pass while computing features (default 256); "
@@ -46,13 +51,18 @@ LinearEvalBatchSize = Annotated[
 ]
 FinetuneBatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", help="Labelled images per training step (the lr scales with it; capped at "
-                             "the labelled subset), and per forward pass when evaluating. Default 256.")
+                             "the labelled subset), and per forward pass when evaluating.",
+                             show_default="256, at most a quarter of the labelled subset")
 ]
 Workers = Annotated[
     int | None, typer.Option("--workers", "-j", help="Data loading processes. Default: chosen from the machine (0 on 2-core CPUs).")
 ]
-Seed = Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed for initialisation, data order and augmentations.")]
-Epochs = Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the data; the schedule spans them.")]
+Seed = Annotated[int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed for initialisation, data order and augmentations.",
+                                          show_default="0")]
+Epochs = Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the data; the schedule spans them.",
+                                            show_default="100; the demo: 15")]
+LinearEvalEpochs = Annotated[int | None, typer.Option("--epochs", "-e", help="paper protocol: passes over the labelled data.",
+                                                      show_default="100 at <= 64 px, 90 above")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug messages and full tracebacks.")]
 Out = Annotated[
     Path | None,
@@ -81,11 +91,11 @@ EvalOut = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Folder for results.json and saved models. Default: <checkpoint folder>/eval/<command>-<timestamp>/."),
 ]
-Lr = Annotated[float | None, typer.Option("--lr", help="BASE learning rate, scaled with the batch size as the protocol says.")]
+LinearEvalLr = Annotated[float | None, typer.Option("--lr", help="paper protocol: BASE learning rate, x B/256.", show_default="0.1")]
 Procs = Annotated[
     int | None,
     typer.Option("--gpus", "--procs", help="Processes sharing the feature extraction (one per GPU; CPU processes with --device cpu). "
-                 "The output is row for row what one process writes."),
+                 "The output is row for row what one process writes.", show_default="1"),
 ]
 Init = Annotated[
     Path | None,
@@ -113,10 +123,13 @@ FileList = Annotated[
                  "absolute), instead of searching the folder: for millions of files, list them once (e.g. with find). A "
                  "listed file that does not exist stops the command at once, naming it."),
 ]
-Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.")]
-Width = Annotated[float | None, typer.Option(help="Channel multiplier for every layer (SimCLR's R50 2x is --width 2).")]
+Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.",
+                                          show_default="resnet50; the demo: resnet18")]
+Width = Annotated[float | None, typer.Option(help="Channel multiplier for every layer (SimCLR's R50 2x is --width 2).",
+                                             show_default="1; the demo: 0.5")]
 SkRatio = Annotated[float | None, typer.Option(help="Selective kernels (SimCLRv2): 0 = off; 0.0625 as in the paper's SK models, "
-                                               "which also brings the ResNet-D stem and shortcuts.")]
-ImageSize = Annotated[int | None, typer.Option(help="Training resolution. <= 64 px uses the CIFAR stem, weaker colour jitter and no blur.")]
+                                               "which also brings the ResNet-D stem and shortcuts.", show_default="0")]
+ImageSize = Annotated[int | None, typer.Option(help="Training resolution. <= 64 px uses the CIFAR stem, weaker colour jitter and no blur.",
+                                               show_default="224; 32 for CIFAR and digits, 96 for STL-10; the demo: 16")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model: faster steps after a compile of a "
-                                              "minute or more; worth it for long runs.")]
+                                              "minute or more; worth it for long runs.", show_default="--no-compile")]

@@ -745,6 +745,9 @@ def test_load_encoder_refuses_non_finite_weights(tmp_path, bad):
         ({"transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.0] * 3, "interpolation": "bicubic"}}, "augment.std"),
         ({"transform": {"image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "magic"}}, "augment.interpolation"),
         ({"transform": {"image_size": "16", "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}}, "augment.image_size"),
+        ({"config": {"augment": {"flip_p": 2}}}, "augment.flip_p 2"),  # what fine-tuning flips with
+        ({"config": {"augment": {"flip_p": "often"}}}, "augment.flip_p 'often'"),
+        ({"config": {"augment": [0.5]}}, "config.augment is a list"),
     ],
 )
 def test_load_encoder_refuses_invalid_metadata_values(tmp_path, change, words):

@@ -133,6 +133,46 @@ def test_pretrain_end_to_end_then_refuse_then_resume(image_folder, tmp_path):
     assert overwritten.exit_code == 0, overwritten.output
 
 
+TINY_RUN = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--device", "cpu",
+            "--precision", "fp32", "--workers", "0"]
+
+
+def test_epochs_are_counted_from_1_everywhere(image_folder, tmp_path):
+    """One convention: "epoch N" is the N-th epoch, counted from 1, which at its last step is the number of epochs
+    completed; after a run of 2 epochs the summary, metrics.jsonl, the kNN monitor and `info` all say 2."""
+    from conftest import write_images
+
+    labelled = tmp_path / "labelled"
+    for seed, (split, label) in enumerate([("train", "a"), ("train", "b"), ("val", "a"), ("val", "b")]):
+        write_images(labelled / split / label, 4 if split == "train" else 2, size=16, seed=seed)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), *TINY_RUN, "--epochs", "2", "--monitor-knn", str(labelled),
+                                 "--set", "train.log_every=1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "done 6 steps (2 epochs)" in said
+    assert "epoch 1: kNN top-1" in said and "epoch 2: kNN top-1" in said and "epoch 0" not in said
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "loss" in r] == [1, 1, 1, 2, 2, 2]
+    assert [(r["step"], r["epoch"]) for r in records if "knn_top1" in r] == [(3, 1), (6, 2)]
+    shown = _plain(runner.invoke(app, ["info", str(out / "encoder.safetensors")]).output)
+    assert "step 6, epoch 2" in shown
+
+
+def test_pretrain_states_its_plan_and_its_checkpoint_cadence_goes_into_config_yaml(image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(image_folder), *TINY_RUN, "--epochs", "2", "--checkpoint-minutes", "0",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = _plain(result.output)
+    assert "pretraining simclr: resnet18 (width 0.25, small stem, 0.7M parameters) at 16 px on 24 images; " \
+           "2 epochs of 3 steps = 6 steps of batch 8" in said
+    assert "fp32 on cpu, 0 data workers; a checkpoint at the end" in said
+    assert said.index("pretraining simclr:") < said.index("timed the first steps:") < said.index("done 6 steps")
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["checkpoint_minutes"] == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000006.safetensors"]
+
+
 def test_python_dash_m_runs_the_same_app():
     result = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
@@ -335,6 +375,79 @@ def test_progress_bar_shows_images_per_second_and_data_wait(data_wait, monkeypat
     text = screen.export_text()
     assert "123.4 img/s" in text and "loss 5.2500" in text
     assert ("data wait 25%" if data_wait else "data wait -") in text
+
+
+def test_progress_bar_shows_the_tasks_own_time_left_after_one_slow_step(monkeypatch):
+    """A 40-second step leaves rich's own estimate (a 30-second window of updates) blank; the task's is shown."""
+    from rich.console import Console
+
+    from simclr_cli import console as ui
+    from simclr_cli.engine.report import StepStats
+
+    screen = Console(record=True, force_terminal=True, width=200)
+    monkeypatch.setattr(ui, "console", screen)
+    bar = ui.RichProgress()
+    bar.start(total_steps=100, completed=0, description="pretrain")
+    bar.update(StepStats(step=1, epoch=1, total_steps=100, loss=None, lr=0.1, images_per_s=0.7, seconds_left=3725.0))
+    bar.stop()
+    assert "eta 1:02:05" in screen.export_text()
+
+
+# --- --help: every default shown, examples that use real options, no placeholder on flags (issue 16, item 12) ------
+
+COMMANDS = ["pretrain", "benchmark", "linear-eval", "knn", "finetune", "embed", "export", "info"]
+# Options with nothing to default to: switches off unless given, and inputs nothing stands in for.
+NO_DEFAULT = {"--help", "--verbose", "--resume", "--overwrite", "--random-init", "--json", "--include-fc", "--set", "--train",
+              "--val", "--index", "--query", "--label-file", "--init", "--master-addr"}
+
+
+def _help(command: str) -> tuple[dict[str, str], list[str]]:
+    """A command's --help as {long option: its entry} and the example command lines of its epilog."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    entries: list[list[str]] = []
+    examples: list[str] = []
+    section = None
+    for line in result.output.splitlines():
+        if line.strip() in ("Options:", "Examples:"):
+            section = line.strip()
+        elif section == "Options:" and line.startswith("  -"):
+            entries.append([line.strip()])
+        elif section == "Options:" and line.strip() and entries:
+            entries[-1].append(line.strip())
+        elif section == "Examples:" and line.strip():
+            examples.append(line.split("#")[0].strip())
+    options = {next(word for word in e[0].replace(",", " ").split() if word.startswith("--")): " ".join(e) for e in entries}
+    return options, examples
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_every_default_and_examples_that_use_real_options(command):
+    options, examples = _help(command)
+    missing = [name for name, text in options.items()
+               if name not in NO_DEFAULT and "default" not in text.lower() and "[required]" not in text]
+    assert not missing, f"simclr {command} --help states no default for {missing}"
+    assert 1 <= len(examples) <= 3 and all(line.startswith(f"simclr {command}") for line in examples), examples
+    heads = {word for text in options.values() for word in text.replace(",", " ").replace("/", " ").split()[:4] if word.startswith("-")}
+    for line in examples:
+        for word in line.split():
+            if word.startswith("-"):
+                assert word in heads, f"{line!r} uses {word}, which simclr {command} does not have"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_puts_no_type_placeholder_on_flags(command):
+    shown = runner.invoke(app, [*([command] if command else []), "--help"]).output
+    assert "<bool>" not in shown
+
+
+def test_help_states_the_defaults_a_bare_pretrain_runs_with():
+    options, _ = _help("pretrain")
+    assert "resnet50; the demo: resnet18" in options["--arch"]
+    assert "224; 32 for CIFAR and digits, 96 for STL-10" in options["--image-size"]
+    assert "100; the demo: 15" in options["--epochs"]
+    assert "256 on a GPU, 64 on a CPU" in options["--batch-size"]
+    assert "(auto)" in options["--device"] and "(auto)" in options["--precision"] and "--no-compile" in options["--compile"]
 
 
 # --- one entry per command: --batch-size, --preset/--set for every command, --method ---------------------------------

@@ -142,6 +142,29 @@ def test_finetune_runs_on_a_label_fraction_and_its_model_is_accepted_by_embed(en
     assert embedded.exit_code == 0, embedded.output
 
 
+def test_finetune_on_a_small_subset_takes_several_steps_an_epoch_and_min_steps_in_all(tmp_path, labelled):
+    """18 labelled images: a batch of 4 (4 steps an epoch, not one step of 18), epochs raised until min_steps; the
+    training flips as the encoder's pretraining did (here: never) and crops as the paper does."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
+    info = checkpoint.EncoderInfo(model=cfg, image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+                                  config={"augment": {"crop_scale": [0.3, 1.0], "flip_p": 0.0}}, epoch=1, step=10)
+    encoder = tmp_path / "digits-like" / "encoder.safetensors"
+    checkpoint.save_encoder(encoder, build_model(cfg), info=info)
+    result = runner.invoke(app, ["finetune", str(encoder), "--data", str(labelled), "--set", "finetune.min_steps=200",
+                                 "--device", "cpu", "--precision", "fp32", "--workers", "0", "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "batch 4, 50 epochs of 4 steps = 200 steps" in said
+    assert "finetune epoch 2/50" in said and "finetune epoch 1/50" not in said  # the evaluated epochs are logged
+    saved = json.loads((tmp_path / "ft" / "results.json").read_text())
+    settings = saved["settings"]
+    assert (settings["batch_size"], settings["epochs"], settings["steps"], settings["min_steps"]) == (4, 50, 200, 200)
+    assert settings["crop_scale"] == [0.08, 1.0] and settings["flip_p"] == 0.0
+    evaluated = [h["epoch"] for h in saved["history"] if h["top1"] is not None]
+    assert evaluated == list(range(2, 51, 2))  # every 2nd of 50 epochs: at most 30 evaluations, the last included
+
+
 def test_embed_then_retrieve_finds_the_query_itself_first(encoder_file, labelled, tmp_path):
     out = tmp_path / "vecs.npy"
     result = runner.invoke(app, ["embed", str(labelled / "train"), "-o", str(out), "--checkpoint", str(encoder_file), *COMMON])
@@ -259,6 +282,17 @@ def test_info_and_export_through_the_cli(encoder_file, labelled, tmp_path):
     exported = runner.invoke(app, ["export", str(encoder_file), "--to", "safetensors-encoder", "-o", str(out)])
     assert exported.exit_code == 0, exported.output
     assert load_file(str(out)).keys() == {k.removeprefix("encoder.") for k in load_file(str(encoder_file)) if k.startswith("encoder.")}
+
+
+def test_export_defaults_to_runs_latest_like_the_other_commands(encoder_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = runner.invoke(app, ["export", "--to", "safetensors-encoder"])
+    assert missing.exit_code == 2 and "no CHECKPOINT given and runs/latest/encoder.safetensors does not exist" in missing.output
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(encoder_file.parent)
+    exported = runner.invoke(app, ["export", "--to", "safetensors-encoder"])
+    assert exported.exit_code == 0, exported.output
+    assert (encoder_file.parent / "encoder-safetensors-encoder.safetensors").is_file()
 
 
 def test_finetune_init_loads_torchvision_weights(encoder_file, labelled, tmp_path):

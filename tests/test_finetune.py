@@ -177,13 +177,27 @@ def test_finetune_from_head_layer_1_with_lars_learns_the_colours(tmp_path, encod
     assert load_finetuned(result.finetuned)[1].extra["from_head_layer"] == 1
 
 
-def test_default_epochs_follow_the_label_fraction():
-    assert FinetuneConfig().resolved(labelled_fraction=0.01).epochs == 60
-    assert FinetuneConfig().resolved(labelled_fraction=0.1).epochs == 30
-    assert FinetuneConfig().resolved(labelled_fraction=1.0).epochs == 30
-    assert FinetuneConfig(epochs=5).resolved(labelled_fraction=0.01).epochs == 5
-    assert FinetuneConfig().resolved(labelled_fraction=1.0).lr == 0.05
-    assert FinetuneConfig(optimizer="lars").resolved(labelled_fraction=1.0).lr == 0.005
+def test_default_epochs_follow_the_label_fraction_on_large_subsets():
+    """ImageNet's 1% and 10% (12,811 and 128,116 images): the papers' epochs at batch 256, far past min_steps."""
+    one, ten = FinetuneConfig().resolved(labelled_images=12_811, labelled_fraction=0.01), \
+        FinetuneConfig().resolved(labelled_images=128_116, labelled_fraction=0.1)
+    assert (one.batch_size, one.epochs) == (256, 60) and (ten.batch_size, ten.epochs) == (256, 30)
+    assert FinetuneConfig().resolved(labelled_images=50_000, labelled_fraction=1.0).epochs == 30
+    assert FinetuneConfig(epochs=5).resolved(labelled_images=12_811, labelled_fraction=0.01).epochs == 5
+    assert FinetuneConfig().resolved(labelled_images=1000, labelled_fraction=1.0).lr == 0.05
+    assert FinetuneConfig(optimizer="lars").resolved(labelled_images=1000, labelled_fraction=1.0).lr == 0.005
+
+
+def test_a_small_labelled_subset_gets_several_steps_an_epoch_and_min_steps_in_all():
+    """The demo's 10% of the digits: 143 images made one step an epoch, 30 steps in all."""
+    demo = FinetuneConfig().resolved(labelled_images=143, labelled_fraction=0.1)
+    assert demo.batch_size == 35 and demo.epochs == 75  # 143 // 35 = 4 steps an epoch, 75 x 4 = 300 = min_steps
+    fewer = FinetuneConfig(min_steps=40).resolved(labelled_images=143, labelled_fraction=0.1)
+    assert fewer.epochs == 30  # the paper's 30 epochs already make 120 steps
+    # what the user sets stays: the batch capped at the subset only, the epochs as given
+    asked = FinetuneConfig(batch_size=200, epochs=2).resolved(labelled_images=143, labelled_fraction=0.1)
+    assert (asked.batch_size, asked.epochs) == (143, 2)
+    assert FinetuneConfig().resolved(labelled_images=5, labelled_fraction=0.5).batch_size == 2
 
 
 @pytest.mark.parametrize(

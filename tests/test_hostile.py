@@ -270,7 +270,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_says_why(images, tmp_p
     assert resumed.exit_code == 0, resumed.output
     said = " ".join(resumed.output.split())
     assert "skipping step-000000002.safetensors" in said and "it is cut short" in said
-    assert "(step 1)" in said  # resumed from the previous one
+    assert "(step 1, epoch 1)" in said  # resumed from the previous one
     checkpoint.load(newest, kind=checkpoint.TRAIN_STATE)  # step 2 ran again and was saved whole
 
     # every checkpoint damaged: one error line after the reasons, and nothing of the run touched
@@ -309,7 +309,7 @@ def test_a_full_disk_mid_run_stops_in_one_line_and_resume_continues(images, tmp_
     monkeypatch.undo()  # space freed
     resumed = runner.invoke(app, ["pretrain", "--resume", "--out", str(out), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
-    assert "(step 1)" in " ".join(resumed.output.split())
+    assert "(step 1, epoch 1)" in " ".join(resumed.output.split())
 
 
 def test_export_to_a_full_disk_writes_nothing(good, tmp_path, monkeypatch):
@@ -534,7 +534,7 @@ def test_resume_steps_over_a_crafted_newest_checkpoint(raw, reason, images, tmp_
     assert resumed.exit_code == 0, resumed.output
     said = " ".join(resumed.output.split())
     assert "skipping step-000000002.safetensors" in said and reason in said, said
-    assert "(step 1)" in said  # resumed from the valid one beside it
+    assert "(step 1, epoch 1)" in said  # resumed from the valid one beside it
     assert checkpoint.load(newest, kind=checkpoint.TRAIN_STATE).meta["step"] == 2  # step 2 ran again, saved whole
 
 
@@ -972,7 +972,7 @@ def test_resume_trains_on_its_saved_list_and_a_new_search_refuses_added_images(i
         path.unlink()  # the original data again
     resumed = resume(searched)
     assert resumed.exit_code == 0, resumed.output
-    assert "(step 3)" in " ".join(resumed.output.split())
+    assert "(step 3, epoch 2)" in " ".join(resumed.output.split())
 
 
 def test_resume_refuses_a_replaced_image_of_another_size(images, tmp_path):

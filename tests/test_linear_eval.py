@@ -196,6 +196,7 @@ def test_paper_protocol_end_to_end_keeps_the_encoder_frozen(tmp_path: Path, enco
     s = result.settings
     assert s["optimizer"] == "sgd-nesterov" and s["peak_lr"] == pytest.approx(20.0 * 8 / 256)
     assert s["weight_decay"] == 0.0 and s["augmentation"] == "crop+flip" and s["epochs"] == 3
+    assert s["crop_scale"] == (0.08, 1.0) and s["flip_p"] == 0.5  # the file records no pretraining crops: the paper's
 
     head, meta = load_classifier(result.classifier)
     assert meta["protocol"] == "paper" and meta["feature_mean"] is None

@@ -34,11 +34,11 @@ def write_metrics(run_dir: Path, *, knn: bool, torn: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for step in range(2, 13, 2):
-        epoch = (step - 1) // 4
+        epoch = (step - 1) // 4 + 1  # counted from 1
         lines.append({"step": step, "epoch": epoch, "loss": 5.0 - 0.3 * step, "lr": 0.1 * min(step, 4) / 4,
                       "time": 0.5 * step, "images_per_s": 100.0})
         if knn and step % 4 == 0:
-            lines.append({"step": step, "epoch": epoch, "knn_top1": 0.2 + 0.1 * epoch, "knn_top5": 0.6 + 0.1 * epoch,
+            lines.append({"step": step, "epoch": epoch, "knn_top1": 0.1 + 0.1 * epoch, "knn_top5": 0.5 + 0.1 * epoch,
                           "knn_k": 20, "time": 0.5 * step})
     text = "".join(json.dumps(record) + "\n" for record in lines)
     if torn:
@@ -54,7 +54,7 @@ def test_read_metrics_skips_the_torn_last_line_and_splits_knn(tmp_path):
     path = write_metrics(tmp_path, knn=True, torn=True)
     steps, knn = plots.read_metrics(path)
     assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
-    assert [r["epoch"] for r in knn] == [0, 1, 2]
+    assert [r["epoch"] for r in knn] == [1, 2, 3]
 
 
 def test_read_metrics_refuses_a_damaged_middle_line(tmp_path):
@@ -170,6 +170,15 @@ def test_plot_run_writes_loss_and_knn_pngs(matplotlib, tmp_path, knn, torn):
         assert_png(path)
     if not knn:
         assert not (tmp_path / "knn.png").exists()
+
+
+def test_plots_count_epochs_as_metrics_jsonl_does(matplotlib, tmp_path):
+    """metrics.jsonl counts epochs from 1; the plots show that number as it is (the kNN check after epoch 1 at 1)."""
+    from matplotlib.figure import Figure
+
+    steps, knn = plots.read_metrics(write_metrics(tmp_path, knn=True))
+    assert "(epoch 3)" in plots._loss_figure(Figure, steps).axes[0].get_title()
+    assert list(plots._knn_figure(Figure, knn).axes[0].lines[0].get_xdata()) == [1, 2, 3]
 
 
 def test_plot_run_again_replaces_the_files(matplotlib, tmp_path):

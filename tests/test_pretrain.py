@@ -65,13 +65,14 @@ def test_run_writes_config_metrics_checkpoints_and_encoder(image_folder, tmp_pat
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert {"step", "epoch", "loss", "lr", "time"} <= set(lines[0])
-    assert [r["epoch"] for r in lines] == [0, 0, 0, 1, 1, 1]
+    assert [r["epoch"] for r in lines] == [1, 1, 1, 2, 2, 2]  # counted from 1: the epoch each step belongs to
     assert all(r["loss"] > 0 for r in lines)
     assert lines[-1]["lr"] < lines[1]["lr"]  # cosine decay towards 0
-    # one training state per epoch (the default), the two newest kept
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000003.safetensors", "step-000000006.safetensors"]
+    # a run of seconds saves its training state once, at the end (the default cadence is every 10 minutes)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000006.safetensors"]
+    assert saved["train"]["checkpoint_minutes"] == 10.0 and saved["train"]["checkpoint_every"] is None
     model, info = checkpoint.load_encoder(out / "encoder.safetensors")
-    assert info.step == 6 and info.image_size == 16 and info.model.stem == "small"
+    assert info.step == 6 and info.epoch == 2 and info.image_size == 16 and info.model.stem == "small"
     assert info.config == saved
     h, z = model.eval()(torch.zeros(2, 3, 16, 16))
     assert h.shape == (2, 128) and z.shape == (2, 128)
@@ -98,6 +99,71 @@ def test_resume_after_a_crash_mid_epoch_is_bit_identical(image_folder, tmp_path)
     losses_a = [json.loads(line)["loss"] for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     losses_b = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert losses_a == losses_b
+
+
+def test_resume_may_change_the_checkpoint_cadence_and_stays_bit_identical(image_folder, tmp_path):
+    """How often a run saves is not part of what it computes: a run saved every 2 steps resumes under the default
+    cadence (by the clock) to the same weights as a run that never stopped."""
+    uninterrupted = tmp_path / "a"
+    task.run(tiny_config(image_folder), out=uninterrupted)
+    crashed = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        task.run(tiny_config(image_folder, checkpoint_every=2), out=crashed, progress=CrashAt(5))
+    result = task.run(tiny_config(image_folder), out=crashed, resume=True)
+    assert result.resumed_from == 4
+    a, b = encoder_weights(uninterrupted), encoder_weights(crashed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("minutes", "log_every", "saved"), [
+    (0.0, 1, [6]),  # only at the end
+    (1e-9, 2, [2, 3, 4, 6]),  # due at every logged step: every 2nd step and each epoch's last (3 steps per epoch)
+])
+def test_checkpoints_follow_the_clock_at_logged_steps(image_folder, tmp_path, minutes, log_every, saved):
+    out = tmp_path / "run"
+    cfg = tiny_config(image_folder, checkpoint_minutes=minutes, log_every=log_every, keep_checkpoints=10)
+    task.run(cfg, out=out)
+    assert sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints").iterdir()) == saved
+
+
+class Recording(NoProgress):
+    def __init__(self):
+        self.updates: list[StepStats] = []
+
+    def update(self, stats: StepStats) -> None:
+        self.updates.append(stats)
+
+
+def test_the_time_left_is_shown_from_the_first_step_before_the_first_logged_one(image_folder, tmp_path, caplog):
+    """A run of slow steps shows its ETA after its first steps, not after the first logged one (10 steps in), and
+    says once how long the rest should take; metrics.jsonl still holds the logged steps only."""
+    out = tmp_path / "run"
+    shown = Recording()
+    with caplog.at_level("INFO", logger="simclr"):
+        task.run(tiny_config(image_folder, batch_size=2, epochs=1, log_every=10), out=out, progress=shown)
+    assert [s.step for s in shown.updates] == [1, 2, 3, 10, 12]  # 12 steps in the epoch
+    first = shown.updates[0]
+    assert first.seconds_left is not None and first.seconds_left > 0 and first.loss is None and first.epoch == 1
+    assert shown.updates[-1].seconds_left == 0 and shown.updates[-1].loss is not None
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [10, 12]
+    assert len([r for r in caplog.records if r.getMessage().startswith("timed the first steps:")]) == 1
+    assert "for the 9 steps left" in caplog.text
+
+
+def test_a_cpu_run_sized_for_a_gpu_gets_a_hint_and_the_demo_none(image_folder, tmp_path, caplog):
+    big = tiny_config(image_folder, max_steps=1)
+    big.augment.image_size = 72  # above 64 px: the ImageNet-style recipe, which a CPU trains slowly
+    with caplog.at_level("INFO", logger="simclr"):
+        task.run(big, out=tmp_path / "big")
+    assert "hint: resnet18 at 72 px is sized for a GPU; for a quick first run on this CPU add" in caplog.text
+    assert "--arch resnet18 --width 0.5 --image-size 32 --epochs 20" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="simclr"):
+        task.run(tiny_config(image_folder, max_steps=1), out=tmp_path / "small")
+    assert "hint:" not in caplog.text
+    resolved = defaults.resolve_sizes(PretrainConfig())  # the defaults: ResNet-50 at 224 px
+    assert defaults.cpu_hint(resolved, device=torch.device("cpu")) is not None
+    assert defaults.cpu_hint(resolved, device=torch.device("cuda")) is None
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, caplog):
@@ -171,7 +237,7 @@ def test_monitor_knn_logs_accuracy_each_epoch(image_folder, tmp_path):
     task.run(cfg, out=tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in records if "knn_top1" in r]
-    assert [(r["step"], r["epoch"]) for r in checks] == [(3, 0), (6, 1)]
+    assert [(r["step"], r["epoch"]) for r in checks] == [(3, 1), (6, 2)]
     assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_k"] == 8 for r in checks)  # k=20 capped at 8 train images
 
 
@@ -325,7 +391,7 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_resume_is_bit_identical(im
     uninterrupted = tmp_path / "a"
     task.run(tiny_config(image_folder), out=uninterrupted)
     stopped = tmp_path / "b"
-    with pytest.raises(Stopped, match=rf"stopped by {signal.Signals(signum).name} at step 2/6; saved .*step-000000002") as info:
+    with pytest.raises(Stopped, match=rf"stopped by {signal.Signals(signum).name} at step 2/6 \(epoch 1/2\); saved .*step-000000002") as info:
         task.run(tiny_config(image_folder), out=stopped, progress=SignalAt(2, signum))
     assert info.value.exit_code == 128 + signum
     assert (stopped / "checkpoints" / "step-000000002.safetensors").exists()  # mid-epoch: not a scheduled save

@@ -103,7 +103,7 @@ def test_evaluate_only_after_the_last_epoch_when_asked():
     head = LinearClassifier(6, 2)
     history = train_classifier(
         head, loader, loader, epochs=2, optimizer=torch.optim.SGD(head.parameters(), lr=0.1),
-        lr_schedule=lambda step: 0.1, rt=RT, evaluate_every_epoch=False,
+        lr_schedule=lambda step: 0.1, rt=RT, evaluate_every=None,
     )
     assert history[0]["top1"] is None and history[1]["top1"] is not None
 
@@ -186,3 +186,21 @@ def test_a_non_finite_loss_stops_training():
     with pytest.raises(NonFiniteLoss, match="NaN"):
         train_classifier(head, DataLoader(TensorDataset(x, y), batch_size=8), None, epochs=1,
                          optimizer=torch.optim.SGD(head.parameters(), lr=0.1), lr_schedule=lambda s: 0.1, rt=RT)
+
+
+def test_a_classifier_flips_as_the_encoder_was_pretrained():
+    """The demo pretrains without flips (a mirrored digit is another symbol): its classifiers train without them too,
+    with the paper's crop; a file that records nothing gets the paper's crop and flip."""
+    from simclr_cli.engine.checkpoint import EncoderInfo
+    from simclr_cli.engine.supervised import labelled_transforms, training_crops
+
+    def info(config):
+        return EncoderInfo(model=ModelConfig(), image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+                           config=config, epoch=1, step=1)
+
+    assert training_crops(info({})) == {"crop_scale": (0.08, 1.0), "flip_p": 0.5}
+    digits = info({"augment": {"crop_scale": [0.3, 1.0], "flip_p": 0.0, "blur_p": 0.0}})
+    assert training_crops(digits) == {"crop_scale": (0.08, 1.0), "flip_p": 0.0}
+    train, _ = labelled_transforms(digits)
+    steps = {type(t).__name__: t for t in train.transforms}
+    assert tuple(steps["RandomResizedCrop"].scale) == (0.08, 1.0) and steps["RandomHorizontalFlip"].p == 0.0

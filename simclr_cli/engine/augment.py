@@ -202,13 +202,16 @@ def train_eval_transform(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     interpolation: str = "bicubic",
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip_p: float = 0.5,
 ) -> Callable[[Image.Image], Tensor]:
     """Linear-eval / fine-tune training input: random resized crop + flip only (SimCLR Appendix B.5)."""
-    _check_eval_args(image_size=image_size, mean=mean, std=std, interpolation=interpolation)
+    AugmentConfig(image_size=image_size, mean=mean, std=std, interpolation=interpolation, crop_scale=crop_scale,
+                  flip_p=flip_p).validate()
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, interpolation=INTERPOLATIONS[interpolation], antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=INTERPOLATIONS[interpolation], antialias=True),
+            v2.RandomHorizontalFlip(p=flip_p),
             *_to_normalised_tensor(mean, std),
         ]
     )

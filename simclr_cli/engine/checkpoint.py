@@ -332,6 +332,13 @@ class EncoderInfo:
         train = self.config.get("train") if isinstance(self.config, dict) else None
         return str(train.get("method", "simclr")) if isinstance(train, dict) else "simclr"
 
+    @property
+    def flip_p(self) -> float | None:
+        """How often the encoder's pretraining mirrored an image (`augment.flip_p`), None when its config does not say:
+        whether a mirrored image is still the same thing is a property of the data, which its classifiers follow."""
+        augment = self.config.get("augment") if isinstance(self.config, dict) else None
+        return augment.get("flip_p") if isinstance(augment, dict) else None
+
 
 EXTRA = "extra/"
 METHOD_STATE = "method/"  # a training state's tensors beyond the modules' own (a queue's position, say)
@@ -433,6 +440,11 @@ def _check_encoder_values(info: EncoderInfo) -> None:
     source = (data or {}).get("source")
     if source is not None and not isinstance(source, str):
         raise ConfigError(f"config.data.source is a {type(source).__name__}, not text")
+    augment = info.config.get("augment")
+    if augment is not None and not isinstance(augment, dict):
+        raise ConfigError(f"config.augment is a {type(augment).__name__}, not a mapping")
+    if info.flip_p is not None:
+        AugmentConfig(image_size=info.image_size, flip_p=info.flip_p).validate()
     task = info.extra.get("task")
     if task is not None and not isinstance(task, str):
         raise ConfigError(f"extra.task is a {type(task).__name__}, not text")

@@ -114,6 +114,10 @@ class PretrainConfig:
 PROTOCOLS = ("cached", "paper")  # linear evaluation
 OPTIMIZERS = ("sgd", "lars")  # fine-tuning
 BASE_LR = {"sgd": 0.05, "lars": 0.005}  # fine-tuning: v1 Appendix B.6 (x B/256); v2 (x sqrt(B))
+FINETUNE_BATCH = 256  # fine-tuning's training batch unless the labelled subset is small
+# A fine-tuning epoch has at least this many steps: a batch of the whole labelled subset made an epoch one step, and
+# the demo's 10% of the digits (143 images) got 30 steps in all.
+MIN_STEPS_PER_EPOCH = 4
 LR_SCALING = {"sgd": "linear", "lars": "sqrt"}
 EXPORT_TARGETS = ("torchvision", "safetensors-encoder", "onnx")
 
@@ -127,9 +131,9 @@ class InferenceConfig:
     device: str = "auto"
     precision: str = "auto"
 
-    def validate_inputs(self, section: str) -> None:
-        """The shared fields, errors named `<section>.<field>`."""
-        if not is_whole_number(self.batch_size) or self.batch_size < 1:
+    def validate_inputs(self, section: str, *, batch_size_optional: bool = False) -> None:
+        """The shared fields, errors named `<section>.<field>` (`batch_size` may be None when the task chooses it)."""
+        if (self.batch_size is not None or not batch_size_optional) and (not is_whole_number(self.batch_size) or self.batch_size < 1):
             raise ConfigError(f"{section}.batch_size {self.batch_size!r} must be a whole number >= 1")
         if self.workers is not None and (not is_whole_number(self.workers) or self.workers < 0):
             raise ConfigError(f"{section}.workers {self.workers!r} must be a whole number >= 0; use 0 to load in the main process")
@@ -226,11 +230,15 @@ class LinearEvalConfig(LabelledEvalConfig):
 class FinetuneConfig(LabelledEvalConfig):
     """`simclr finetune`: the whole encoder and a linear classifier on (a fraction of) the labels."""
 
+    batch_size: int | None = None  # None: FINETUNE_BATCH, at most 1/MIN_STEPS_PER_EPOCH of the labelled subset
     label_fraction: float = 1.0  # class-balanced fraction of the train labels used (0.01 and 0.1 in the papers)
     label_file: str | None = None  # instead: the train images to use, one path a line, relative to the train folder
     init: str | None = None  # start from these weights (the checkpoint still gives architecture and transform)
     from_head_layer: int = 0  # 0: from h (v1); 1: through the head's first block (SimCLRv2 §2)
-    epochs: int | None = None  # None: 60 at <= 1% labels, 30 otherwise (v1 Appendix B.6)
+    epochs: int | None = None  # None: 60 at <= 1% labels, 30 otherwise (v1 Appendix B.6), more to reach min_steps
+    # With epochs unset, at least this many optimisation steps: the papers' epochs are 190 or more steps of a batch of
+    # 4096 on ImageNet's 1% and 10%, where a small labelled set's epochs are a few steps each.
+    min_steps: int = 300
     optimizer: str = "sgd"  # sgd (v1: Nesterov) | lars (v2)
     lr: float | None = None  # BASE lr; None: 0.05 x B/256 (sgd) or 0.005 x sqrt(B) (lars)
     momentum: float = 0.9
@@ -238,12 +246,12 @@ class FinetuneConfig(LabelledEvalConfig):
     log_every: int = 10
 
     def validate(self) -> None:
-        self.validate_inputs("finetune")
+        self.validate_inputs("finetune", batch_size_optional=True)
         if not (is_finite_number(self.label_fraction) and 0 < self.label_fraction <= 1):
             raise ConfigError(
                 f"finetune.label_fraction {self.label_fraction!r} must be in (0, 1]; e.g. 0.01 for 1% of the labels"
             )
-        for name in ("log_every",):
+        for name in ("log_every", "min_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"finetune.{name} {value!r} must be a whole number >= 1")
@@ -260,13 +268,19 @@ class FinetuneConfig(LabelledEvalConfig):
         if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"finetune.weight_decay {self.weight_decay!r} must be >= 0; the papers use 0")
 
-    def resolved(self, *, labelled_fraction: float) -> FinetuneConfig:
-        """Copy with epochs (from the fraction of labels actually used) and the base lr filled in."""
+    def resolved(self, *, labelled_images: int, labelled_fraction: float) -> FinetuneConfig:
+        """Copy with the batch (for the labelled subset's size), the epochs (from the fraction of labels actually used,
+        raised to min_steps) and the base lr filled in."""
         self.validate()
+        batch = self.batch_size
+        if batch is None:
+            batch = max(2, min(FINETUNE_BATCH, labelled_images // MIN_STEPS_PER_EPOCH))
+        batch = min(batch, labelled_images)
         epochs = self.epochs
         if epochs is None:
             epochs = 60 if labelled_fraction <= 0.01 else 30
-        return replace(self, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
+            epochs = max(epochs, math.ceil(self.min_steps / max(1, labelled_images // batch)))
+        return replace(self, batch_size=batch, epochs=epochs, lr=BASE_LR[self.optimizer] if self.lr is None else self.lr)
 
 
 DISTILL_BASE_LR = {"lars": 0.1, "sgd": 0.1}  # v2 §3: distillation uses pretraining's 0.1 x sqrt(B) (LARS); sgd: x B/256

@@ -77,6 +77,20 @@ def resolve_sizes(cfg):
                    model=cfg.model.resolved(image_size=size))
 
 
+def cpu_hint(cfg, *, device: torch.device) -> str | None:
+    """A line for a run sized for a GPU that is about to train on a CPU: what a quick first run looks like instead.
+
+    The defaults stay the paper's on every machine (ResNet-50, 224 px above the small datasets): a default that
+    followed the hardware would make the same command train a different, weaker model on a laptop than on a
+    server, and the encoders and recipes would no longer carry over. The hint says what to change instead.
+    """
+    small = cfg.augment.image_size <= SMALL_IMAGE_MAX_SIZE and cfg.model.arch in ("resnet18", "resnet34") and cfg.model.width <= 1
+    if device.type != "cpu" or small:
+        return None
+    return (f"hint: {cfg.model.arch} at {cfg.augment.image_size} px is sized for a GPU; for a quick first run on this CPU add "
+            "--arch resnet18 --width 0.5 --image-size 32 --epochs 20, or run `simclr pretrain` with no DATA for the 2-minute demo")
+
+
 def resolve_pretrain(cfg, *, device: torch.device, world_size: int, num_images: int):
     """`resolve_sizes`, then the global batch for this machine and dataset; raises before anything is written
     when the batch cannot work. The workers follow once the cache is built (`resolve_workers`)."""

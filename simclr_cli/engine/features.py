@@ -239,7 +239,7 @@ def iter_features(
             start += len(chunk)
             # The shards are balanced, so rank 0's rate times the ranks is the whole job's.
             rate = (start - rows.start) * world.world_size / max(time.perf_counter() - started, 1e-9)
-            progress.update(StepStats(step=step, epoch=0, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
+            progress.update(StepStats(step=step, epoch=None, total_steps=len(batches), loss=None, lr=0.0, images_per_s=rate))
     finally:
         progress.stop()
 

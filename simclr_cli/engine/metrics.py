@@ -67,6 +67,45 @@ class Throughput:
         return rates
 
 
+class Pace:
+    """Seconds per step and the time left, timed from the end of a session's first step: that step also pays for
+    warm-up (allocation, compilation, the first decode), so from the second one on the estimate holds. Read it only
+    where the host has waited for the device (a logged step), or the time is the launch time, not the work's."""
+
+    FIRST_STEPS = 3  # a session's first steps are always timed, so an estimate shows before the first logged step
+
+    def __init__(self, *, start_step: int, total_steps: int) -> None:
+        self.start_step, self.total_steps = start_step, total_steps
+        self.started = time.perf_counter()
+        self.first_done: float | None = None  # when the session's first step ended
+
+    def early(self, step: int) -> bool:
+        """Whether `step` (1-based, just done) is one of the session's first steps, timed with a host sync."""
+        return step - self.start_step <= self.FIRST_STEPS
+
+    def stepped(self, step: int) -> None:
+        if self.first_done is None and step > self.start_step:
+            self.first_done = time.perf_counter()
+
+    def seconds_per_step(self, step: int) -> float | None:
+        """The mean over the session's steps after its first (the first step alone while it is the only one)."""
+        done = step - self.start_step
+        if done < 1 or self.first_done is None:
+            return None
+        now = time.perf_counter()
+        return (now - self.started) if done == 1 else (now - self.first_done) / (done - 1)
+
+    def seconds_left(self, step: int) -> float | None:
+        per_step = self.seconds_per_step(step)
+        return None if per_step is None else per_step * (self.total_steps - step)
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS, as a progress bar shows time."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def append_line(path: Path, line: str) -> None:
     """Append `line` and its newline whole or not at all: a failed or short write (a full disk) is cut off again, so
     the file ends with the last complete line."""

@@ -254,8 +254,7 @@ def _loss_figure(Figure: type[Figure], steps: list[dict[str, Any]]) -> Figure:
     loss_ax.set_ylabel("NT-Xent loss")
     loss_ax.grid(alpha=0.3)
     last = steps[-1]
-    # metrics count epochs from 0; people (and knn.png) count them from 1
-    loss_ax.set_title(f"pretraining: step {last['step']:,} (epoch {last['epoch'] + 1}), loss {last['loss']:.4f}")
+    loss_ax.set_title(f"pretraining: step {last['step']:,} (epoch {last['epoch']}), loss {last['loss']:.4f}")
     if "lr" in last:
         lr_ax.plot(x, [r.get("lr", np.nan) for r in steps], color="tab:orange")
     lr_ax.set_ylabel("learning rate")
@@ -266,8 +265,7 @@ def _loss_figure(Figure: type[Figure], steps: list[dict[str, Any]]) -> Figure:
 
 
 def _knn_figure(Figure: type[Figure], knn: list[dict[str, Any]]) -> Figure:
-    # `epoch` is the 0-based epoch the check ran in (at its end), so the check after the first epoch sits at 1.
-    x = [r["epoch"] + 1 for r in knn]
+    x = [r["epoch"] for r in knn]  # counted from 1: the check after the first epoch sits at 1
     fig = Figure(figsize=(8, 4.5), dpi=DPI)
     ax = fig.add_subplot()
     ax.plot(x, [100 * r["knn_top1"] for r in knn], marker="o", label="top-1")

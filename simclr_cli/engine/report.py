@@ -11,12 +11,13 @@ class StepStats:
     """What the progress display shows after a step; `loss` is only read back from the device when logged."""
 
     step: int
-    epoch: int
+    epoch: int | None  # 1-based: the epoch this step belongs to; None where there are no epochs (feature extraction)
     total_steps: int
     loss: float | None
     lr: float
     images_per_s: float
     data_wait: float | None = None  # fraction of the time since the last update spent waiting for the next batch
+    seconds_left: float | None = None  # the task's own estimate (metrics.Pace); None: the display estimates it
 
 
 class Progress(Protocol):

@@ -17,13 +17,15 @@ log = logging.getLogger("simclr")
 RESUMABLE_CHANGES = {
     "data.root", "data.workers", "data.download", "data.on_bad_image", "train.device", "train.log_every", "train.keep_checkpoints",
     "monitor.knn_data", "monitor.every", "monitor.k", "train.tensorboard", "data.cache_gb", "train.compile",
-    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips",
+    "data.max_bad_fraction", "data.max_image_pixels", "train.on_nonfinite", "train.max_skips", "train.checkpoint_every",
+    "train.checkpoint_minutes",
 }
 # Fields a run recorded as "auto" before simclr wrote what "auto" resolved to: any resolved value matches them.
 RECORDED_AS_AUTO = {"train.precision"}
 
 
-def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler, total_steps: int | None = None) -> dict[str, Any]:
+def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, scaler, total_steps: int | None = None,
+                steps_per_epoch: int = 1) -> dict[str, Any]:
     """Load the newest checkpoint that is complete and valid into the method's modules, the optimiser and the scaler,
     saying why any newer one was skipped; returns its metadata."""
     for path in run_dir.saved_checkpoints():
@@ -35,7 +37,8 @@ def load_newest(run_dir: RunDir, *, config: dict[str, Any], method, optimizer, s
             log.warning("skipping %s: %s", path.name, exc)
             continue
         check_same_run(meta.get("config", {}), config, source=path)
-        log.info("resuming from %s (step %d)", path, meta["step"])
+        # the epoch from the step, counted from 1 as everywhere (older files stored it counted from 0)
+        log.info("resuming from %s (step %d, epoch %d)", path, meta["step"], -(-meta["step"] // steps_per_epoch))
         return meta
     raise CheckpointError(f"no valid checkpoint to resume in {run_dir.checkpoints}; start a new run with --overwrite")
 

@@ -28,7 +28,7 @@ from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.images import ImageFiles, write_file_list
 from simclr_cli.engine.methods.base import Crops, Method
 from simclr_cli.engine.model import parameter_count
-from simclr_cli.engine.metrics import MetricsLog, Throughput, require_tensorboard
+from simclr_cli.engine.metrics import MetricsLog, Pace, Throughput, clock, require_tensorboard
 from simclr_cli.engine.monitor import Monitor
 from simclr_cli.engine.nonfinite import NonFiniteGuard
 from simclr_cli.engine.optim import Schedule, build_optimizer, scaled_lr
@@ -52,7 +52,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    checkpoint_every: int | None = None  # steps between checkpoints; None = at the end of every epoch
+    checkpoint_every: int | None = None  # steps between training-state checkpoints; None = by checkpoint_minutes
+    # With checkpoint_every unset: a checkpoint at the first logged step this many minutes after the last one; 0 = none
+    # but the last. Either way one is written at the end and on a stop signal. Writing a ResNet-50's state (~340 MB
+    # with the encoder file) every step of a small run would take longer than its steps.
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2  # training-state files kept in checkpoints/ (the newest)
     log_every: int = 10  # steps between metrics lines (each reads the loss back from the device)
     sync_bn: bool = True  # with several processes, BN statistics over the global batch (SimCLR §2.2)
@@ -73,6 +77,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} {value} must be >= 1, or unset")
+        if isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float)) or not (
+            math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0
+        ):
+            raise ConfigError(f"train.checkpoint_minutes {self.checkpoint_minutes!r} must be a number of minutes >= 0 (0: only at the end)")
         if self.on_nonfinite not in nonfinite.POLICIES:
             raise ConfigError(f"train.on_nonfinite {self.on_nonfinite!r} is not supported; choose one of {', '.join(nonfinite.POLICIES)}")
         if self.max_skips < 1:
@@ -145,7 +153,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     step, elapsed_before, resumed_from = 0, 0.0, None
     if resume_run:  # every rank reads the same file: checkpoints live on storage all nodes share
         meta = resume.load_newest(run_dir, config=config_dict, method=method, optimizer=optimizer, scaler=scaler,
-                                  total_steps=schedule.total_steps)
+                                  total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch)
         step, elapsed_before, resumed_from = meta["step"], float(meta.get("elapsed", 0.0)), meta["step"]
 
     def begin() -> None:
@@ -165,14 +173,10 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     for folder, reason in getattr(images, "skipped_folders", ()):
         bad.add_folder(folder, reason)
     distributed.on_main(world, lambda: pipeline.require_decodable(pixels, bad), device=rt.device)
-    log.info(
-        "pretraining %s (%s, width %g, %s stem) on %d images at %d px: batch %d, %d steps (%d per epoch), "
-        "peak lr %.4g, %s on %s, %d data workers%s%s",
-        cfg.model.arch, method.name, cfg.model.width, cfg.model.stem, len(images), cfg.augment.image_size, batch,
-        schedule.total_steps, schedule.steps_per_epoch, peak_lr, rt.precision, rt.device, cfg.data.workers,
-        f", {world.world_size} processes of {batch // world.world_size} images" if world.world_size > 1 else "",
-        ", compiled" if cfg.train.compile else "",
-    )
+    log.info("%s", plan(cfg, method=method.name, images=len(images), schedule=schedule, rt=rt, world=world))
+    hint = None if resume_run else defaults.cpu_hint(cfg, device=rt.device)
+    if hint:
+        log.info("%s", hint)
     info = checkpoint.EncoderInfo(model=cfg.model, image_size=cfg.augment.image_size, mean=cfg.augment.mean,
                                   std=cfg.augment.std, interpolation=cfg.augment.interpolation, config=config_dict,
                                   epoch=0, step=0)
@@ -214,6 +218,25 @@ def _report_bad_files(world: distributed.World, run_dir: rundir.RunDir) -> None:
     files, folders = badfiles.merge(report, run_dir.other_ranks_bad_files())
     if files or folders:
         log.warning("%s", badfiles.summary(files=files, folders=folders, report=report))
+
+
+def plan(cfg, *, method: str, images: int, schedule: Schedule, rt: Runtime, world: distributed.World) -> str:
+    """The run about to start, in one line: model, size, steps, batch, device, precision and checkpoint cadence."""
+    train, per_epoch, total = cfg.train, schedule.steps_per_epoch, schedule.total_steps
+    steps = f"{train.epochs} epochs of {per_epoch} step{'s' if per_epoch > 1 else ''} = {total} steps"
+    if total < train.epochs * per_epoch:
+        steps = f"{total} steps (--max-steps; {per_epoch} per epoch, {train.epochs} epochs planned)"
+    if train.checkpoint_every:
+        saves = f"checkpoints every {train.checkpoint_every} steps and at the end"
+    else:
+        saves = f"checkpoints every {train.checkpoint_minutes:g} min and at the end" if train.checkpoint_minutes else "a checkpoint at the end"
+    processes = f" x {world.world_size} processes of {train.batch_size // world.world_size} images" if world.world_size > 1 else ""
+    return (
+        f"pretraining {method}: {cfg.model.arch} (width {cfg.model.width:g}, {cfg.model.stem} stem, "
+        f"{parameter_count(cfg.model) / 1e6:.1f}M parameters) at {cfg.augment.image_size} px on {images} images; "
+        f"{steps} of batch {train.batch_size}{processes}, peak lr {schedule.peak_lr:.4g}; {rt.precision} on {rt.device}"
+        f"{', compiled' if train.compile else ''}, {cfg.data.workers} data workers; {saves}"
+    )
 
 
 def _pixels(cfg, images, *, rt: Runtime):
@@ -288,6 +311,10 @@ class Trainer:
         self.bad, self.num_images, self.drawn = bad, num_images, 0
         self.guard = NonFiniteGuard(cfg.on_nonfinite, max_skips=cfg.max_skips, device=rt.device)
         self.started, self.elapsed_before = time.perf_counter(), elapsed_before
+        self.saved_step: int | None = None  # the newest checkpoint this session wrote, and when
+        self.saved_at = self.started
+        self.pace = Pace(start_step=0, total_steps=schedule.total_steps)  # `train` starts it at its first step
+        self.estimated = False  # whether the time the run needs has been reported
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.published = False  # runs/latest points here
@@ -298,8 +325,9 @@ class Trainer:
     def train(self, loader: DataLoader, sampler: EpochSampler, *, start_step: int, stop: StopRequest) -> int:
         step, per_epoch, total = start_step, self.schedule.steps_per_epoch, self.schedule.total_steps
         window = Throughput(images_per_step=self.cfg.batch_size)
+        self.pace = Pace(start_step=step, total_steps=total)
         while step < total:
-            epoch = step // per_epoch
+            epoch = step // per_epoch  # 0-based, what the data order and the views are drawn from
             sampler.set_epoch(epoch, start_batch=step - epoch * per_epoch)
             batches = iter(loader)
             while True:
@@ -309,7 +337,7 @@ class Trainer:
                 except RuntimeError:  # a worker ended by the same SIGTERM that asked us to stop
                     if stop.signal is None:
                         raise
-                    self.stop_here(stop, step=step, epoch=epoch)
+                    self.stop_here(stop, step=step)
                 window.waited(time.perf_counter() - waited)
                 if batch is None:
                     break
@@ -319,20 +347,28 @@ class Trainer:
                 step += 1
                 window.stepped()
                 last = step == total
-                if step % self.cfg.log_every == 0 or last or step % per_epoch == 0:
+                logged = step % self.cfg.log_every == 0 or last or step % per_epoch == 0
+                if logged:
                     images_per_s, data_wait = window.take()
-                    self.log(step=step, epoch=epoch, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
+                    self.log(step=step, loss=loss, lr=lr, images_per_s=images_per_s, data_wait=data_wait)
+                elif self.pace.early(step):
+                    self.show_pace(step=step, loss=loss, lr=lr)
                 # the kNN check first, so the plots drawn when saving include it
                 if self.monitor and self.world.is_main and self.monitor.due(step, steps_per_epoch=per_epoch, last=last):
-                    record = self.monitor.check(self.method.network, self.encoder_info(step=step, epoch=epoch), rt=self.rt)
-                    self.write_metrics({"step": step, "epoch": epoch, **record, "time": round(self.elapsed(), 3)})
-                if self.checkpoint_due(step) or last:
-                    self.save(step=step, epoch=epoch)
+                    record = self.monitor.check(self.method.network, self.encoder_info(step=step), rt=self.rt)
+                    self.write_metrics({"step": step, "epoch": self.epoch_number(step), **record, "time": round(self.elapsed(), 3)})
+                if last or self.checkpoint_due(step, logged=logged):
+                    self.save(step=step)
                 if last:
                     break
                 if stop.agreed(self.world, step=step, every=self.cfg.log_every, device=self.rt.device):
-                    self.stop_here(stop, step=step, epoch=epoch)
+                    self.stop_here(stop, step=step)
         return step
+
+    def epoch_number(self, step: int) -> int:
+        """The epoch `step` (1-based, done) belongs to, counted from 1: at an epoch's last step, the epochs completed.
+        What every record, file and message calls "epoch"."""
+        return -(-step // self.schedule.steps_per_epoch)
 
     def step(self, batch: pipeline.PixelBatch, *, lr: float, step: int, epoch: int) -> torch.Tensor:
         """One optimisation step on a batch of N images; returns the loss without syncing the host."""
@@ -363,23 +399,30 @@ class Trainer:
         if skipped:
             self.bad.check(seen=min(self.drawn, self.num_images), total=self.num_images)
 
-    def stop_here(self, stop: StopRequest, *, step: int, epoch: int) -> None:
+    def stop_here(self, stop: StopRequest, *, step: int) -> None:
         """Save at this step boundary, then stop with the signal's exit code (128 + its number)."""
-        if not self.checkpoint_due(step):
-            self.save(step=step, epoch=epoch)
+        if self.saved_step != step:
+            self.save(step=step)
         name = signal.Signals(stop.signal).name
+        epoch = self.epoch_number(step)
         self.write_metrics({"step": step, "epoch": epoch, "event": f"stopped by {name}", "time": round(self.elapsed(), 3)})
         raise Stopped(
-            f"stopped by {name} at step {step}/{self.schedule.total_steps}; saved {self.run_dir.checkpoint(step)}. "
+            f"stopped by {name} at step {step}/{self.schedule.total_steps} (epoch {epoch}/{self.epochs}); "
+            f"saved {self.run_dir.checkpoint(step)}. "
             f"Continue with: simclr pretrain --resume --out {self.run_dir.root}",
             signal_number=stop.signal,
         )
 
-    def encoder_info(self, *, step: int, epoch: int) -> checkpoint.EncoderInfo:
-        """What the encoder file says about the network being trained: architecture, eval transform, config."""
-        return replace(self.info, step=step, epoch=epoch)
+    @property
+    def epochs(self) -> int:
+        """The epochs the schedule spans (the last one partly, when --max-steps cuts it)."""
+        return self.epoch_number(self.schedule.total_steps)
 
-    def log(self, *, step: int, epoch: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
+    def encoder_info(self, *, step: int) -> checkpoint.EncoderInfo:
+        """What the encoder file says about the network being trained: architecture, eval transform, config."""
+        return replace(self.info, step=step, epoch=self.epoch_number(step))
+
+    def log(self, *, step: int, loss: torch.Tensor, lr: float, images_per_s: float, data_wait: float) -> None:
         self.guard.check()
         value: float | None = float(distributed.all_reduce_mean(loss).item())  # the global batch's loss
         if not math.isfinite(value):
@@ -388,34 +431,65 @@ class Trainer:
             self.first_loss = value
         if value is not None:
             self.last_loss = value
+        epoch = self.epoch_number(step)
         self.write_metrics({"step": step, "epoch": epoch, "loss": value, "lr": lr, "time": round(self.elapsed(), 3),
                             "images_per_s": round(images_per_s, 2), "data_wait": round(data_wait, 4),
                             "rss_mb": round(memory.resident_mb(), 1)})
+        self.pace.stepped(step)
         self.progress.update(StepStats(step=step, epoch=epoch, total_steps=self.schedule.total_steps, loss=value, lr=lr,
-                                       images_per_s=images_per_s, data_wait=data_wait))
+                                       images_per_s=images_per_s, data_wait=data_wait, seconds_left=self.pace.seconds_left(step)))
+        self.report_estimate(step)
+
+    def show_pace(self, *, step: int, loss: torch.Tensor, lr: float) -> None:
+        """One of a session's first steps, not logged: wait for it to finish (on a GPU it may still be running) and
+        show the time left, so an estimate appears after the first steps rather than the first logged one."""
+        loss.item()  # the host waits for the device: the step's time is its work, not its launch
+        self.pace.stepped(step)
+        seconds = self.pace.seconds_per_step(step) or 0.0
+        self.progress.update(StepStats(step=step, epoch=self.epoch_number(step), total_steps=self.schedule.total_steps,
+                                       loss=None, lr=lr, images_per_s=self.cfg.batch_size / max(seconds, 1e-9),
+                                       seconds_left=self.pace.seconds_left(step)))
+        self.report_estimate(step)
+
+    def report_estimate(self, step: int) -> None:
+        """Once, when the session's first steps are timed: how long the rest of the run should take."""
+        if self.estimated or (step - self.pace.start_step < Pace.FIRST_STEPS and step < self.schedule.total_steps):
+            return
+        self.estimated = True
+        left = self.schedule.total_steps - step
+        if left:
+            per_step = self.pace.seconds_per_step(step)
+            log.info("timed the first steps: %.3g s a step, about %s for the %d steps left", per_step, clock(per_step * left), left)
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.checkpoint_every
-        return step % every == 0 if every else step % self.schedule.steps_per_epoch == 0
+    def checkpoint_due(self, step: int, *, logged: bool) -> bool:
+        """Every train.checkpoint_every steps; without it, at the first logged step train.checkpoint_minutes after the
+        last save (processes agree: a save is collective, and their clocks differ)."""
+        if self.cfg.checkpoint_every:
+            return step % self.cfg.checkpoint_every == 0
+        if not (self.cfg.checkpoint_minutes and logged):
+            return False
+        due = time.perf_counter() - self.saved_at >= 60 * self.cfg.checkpoint_minutes
+        return bool(distributed.all_reduce_max(torch.tensor(int(due), device=self.rt.device)).item())
 
-    def save(self, *, step: int, epoch: int) -> None:
+    def save(self, *, step: int) -> None:
         """Training state for --resume, then the encoder file the other commands read; never non-finite."""
         self.guard.check()
         self.guard.check_saveable(dict(self.method.modules.state_dict()), step=step)
+        self.saved_step, self.saved_at = step, time.perf_counter()
         if not self.world.is_main:
             return  # every rank holds the same weights; one writes them
         path = self.run_dir.checkpoint(step)
         checkpoint.save_train_state(
-            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=epoch,
+            path, model=self.method.modules, optimizer=self.optimizer, scaler=self.scaler, step=step, epoch=self.epoch_number(step),
             config=self.info.config, elapsed=self.elapsed(), extra=self.method.extra_state(),
         )
         for old in self.run_dir.saved_checkpoints()[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
-        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step, epoch=epoch))
+        checkpoint.save_encoder(self.run_dir.encoder, self.method.network, info=self.encoder_info(step=step))
         if not self.published:
             rundir.publish(self.run_dir)  # runs/latest: now there is an encoder to offer
             self.published = True

@@ -7,7 +7,9 @@ images a label file lists), with BN in train mode, through the shared `supervise
 Defaults (SimCLR v1, Appendix B.6): Nesterov SGD, momentum 0.9, lr 0.05 x B/256, no weight decay, cosine
 decay without warm-up, 60 epochs at <= 1% labels, 30 epochs at <= 10%. With more labels we also use 30
 epochs (our choice: the paper gives no number there). `optimizer="lars"` is the SimCLRv2 recipe:
-LARS, lr 0.005 x sqrt(B).
+LARS, lr 0.005 x sqrt(B). The paper's schedules are hundreds of steps of a batch of 4096; a small labelled set
+instead gets a batch of at most a quarter of it and at least `min_steps` steps (more epochs). Images are flipped
+as often as the encoder's pretraining flipped them (`supervised.training_crops`).
 The result is saved as an encoder file (`finetuned.safetensors`) that `embed`, `knn` and `linear-eval`
 accept; the classifier rides along as the extra tensors `classifier.weight` / `classifier.bias` and
 `info.extra` records the classes, the head layer and the label subset.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -31,7 +34,7 @@ from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import checkpoint, defaults, evaluation, features, weights
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
-from simclr_cli.engine.augment import eval_resize_side, eval_transform, train_eval_transform
+from simclr_cli.engine.augment import eval_resize_side
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.optim import scaled_lr
@@ -48,13 +51,16 @@ from simclr_cli.engine.supervised import (
     cosine_schedule,
     eval_loader,
     load_classifier,
+    labelled_transforms,
     train_classifier,
+    training_crops,
     train_loader,
 )
 
 log = logging.getLogger("simclr")
 
 FINETUNED_FILE = "finetuned.safetensors"
+MAX_EVALUATIONS = 30  # validations in a run (and one after the last epoch): a schedule of many short epochs is not all evaluation
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ def evaluate(
     else:
         subset = class_balanced_subset(labels, cfg.label_fraction, seed=cfg.seed)
     labelled_fraction = len(subset) / len(train)
-    cfg = cfg.resolved(labelled_fraction=labelled_fraction)
+    cfg = cfg.resolved(labelled_images=len(subset), labelled_fraction=labelled_fraction)
     cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
     labelled = Subset(train, subset)
 
@@ -204,18 +210,19 @@ def evaluate(
     optimizer = classifier_optimizer(trained, name=cfg.optimizer, lr=peak_lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay)
     info = encoder.info
-    transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
-    loader = train_loader(labelled, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
-                          workers=cfg.workers, rt=rt)
-    val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
+    train_transform, val_transform = labelled_transforms(info)
+    loader = train_loader(labelled, transform=train_transform, batch_size=batch, seed=cfg.seed, workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=val_transform, batch_size=cfg.batch_size,
                              workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
     log.info(
-        "fine-tuning on %d of %d labelled images (%.2f%%) from head layer %d: batch %d, %d epochs, %s, peak lr %.4g",
-        len(labelled), len(train), 100 * labelled_fraction, cfg.from_head_layer, batch, cfg.epochs, cfg.optimizer, peak_lr,
+        "fine-tuning on %d of %d labelled images (%.2f%%) from head layer %d: batch %d, %d epochs of %d steps = %d steps, "
+        "%s, peak lr %.4g", len(labelled), len(train), 100 * labelled_fraction, cfg.from_head_layer, batch, cfg.epochs,
+        len(loader), len(loader) * cfg.epochs, cfg.optimizer, peak_lr,
     )
     history = train_classifier(
         classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
         lr_schedule=cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs), rt=rt,
+        evaluate_every=math.ceil(cfg.epochs / MAX_EVALUATIONS),
         progress=progress, log_every=cfg.log_every, description="finetune",
     )
     settings = {
@@ -223,8 +230,8 @@ def evaluate(
         "label_file": None if cfg.label_file is None else str(cfg.label_file),
         "from_head_layer": cfg.from_head_layer, "epochs": cfg.epochs, "batch_size": batch, "optimizer": cfg.optimizer,
         "nesterov": cfg.optimizer == "sgd", "base_lr": cfg.lr, "lr_scaling": LR_SCALING[cfg.optimizer], "peak_lr": peak_lr,
-        "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine", "augmentation": "crop+flip",
-        "seed": cfg.seed,
+        "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine", "steps": len(loader) * cfg.epochs,
+        "min_steps": cfg.min_steps, "augmentation": "crop+flip", **training_crops(info), "seed": cfg.seed,
     }
     classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
     path = Path(out_dir) / FINETUNED_FILE

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from simclr_cli.engine import checkpoint, defaults, distributed, evaluation, features, plots
-from simclr_cli.engine.augment import eval_resize_side, eval_transform, train_eval_transform
+from simclr_cli.engine.augment import eval_resize_side
 from simclr_cli.engine.configs import LinearEvalConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError
@@ -42,7 +42,9 @@ from simclr_cli.engine.supervised import (
     check_labels,
     cosine_schedule,
     eval_loader,
+    labelled_transforms,
     topk_correct,
+    training_crops,
     train_classifier,
     train_loader,
 )
@@ -197,7 +199,7 @@ def fit_linear(
         optimizer.zero_grad(set_to_none=True)
         loss = objective(backward=True)
         evaluations += 1
-        progress.update(StepStats(step=min(evaluations, max_iter), epoch=0, total_steps=max_iter, loss=float(loss),
+        progress.update(StepStats(step=min(evaluations, max_iter), epoch=None, total_steps=max_iter, loss=float(loss),
                                   lr=1.0, images_per_s=0.0))
         return loss
 
@@ -255,10 +257,9 @@ def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
     batch = batch_size_for(cfg.batch_size, len(train), name="train")
     peak_lr = cfg.lr * batch / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0)
-    transform = dict(image_size=info.image_size, mean=info.mean, std=info.std, interpolation=info.interpolation)
-    loader = train_loader(train, transform=train_eval_transform(**transform), batch_size=batch, seed=cfg.seed,
-                          workers=cfg.workers, rt=rt)
-    val_loader = eval_loader(val, transform=eval_transform(**transform), batch_size=cfg.batch_size,
+    train_transform, val_transform = labelled_transforms(info)
+    loader = train_loader(train, transform=train_transform, batch_size=batch, seed=cfg.seed, workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=val_transform, batch_size=cfg.batch_size,
                              workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
     schedule = cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs)
     history = train_classifier(classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
@@ -266,7 +267,7 @@ def _paper(cfg, encoder, train, val, *, num_classes, rt, progress):
                                description="linear-eval")
     settings = {"protocol": "paper", "layer": cfg.layer, "optimizer": "sgd-nesterov", "epochs": cfg.epochs,
                 "batch_size": batch, "base_lr": cfg.lr, "peak_lr": peak_lr, "momentum": cfg.momentum,
-                "weight_decay": 0.0, "schedule": "cosine", "augmentation": "crop+flip", "seed": cfg.seed}
+                "weight_decay": 0.0, "schedule": "cosine", "augmentation": "crop+flip", **training_crops(info), "seed": cfg.seed}
     return head.cpu().eval(), history[-1]["top1"], history[-1]["top5"], history, settings
 
 
