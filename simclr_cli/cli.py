@@ -464,7 +464,10 @@ def finetune(
         ])
 
 
-@app.command()
+@app.command(epilog=examples(
+    "simclr distill runs/latest/finetune/finetuned.safetensors    # self-distillation on the teacher's pretraining data",
+    "simclr distill teacher.safetensors ./unlabelled --student-arch resnet18 --val ./labelled",
+))
 def distill(
     teacher: Annotated[Path, typer.Argument(help="The fine-tuned teacher: a finetuned.safetensors written by `simclr finetune` "
                                             "(or a student of an earlier distill).")],
@@ -479,7 +482,8 @@ def distill(
                                                       "big-to-small students, 0.1 its self-distillation (the effect is small).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="lars (default; v2: pretraining's 0.1 x sqrt(B)) | sgd (Nesterov, 0.1 x B/256).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the unlabelled images (the paper's 400 by default).")] = None,
-    lr: options.Lr = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="BASE learning rate: x sqrt(B) with lars (0.1, as pretraining in v2), x B/256 with sgd.",
+                                         show_default="0.1 (lars)")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Unlabelled images per step (default 256; capped at the data).")] = None,
     init: Annotated[Path | None, typer.Option("--init", help="The student encoder's starting weights (any --init file); default: random.")] = None,
     on_bad_image: options.OnBadImage = None,

@@ -121,7 +121,8 @@ FileList = Annotated[
     Path | None,
     typer.Option("--file-list", help="Use the images this text file lists, one path a line (relative to the data folder, or "
                  "absolute), instead of searching the folder: for millions of files, list them once (e.g. with find). A "
-                 "listed file that does not exist stops the command at once, naming it."),
+                 "listed file that does not exist stops the command at once, naming it.",
+                 show_default="none: search the folder"),
 ]
 Arch = Annotated[str | None, typer.Option(help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152.",
                                           show_default="resnet50; the demo: resnet18")]

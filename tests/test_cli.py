@@ -298,7 +298,7 @@ def test_results_on_stdout_logs_and_step_lines_on_stderr_and_in_train_log(image_
     assert f"INFO config: {out / 'config.yaml'} (not default: data.source=" in result.stderr
     log = (out / "train.log").read_text()
     for text in (result.stderr, log):
-        assert "INFO pretraining resnet18" in text and "step 3/3 (100%), epoch 0, loss " in text and "img/s, ETA 0:00:00" in text
+        assert "INFO pretraining simclr: resnet18" in text and "step 3/3 (100%), epoch 1, loss " in text and "img/s, ETA 0:00:00" in text
     version = subprocess.run([sys.executable, "-m", "simclr_cli", "--version"], capture_output=True, text=True, check=False)
     assert version.stdout.startswith("simclr ") and version.stderr == ""
 
