@@ -23,10 +23,9 @@ from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import cka, defaults, plots, rundir
 from simclr_cli.engine.configs import CkaConfig
-from simclr_cli.engine.datasets import labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import DataError
-from simclr_cli.engine.evaluation import pretraining_dataset
+from simclr_cli.engine.evaluation import splits_for
 from simclr_cli.engine.features import Encoder, iter_features, open_encoder, weights_of
 from simclr_cli.engine.files import check_output_folder
 from simclr_cli.engine.report import Progress
@@ -85,11 +84,7 @@ def run(cfg: CkaConfig, *, a: Path | None, b: Path | None, out: Path | None = No
     # B's twin draws from the seed the other commands use; A's from the next, so two twins of one file differ.
     encoder_a = open_encoder(path_a, random_init=cfg.random_init_a, seed=cfg.seed + 1)
     encoder_b = open_encoder(path_b, random_init=cfg.random_init, seed=cfg.seed)
-    data = cfg.data
-    if data is None and cfg.train is None:
-        data = pretraining_dataset(encoder_a)
-    splits = labelled_splits(data, train=_path(cfg.train), val=_path(cfg.val), root=_path(cfg.data_root),
-                             download=cfg.download)
+    splits = splits_for(cfg, encoder_a)  # by default A's pretraining data
     images = _subset(splits.val, limit=cfg.max_images, seed=cfg.seed)
     rt = runtime(device=cfg.device, precision=cfg.precision)
     cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
@@ -166,7 +161,3 @@ def _name(described: dict[str, Any]) -> str:
     file = Path(described["file"])
     name = f"{file.parent.name}/{file.name}"
     return f"{name} (random init)" if described["random_init"] else name
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value).expanduser() if value else None
