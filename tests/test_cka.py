@@ -150,6 +150,15 @@ def test_against_the_random_init_twin_similarity_drops(encoder_file, held_out, t
     assert saved["b"]["checkpoint_sha256"] is None and saved["b"]["file"] == str(encoder_file.resolve())
 
 
+def test_two_random_init_twins_of_one_file_differ(encoder_file, held_out, tmp_path):
+    result = runner.invoke(app, ["cka", str(encoder_file), "--random-init-a", "--random-init", "--data", str(held_out),
+                                 *COMMON, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "cka.json").read_text())
+    assert saved["a"]["random_init"] and saved["b"]["random_init"]
+    assert (torch.tensor(saved["matrix"]).diagonal() < 1 - 1e-3).all()  # A from seed + 1, B from seed
+
+
 def test_stage_features_match_the_stages_computed_by_hand(encoder_file, held_out):
     from simclr_cli.engine.datasets import labelled_folder
     from simclr_cli.engine.device import Runtime
