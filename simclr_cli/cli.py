@@ -382,9 +382,9 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
 
 @app.command()
 def cka(
-    a: Annotated[Path | None, typer.Argument(help="Encoder A: an encoder.safetensors, a finetuned.safetensors or a run folder. "
+    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors or a run folder. "
                                              "Default: runs/latest/encoder.safetensors.")] = None,
-    b: Annotated[Path | None, typer.Argument(help="Encoder B, the same kinds. Default: A itself (with --random-init, A's "
+    b: Annotated[Path | None, typer.Argument(metavar="B", help="Encoder B, the same kinds. Default: A itself (with --random-init, A's "
                                              "untrained twin: what pretraining changed at each stage).")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Whose held-out images: cifar10 | cifar100 | stl10 | imagenet "
                                              "| digits, or a folder with train/ and val/ (or test/). Default: A's pretraining "
