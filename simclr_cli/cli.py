@@ -5,6 +5,7 @@ torch is imported inside the commands, so `simclr --help` answers at once.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,8 @@ from typing import Annotated
 import typer
 
 from simclr_cli import __version__, launcher, options
-from simclr_cli.console import RichProgress, console, errors_as_messages, results, setup_logging, show_table, styled
+from simclr_cli.console import (RichProgress, console, errors_as_messages, results, setup_logging, show_matrix, show_table,
+                                styled)
 
 # Plain click-style help: this Typer's rich panels print a `<bool>` type beside every flag, --help included.
 app = typer.Typer(
@@ -404,6 +406,62 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ConfigError(f"-k {text!r} is not a list of whole numbers; write e.g. -k 20 or -k 10,20,200") from None
+
+
+@app.command(epilog=examples(
+    "simclr cka --random-init                         # runs/latest against its untrained twin, on its data",
+    "simclr cka runs/latest runs/demo-ft/finetuned.safetensors --data digits",
+))
+def cka(
+    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors or a run folder. "
+                                             "Default: runs/latest/encoder.safetensors.")] = None,
+    b: Annotated[Path | None, typer.Argument(metavar="B", help="Encoder B, the same kinds. Default: A itself (with --random-init, A's "
+                                             "untrained twin: what pretraining changed at each stage).")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Whose held-out images: cifar10 | cifar100 | stl10 | imagenet "
+                                             "| digits, or a folder with train/ and val/ (or test/). Default: A's pretraining "
+                                             "data, if named. No labels are read.")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Use at most this many held-out images, drawn with --seed (default 10000).")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Make B the untrained twin of its file (torchvision's init): "
+                                              "the baseline that shows which stages pretraining changed.")] = False,
+    random_init_a: Annotated[bool, typer.Option("--random-init-a", help="Make A the untrained twin of its file (drawn from "
+                                                "--seed + 1, so it differs from B's twin).")] = False,
+    batch_size: options.ExtractBatchSize = None,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for cka.json and cka.png. Default: "
+                                             "<A's folder>/eval/cka-<timestamp>/.")] = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Linear CKA (Kornblith et al. 2019) between every stage of encoder A and every stage of encoder B: how similar
+    their representations of the same images are (1 = the same up to rotation and scale)."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import cka as task
+
+        flags = {"max_images": max_images, "random_init_a": random_init_a or None, **_eval_flags(
+            data=data, train=None, val=None, data_root=data_root, download=download, random_init=random_init,
+            batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
+        cfg = config.resolve_task("cka", preset=preset, sets=set_, flags=flags)
+        done = task.run(cfg, a=a, b=b, out=out, progress=RichProgress())
+        r = done.result
+        show_matrix(f"linear CKA on {r.images} images of {r.data} (rows: A, columns: B)", corner="A \\ B",
+                    columns=list(task.STAGES), rows=[(stage, [_cka_cell(v) for v in row]) for stage, row in zip(task.STAGES, r.matrix)])
+        for side, described in (("A", r.a), ("B", r.b)):
+            results.print(f"{side}: {described['file']}{' (random init)' if described['random_init'] else ''}")
+        if done.heatmap is not None:
+            results.print(f"heatmap: {done.heatmap}")
+        results.print(f"results: {done.results_file}")
+
+
+def _cka_cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"  # NaN: a stage without variance
 
 
 @app.command(epilog=examples(

@@ -148,6 +148,17 @@ def show_table(title: str, rows: list[tuple[str, str]]) -> None:
     results.print(table)
 
 
+def show_matrix(title: str, *, corner: str, columns: list[str], rows: list[tuple[str, list[str]]]) -> None:
+    """A small grid with named rows and columns (e.g. a CKA matrix), on stdout with the other results."""
+    table = Table(title=title, title_justify="left")
+    table.add_column(corner, style="bold")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    results.print(table)
+
+
 # An error line echoes values from the user's input; whatever they hold, the line stays readable.
 MAX_LINE = 1000
 

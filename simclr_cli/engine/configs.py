@@ -346,6 +346,23 @@ class DistillConfig(InferenceConfig):
 
 
 @dataclass
+class CkaConfig(LabelledEvalConfig):
+    """`simclr cka`: linear CKA between the stage outputs of encoders A and B on the held-out images of `data`.
+    random_init: B is the untrained twin of B's file; random_init_a: A is A's (drawn from seed + 1, so two twins differ)."""
+
+    random_init_a: bool = False
+    max_images: int = 10000  # a seed-drawn subset above this (Kornblith et al. 2019 use the 10,000 CIFAR-10 test images)
+    chunk_rows: int = 4096  # feature rows per float64 block of the cross-products
+
+    def validate(self) -> None:
+        self.validate_inputs("cka")
+        for name in ("max_images", "chunk_rows"):
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < 2:
+                raise ConfigError(f"cka.{name} {value!r} must be a whole number >= 2")
+
+
+@dataclass
 class EmbedConfig(InferenceConfig):
     """`simclr embed`: one row per image of a folder."""
 
@@ -395,4 +412,4 @@ class ExportConfig:
 
 # Each command's section in a preset and its --set keys (`--set knn.k=[10,20]`).
 TASK_CONFIGS = {"knn": KnnConfig, "linear_eval": LinearEvalConfig, "finetune": FinetuneConfig, "embed": EmbedConfig,
-                "retrieval": RetrievalConfig, "distill": DistillConfig}
+                "retrieval": RetrievalConfig, "distill": DistillConfig, "cka": CkaConfig}

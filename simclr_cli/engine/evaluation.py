@@ -66,14 +66,19 @@ def open_labelled(cfg, checkpoint: Path | None) -> Opened:
     path = rundir.resolve_checkpoint(checkpoint)
     log.info("checkpoint: %s%s", path, " (architecture only: --random-init)" if cfg.random_init else "")
     encoder = open_encoder(path, random_init=cfg.random_init, seed=cfg.seed)
-    data = cfg.data
-    if data is None and cfg.train is None:
-        data = pretraining_dataset(encoder)
-    splits = labelled_splits(data, train=_path(cfg.train), val=_path(cfg.val), root=_path(cfg.data_root),
-                             download=cfg.download)
+    splits = splits_for(cfg, encoder)
     rt = runtime(device=cfg.device, precision=cfg.precision)
     cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))  # evaluation decodes with PIL
     return Opened(cfg=cfg, checkpoint=path, encoder=encoder, splits=splits, rt=rt)
+
+
+def splits_for(cfg, encoder: Encoder) -> LabelledSplits:
+    """The labelled splits `cfg` names (data, or train and val), by default the encoder's pretraining data."""
+    data = cfg.data
+    if data is None and cfg.train is None:
+        data = pretraining_dataset(encoder)
+    return labelled_splits(data, train=_path(cfg.train), val=_path(cfg.val), root=_path(cfg.data_root),
+                           download=cfg.download)
 
 
 def pretraining_dataset(encoder: Encoder) -> str | None:

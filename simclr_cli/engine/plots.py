@@ -223,6 +223,29 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], *, out: Path) -> 
     return _save(fig, out)
 
 
+def plot_cka(matrix: np.ndarray, *, rows: Sequence[str], columns: Sequence[str], row_title: str, column_title: str,
+             title: str, out: Path) -> Path:
+    """A heat map of a CKA matrix (len(rows), len(columns)) on the fixed 0..1 scale, each cell annotated; NaN cells
+    (a representation without variance) are left blank."""
+    Figure = _figure_class()
+    matrix = np.asarray(matrix, dtype=np.float64)
+    fig = Figure(figsize=(2.5 + 0.8 * len(columns), 2 + 0.7 * len(rows)), dpi=DPI)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="linear CKA")
+    ax.set_xticks(np.arange(len(columns)), list(columns), rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(rows)), list(rows))
+    for (i, j), value in np.ndenumerate(matrix):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small",
+                    color="black" if value > 0.6 else "white")
+    ax.set_xlabel(column_title)
+    ax.set_ylabel(row_title)
+    ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, Path(out))
+
+
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     """Each row divided by its sum, so row i is the distribution of predictions for true class i; rows of zeros stay zero."""
     matrix = np.asarray(matrix, dtype=np.float64)

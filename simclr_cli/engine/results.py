@@ -13,7 +13,11 @@ RESULTS_FILE = "results.json"
 
 def write_results(out_dir: Path, payload: dict[str, Any]) -> Path:
     """Write `payload` as `out_dir/results.json` atomically; paths become strings."""
-    path = Path(out_dir) / RESULTS_FILE
+    return write_json(Path(out_dir) / RESULTS_FILE, payload)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as indented JSON to `path` atomically; paths become strings."""
     text = json.dumps(payload, indent=2, default=str) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
