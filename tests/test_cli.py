@@ -562,5 +562,5 @@ def test_two_processes_end_with_one_bad_files_report_and_results_on_stdout(image
     warnings = [line for line in result.stderr.splitlines() if "4 bad file(s)" in line]
     assert len(warnings) == 1 and str(out / "bad_files.jsonl") in warnings[0]
     assert "OMP_NUM_THREADS" not in result.stderr
-    assert result.stdout.count("done 7 steps") == 1 and "pretraining resnet18" not in result.stdout
-    assert "pretraining resnet18" in (out / "train.log").read_text()
+    assert result.stdout.count("done 7 steps") == 1 and "pretraining simclr: resnet18" not in result.stdout
+    assert "pretraining simclr: resnet18" in (out / "train.log").read_text()
