@@ -964,7 +964,7 @@ def test_resume_trains_on_its_saved_list_and_a_new_search_refuses_added_images(i
     write_images(images / "later", 7, size=16, seed=3)
     resumed = resume(listed)  # its files.txt: the 16 images it started on; the 7 added since are never searched for
     assert resumed.exit_code == 0, resumed.output
-    assert "using the 16 images listed in" in resumed.output and "(step 3)" in " ".join(resumed.output.split())
+    assert "using the 16 images listed in" in resumed.output and "(step 3, epoch 2)" in " ".join(resumed.output.split())
     (searched / "files.txt").unlink()  # no list: DATA is searched again, and the fingerprint tells
     assert the_error(resume(searched)) == (f"error: --resume: the data differs from what {searched} trained on (16 images, "
                                            "now 23); resume with the original data, or start a new run")
