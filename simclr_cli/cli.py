@@ -531,6 +531,32 @@ def embed(
 
 
 @app.command()
+def shard(
+    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively); class subfolders become KEY.cls labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for shard-000000.tar, shard-000001.tar, ...")],
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard: a few thousand keeps each tar at a few hundred MB.")] = 1000,
+    max_side: Annotated[int | None, typer.Option("--max-side", help="Shrink images whose longer side is over this many pixels (re-encoded); smaller ones are copied as they are.")] = None,
+    max_image_pixels: options.MaxImagePixels = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace shards already in OUT.")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Convert a folder of images to tar shards (WebDataset layout) that pretrain and embed read: convert once, train often."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine.tasks import shard as task
+
+        r = task.run(folder=folder, out=out, shard_size=shard_size, max_side=max_side, max_image_pixels=max_image_pixels,
+                     overwrite=overwrite)
+        show_table(f"sharded {folder}", [
+            ("shards", f"{len(r.shards)} ({r.shards[0].name} .. {r.shards[-1].name})"), ("samples", str(r.samples)),
+            ("re-encoded (over --max-side)", str(r.resized)), ("skipped files", str(len(r.skipped))),
+            ("classes", str(len(r.classes)) if r.classes else "-"),
+        ])
+        results.print(f"pretrain on them with: simclr pretrain '{r.out}/shard-{{{0:06d}..{len(r.shards) - 1:06d}}}.tar'",
+                      highlight=False)
+
+
+@app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An encoder.safetensors or finetuned.safetensors.")],
     to: Annotated[str, typer.Option("--to", help="torchvision (a state dict for torchvision.models.resnetXX: width 1, standard stem) | "
