@@ -40,7 +40,8 @@ def main(
 def pretrain(
     data: Annotated[
         str | None,
-        typer.Argument(help="A folder of images (searched recursively), or cifar10 | cifar100 | stl10 | imagenet | digits. "
+        typer.Argument(help="A folder of images (searched recursively), or cifar10 | cifar100 | stl10 | imagenet | digits, "
+                       "or tar shards: 'shards/shard-{000000..000146}.tar', a folder of .tar files (see simclr shard). "
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
@@ -483,7 +484,7 @@ def distill(
 
 @app.command()
 def embed(
-    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
+    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or tar shards (rows keyed by sample key).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
