@@ -109,6 +109,13 @@ def test_sharded_pretrain_data_is_exactly_the_folders_pixels(image_folder, tmp_p
     assert one.keys == ["a/img_005", "a/img_006", "a/img_007", "a/img_008", "a/img_009"]
 
 
+def test_a_folder_of_images_with_an_archive_beside_stays_a_folder(image_folder, tmp_path):
+    shard(image_folder, tmp_path / "s", "--shard-size", "24")
+    (image_folder / "backup.tar").write_bytes((tmp_path / "s" / "shard-000000.tar").read_bytes())
+    assert not shards.is_shard_source(image_folder)  # class subfolders: the images, not the archive
+    assert shards.is_shard_source(tmp_path / "s") and shards.is_shard_source(image_folder / "backup.tar")
+
+
 def test_brace_patterns():
     assert shards.expand_braces("s-{000008..000011}.tar") == ["s-000008.tar", "s-000009.tar", "s-000010.tar", "s-000011.tar"]
     assert shards.expand_braces("{a,b}/x-{1..2}.tar") == ["a/x-1.tar", "a/x-2.tar", "b/x-1.tar", "b/x-2.tar"]

@@ -59,16 +59,18 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_shard_source(data: str | os.PathLike) -> bool:
-    """Whether DATA names shards: a .tar file, a brace pattern of them, or a folder with .tar files and no images
-    at its top level."""
+    """Whether DATA names shards: a .tar file, a brace pattern of them, or a folder with .tar files and neither
+    images nor subfolders (a folder of images with a stray archive beside its class folders stays a folder)."""
     text = os.fspath(data)
     if text.endswith(".tar") or (_BRACES.search(text) and ".tar" in text):
         return True
     folder = Path(text).expanduser()
     if not folder.is_dir():
         return False
-    names = [entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")]
-    return any(n.endswith(".tar") for n in names) and not any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names)
+    with os.scandir(folder) as entries:
+        visible = [entry for entry in entries if not entry.name.startswith(".")]
+    return (any(e.name.endswith(".tar") for e in visible) and not any(e.is_dir() for e in visible)
+            and not any(os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS for e in visible))
 
 
 def shard_files(data: str | os.PathLike) -> list[Path]:
