@@ -172,6 +172,17 @@ def test_resume_on_shards_reads_the_saved_index_and_matches_an_unbroken_run(imag
         assert torch.equal(tensor, encoder_weights(broken)[name]), name
 
 
+def test_open_shard_files_are_capped(image_folder, tmp_path, monkeypatch):
+    shards.write_shards(image_folder, tmp_path / "s", shard_size=1)  # 24 shards of one sample
+    monkeypatch.setattr(shards, "OPEN_SHARDS", 5)
+    images = shards.open_shards(tmp_path / "s")
+    first = np.asarray(images[0])
+    for i in [*range(24), 0, 3]:
+        images[i].load()
+        assert len(images._open) <= 5
+    assert np.array_equal(np.asarray(images[0]), first)  # reopened after it was closed
+
+
 @pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1)])
 def test_samples_split_over_processes_and_workers_once_each(image_folder, tmp_path, world_size, workers):
     out = tmp_path / "shards"

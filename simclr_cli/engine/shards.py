@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ CLASSES_FILE = "classes.txt"  # beside the shards when the folder had class subf
 INDEX_HEADER = "# simclr shard index v1"
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+OPEN_SHARDS = 64  # open files per process: random access touches every shard, and 1,000s would pass the fd limit
 JPEG_QUALITY = 95  # a re-encoded (shrunk) JPEG: close to the original, a fraction of its bytes
 
 
@@ -147,7 +149,7 @@ class ShardImages(Dataset):
         self.keys = [s.key for s in self.samples]
         self.max_pixels = max_pixels
         self.min_side: int | None = None  # see images.decoded_at_least
-        self._open: dict[int, Any] = {}
+        self._open: OrderedDict[int, Any] = OrderedDict()  # the most recently used last
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -167,15 +169,20 @@ class ShardImages(Dataset):
         return decode_bytes(data, name=name, max_pixels=self.max_pixels, min_side=self.min_side)
 
     def _handle(self, shard: int):
-        """An open file per shard and process: a forked DataLoader worker opens its own (never shares an offset)."""
+        """An open file per shard and process, at most OPEN_SHARDS of them (the least recently used is closed); a
+        forked DataLoader worker opens its own, never sharing a file offset with another process."""
         if self._pid != os.getpid():
-            self._open, self._pid = {}, os.getpid()
-        if shard not in self._open:
-            self._open[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the next sample
-        return self._open[shard]
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        if len(self._open) >= OPEN_SHARDS:
+            self._open.popitem(last=False)[1].close()
+        handle = self._open[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the next sample
+        return handle
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_open": {}}  # spawned workers open their own files
+        return {**self.__dict__, "_open": OrderedDict()}  # spawned workers open their own files
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the samples (datasets.fingerprint): each shard's name and size, each sample's key and place."""
