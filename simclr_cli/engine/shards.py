@@ -139,13 +139,29 @@ def index_shards(paths: Sequence[Path]) -> list[Sample]:
     return samples
 
 
+class SampleNames(Sequence[str]):
+    """`shard.tar:key` of each sample, made when asked (a million of them need not sit in memory as strings)."""
+
+    def __init__(self, shards: Sequence[Path], samples: Sequence[Sample]) -> None:
+        self.shards, self.samples = shards, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        sample = self.samples[index]
+        return f"{self.shards[sample.shard]}:{sample.key}"
+
+
 class ShardImages(Dataset):
     """Item i: sample i's decoded PIL RGB image (BadImage when it cannot be); `paths[i]` names it `shard.tar:key`."""
 
     def __init__(self, shards: Sequence[Path], samples: Sequence[Sample], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.shards = [Path(p) for p in shards]
         self.samples = list(samples)
-        self.paths = [f"{self.shards[s.shard]}:{s.key}" for s in self.samples]
+        self.paths = SampleNames(self.shards, self.samples)
         self.keys = [s.key for s in self.samples]
         self.max_pixels = max_pixels
         self.min_side: int | None = None  # see images.decoded_at_least
