@@ -52,7 +52,8 @@ def main(
 def pretrain(
     data: Annotated[
         str | None,
-        typer.Argument(help="A folder of images (searched recursively), or cifar10 | cifar100 | stl10 | imagenet | digits. "
+        typer.Argument(help="A folder of images (searched recursively), or cifar10 | cifar100 | stl10 | imagenet | digits, "
+                       "or tar shards: 'shards/shard-{000000..000146}.tar', a folder of .tar files (see simclr shard). "
                        "Omit it to train the demo on scikit-learn's bundled digits."),
     ] = None,
     preset: options.Preset = None,
@@ -582,7 +583,7 @@ def distill(
     "simclr embed ./photos -o vecs.npy -c runs/r50/encoder.safetensors --plot",
 ))
 def embed(
-    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
+    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or tar shards (rows keyed by sample key).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
@@ -629,6 +630,35 @@ def embed(
             ("rows x dim", f"{r.rows} x {r.dim}"), ("vectors", str(r.out)), ("paths", str(r.paths_file)),
             ("skipped files", str(len(r.skipped))),
         ])
+
+
+@app.command(epilog=examples(
+    "simclr shard ./photos -o shards --shard-size 5000 --max-side 512",
+    "simclr pretrain 'shards/shard-{000000..000009}.tar'",
+))
+def shard(
+    folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively); class subfolders become KEY.cls labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for shard-000000.tar, shard-000001.tar, ...")],
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard: a few thousand keeps each tar at a few hundred MB.")] = 1000,
+    max_side: Annotated[int | None, typer.Option("--max-side", help="Shrink images whose longer side is over this many pixels (re-encoded); smaller ones are copied as they are.")] = None,
+    max_image_pixels: options.MaxImagePixels = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace shards already in OUT.")] = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Convert a folder of images to tar shards (WebDataset layout) that pretrain and embed read: convert once, train often."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli.engine.tasks import shard as task
+
+        r = task.run(folder=folder, out=out, shard_size=shard_size, max_side=max_side, max_image_pixels=max_image_pixels,
+                     overwrite=overwrite)
+        show_table(f"sharded {folder}", [
+            ("shards", f"{len(r.shards)} ({r.shards[0].name} .. {r.shards[-1].name})"), ("samples", str(r.samples)),
+            ("re-encoded (over --max-side)", str(r.resized)), ("skipped files", str(len(r.skipped))),
+            ("classes", str(len(r.classes)) if r.classes else "-"),
+        ])
+        results.print(f"pretrain on them with: simclr pretrain '{r.out}/shard-{{{0:06d}..{len(r.shards) - 1:06d}}}.tar'",
+                      highlight=False)
 
 
 @app.command(epilog=examples(

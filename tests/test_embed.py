@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import write_hostile_folder
 from multiprocess import run_on_two_processes
 from simclr_cli.cli import app
-from simclr_cli.engine import features, index
+from simclr_cli.engine import features, images, index
 from simclr_cli.engine.tasks import embed
 from simclr_cli.engine.badfiles import MIN_SEEN, BadFiles
 from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
@@ -426,6 +426,6 @@ def test_embed_decodes_jpegs_only_as_large_as_the_eval_resize(encoder, folder, t
         asked.append(kwargs.get("min_side"))
         return decode_image(path, **kwargs)
 
-    monkeypatch.setattr(embed, "decode_image", recording)
+    monkeypatch.setattr(images, "decode_image", recording)  # what ImageFiles, which embed reads through, calls
     run(encoder, folder, tmp_path / "vecs.npy")
     assert asked and set(asked) == {eval_resize_side(encoder.info.image_size)} == {16}  # 16 px: resized to 16 x 16

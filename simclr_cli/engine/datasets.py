@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from simclr_cli.engine.cifar import CIFAR_BINARY, cifar_binary
 from simclr_cli.engine.errors import BadImage, DataError, one_line
+from simclr_cli.engine import shards
 from simclr_cli.engine.images import (DEFAULT_MAX_PIXELS, ImageFiles, decode_image, printable_path, read_file_list, scan_folder,
                                       walk_images)
 
@@ -214,17 +215,21 @@ class Unlabelled(Dataset):
 
 def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bool,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, exclude: Path | None = None,
-                     file_list: str | Path | None = None, saved_list: Path | None = None) -> Dataset:
-    """Pretraining images: None -> digits (all); a name -> its pretraining split; else a folder of images, without
-    the folder `exclude` (the run's own output folder, when it lies inside the data). `file_list` names the images
-    instead of a search of the folder (relative to it, or absolute); an existing `saved_list` (the list a run saved,
-    on --resume) is read instead of searching again."""
+                     file_list: str | Path | None = None, saved_list: Path | None = None,
+                     saved_index: Path | None = None) -> Dataset:
+    """Pretraining images: None -> digits (all); a name -> its pretraining split; tar shards (shards.is_shard_source)
+    -> their samples; else a folder of images, without the folder `exclude` (the run's own output folder, when it
+    lies inside the data). `file_list` names the images instead of a search of the folder (relative to it, or
+    absolute); an existing `saved_list` (the list a run saved, on --resume) is read instead of searching again, an
+    existing `saved_index` (a run's shard index) instead of reading the tar headers."""
     if file_list is not None and (data is None or (isinstance(data, str) and data in NAMED_DATASETS)):
         raise DataError("--file-list needs DATA, the folder its relative paths start from (`.` for the current folder)")
     if data is None:
         data = "digits"
     if isinstance(data, str) and data in NAMED_DATASETS:
         return Unlabelled(named_dataset(data, root=root, split=PRETRAIN_SPLITS[data], download=download))
+    if file_list is None and shards.is_shard_source(data):
+        return shards.open_shards(data, max_pixels=max_pixels, saved_index=saved_index)
     path = Path(data).expanduser()
     if saved_list is not None and saved_list.is_file():
         images = read_file_list(saved_list, base=path, check=False)  # --resume checks the data's fingerprint instead
@@ -245,7 +250,9 @@ def pretrain_dataset(data: str | Path | None, *, root: Path | None, download: bo
 def fingerprint(images: Dataset, *, data: str | Path | None) -> dict[str, Any]:
     """What identifies the image list a run trains on: the count and, for a folder, a SHA-256 of every image's path
     relative to the folder and its size in bytes (no pixels read), so `--resume` notices images added, removed or
-    replaced."""
+    replaced; shards say what identifies them (shards.ShardImages.fingerprint)."""
+    if isinstance(images, shards.ShardImages):
+        return images.fingerprint()
     paths = getattr(images, "paths", None)
     if paths is None:  # a named dataset, already pixels in memory: its name and split fix the list
         return {"count": len(images), "source": str(data if data is not None else "digits")}

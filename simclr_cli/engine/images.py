@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import stat
@@ -266,10 +267,25 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min
         raise BadImage("not a regular file", path=path)  # a FIFO named x.jpg would block the reader forever
     if info.st_size == 0:
         raise BadImage("empty file (0 bytes)", path=path)
+    return _decode(path, path=path, max_pixels=max_pixels, min_side=min_side)
+
+
+def decode_bytes(data: bytes, *, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> Image.Image:
+    """`decode_image` for an image held in memory (a member of a tar shard): the same rules, the same BadImage
+    reasons, `name` standing for the file in messages."""
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels {max_pixels} must be >= 1, or None for no limit")
+    if not data:
+        raise BadImage("empty file (0 bytes)", path=name)
+    return _decode(io.BytesIO(data), path=name, max_pixels=max_pixels, min_side=min_side)
+
+
+def _decode(source: Path | io.BytesIO, *, path: Path | str, max_pixels: int | None, min_side: int | None) -> Image.Image:
     size = None
     with _PIL_BOMB_CHECK.off():
         try:
-            with Image.open(path, formats=ACCEPTED_FORMATS) as img:
+            with Image.open(source, formats=ACCEPTED_FORMATS) as img:
                 size = img.size
                 _check_pixels(img.size, max_pixels, path=path)  # the header's size, whatever is decoded below
                 if min_side is not None:
@@ -280,7 +296,7 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min
         except BadImage:
             raise
         except UnidentifiedImageError as exc:
-            raise BadImage(_unaccepted(path), path=path) from exc
+            raise BadImage(_unaccepted(source), path=path) from exc
         except MemoryError:  # not this file's fault alone (the machine's memory is), so a stop, not a skip
             raise DataError(_out_of_memory(path, size, max_pixels)) from None
         # PIL's plugins raise a zoo for hostile bytes (OSError, ValueError, SyntaxError, EOFError, struct.error,
@@ -335,15 +351,20 @@ def _grey_levels(values: np.ndarray) -> np.ndarray:
     return np.where(finite, np.rint(np.clip(values, 0.0, 1.0) * 255), 0).astype(np.uint8)  # NaN, inf: black
 
 
-def _unaccepted(path: Path) -> str:
+def _unaccepted(source: Path | io.BytesIO) -> str:
     """Why PIL, limited to ACCEPTED_FORMATS, found no image: a broken header of one of them, another format, or none."""
     try:
-        with open(path, "rb") as file:
-            head = file.read(16)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+            head = source.read(16)
+            source.seek(0)
+        else:
+            with open(source, "rb") as file:
+                head = file.read(16)
         claimed = next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
         if claimed is not None:
             return f"truncated or corrupt {claimed} header"
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             found = img.format
     except Exception:  # noqa: BLE001 - whatever fails here, the file is not an image we could name
         return "not an image"

@@ -60,6 +60,11 @@ class RunDir:
         return self.root / "files.txt"
 
     @property
+    def shard_index(self) -> Path:
+        """The samples of tar shards the run trains on (shards.write_index): --resume reads it instead of the tar headers."""
+        return self.root / "shards.tsv"
+
+    @property
     def encoder(self) -> Path:
         return self.root / ENCODER_FILE
 
@@ -127,7 +132,7 @@ def prepare(root: Path, *, resume: bool, overwrite: bool, hold: contextlib.ExitS
     if resume:
         return run
     if _holds_run(root):
-        for path in [*run.owned(), run.data, run.files]:  # and the old data's fingerprint and list, which no new run may inherit
+        for path in [*run.owned(), run.data, run.files, run.shard_index]:  # and the old data's fingerprint and list, which no new run may inherit
             if path.is_dir():
                 shutil.rmtree(path)
             else:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume,
-                               rundir, runlog, weights)
+                               rundir, runlog, shards, weights)
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -111,7 +111,8 @@ def source_images(cfg, *, out: Path | None = None, resume: bool = False):
     `resume`, the list the run saved in `out`."""
     return pretrain_dataset(cfg.data.source, root=_path(cfg.data.root), download=cfg.data.download,
                             max_pixels=cfg.data.max_image_pixels or None, exclude=out, file_list=cfg.data.file_list,
-                            saved_list=rundir.RunDir(out).files if resume and out is not None else None)
+                            saved_list=rundir.RunDir(out).files if resume and out is not None else None,
+                            saved_index=rundir.RunDir(out).shard_index if resume and out is not None else None)
 
 
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
@@ -160,6 +161,8 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data)
         if resumed_from is None and isinstance(images, ImageFiles):  # a folder's list, for --resume to reuse
             write_file_list(run_dir.files, images.paths, base=Path(cfg.data.source).expanduser())
+        if resumed_from is None and isinstance(images, shards.ShardImages):  # the shards' index, for --resume
+            shards.write_index(run_dir.shard_index, images)
         run_log.open(run_dir.train_log)
 
     distributed.on_main(world, begin, device=rt.device)

@@ -23,7 +23,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from simclr_cli.engine import defaults, distributed, index, plots, rundir
 from simclr_cli.engine.configs import EmbedConfig
 from simclr_cli.engine.badfiles import DEFAULT_MAX_BAD_FRACTION, MIN_SEEN, BadFiles, report_for
 from simclr_cli.engine.files import atomic_write, check_output_file
-from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, decode_image, read_file_list, scan_folder
+from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, FolderScan, ImageFiles, decoded_at_least, read_file_list, scan_folder
+from simclr_cli.engine.shards import ShardImages, is_shard_source, open_shards
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError, Stopped
 from simclr_cli.engine.index import LINE_BREAK, relative_name
@@ -124,7 +125,8 @@ def _plot(result: EmbedResult, *, method: str) -> Path:
     names = index.read_paths(result.paths_file)
     labels = [name.split("/", 1)[0] for name in names] if all("/" in name for name in names) else None
     return plots.plot_embedding(vectors, out=result.out.with_suffix(".png"), labels=labels,
-                                thumbnails=[result.folder / name for name in names], method=method)
+                                thumbnails=None if is_shard_source(result.folder) else [result.folder / name for name in names],
+                                method=method)
 
 
 def embed_folder(
@@ -159,17 +161,23 @@ def embed_folder(
     bad = BadFiles(on_bad_image=on_bad_image, max_bad_fraction=max_bad_fraction, max_image_pixels=max_image_pixels,
                    report=report if world.is_main else None)
     # Every rank checks the same things; if one fails alone (storage differs), the others stop too.
-    scan, dim = distributed.on_every_rank(
-        lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite, file_list=file_list),
+    source, dim = distributed.on_every_rank(
+        lambda: _check(encoder, folder, out, paths_file, layer=layer, overwrite=overwrite, file_list=file_list,
+                       max_pixels=bad.max_pixels),
         device=rt.device,
     )
-    found = scan.images
-    # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
-    names = [relative_name(p, folder) for p in found]
+    if isinstance(source, ShardImages):  # rows keyed by sample key; bad samples named shard.tar:key
+        found, names, skipped_folders = source.paths, source.keys, []
+    else:
+        found, skipped_folders = source.images, source.skipped_folders
+        # pathlib decodes names as os.fsdecode does (surrogateescape), so undecodable bytes survive as surrogates.
+        names = [relative_name(p, folder) for p in found]
     line_broken = [i for i, name in enumerate(names) if "\n" in name or "\r" in name]
     skipped = [(names[i], LINE_BREAK) for i in line_broken]
     listed = [i for i, name in enumerate(names) if "\n" not in name and "\r" not in name]
     paths, names = [found[i] for i in listed], [names[i] for i in listed]
+    # shard keys hold no line break (shards.index_shards), so a ShardImages is read whole
+    images = source if isinstance(source, ShardImages) else ImageFiles(paths, max_pixels=bad.max_pixels)
     rows = local_rows(len(paths), batch_size=batch_size)  # this rank's shard of `paths`
 
     scratch = _scratch_path(out, world, device=rt.device)
@@ -177,13 +185,13 @@ def embed_folder(
     try:
         # on_main's closing all-reduce is the barrier: once it returns, every rank can open the scratch file.
         distributed.on_main(world, lambda: _begin(scratch, report, rows=len(paths), dim=dim), device=rt.device)
-        for path, reason in scan.skipped_folders:
+        for path, reason in skipped_folders:
             bad.add_folder(path, reason)
         for i in line_broken:  # the same on every rank, so with --on-bad-image error every rank stops here
             bad.add(found[i], LINE_BREAK)
         mine = distributed.on_every_rank(
             lambda: _write_rows(
-                scratch, encoder, paths, rows=rows, dim=dim, layer=layer, normalize=normalize, batch_size=batch_size,
+                scratch, encoder, images, rows=rows, dim=dim, layer=layer, normalize=normalize, batch_size=batch_size,
                 workers=workers, rt=rt, progress=(progress or NoProgress()) if world.is_main else NoProgress(),
                 world=world, bad=bad, seen_before=len(line_broken), total=len(found),
             ),
@@ -227,14 +235,17 @@ def embed_folder(
 
 
 def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, *, layer: str, overwrite: bool,
-           file_list: Path | None = None) -> tuple[FolderScan, int]:
-    """(what the walk found, the feature width), or the ConfigError / DataError that stops the run before any work."""
+           file_list: Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[FolderScan | ShardImages, int]:
+    """(what the walk found, or the samples of tar shards; the feature width), or the ConfigError / DataError that
+    stops the run before any work."""
     if out.suffix != ".npy":
         raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
     check_output_file(out, overwrite=overwrite, sidecars=(paths_file,))
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
     if file_list is not None:
         return FolderScan(read_file_list(file_list, base=folder), []), dim
+    if is_shard_source(folder):
+        return open_shards(folder, max_pixels=max_pixels), dim
     return scan_folder(folder), dim
 
 
@@ -316,11 +327,11 @@ def _stop_on_sigterm() -> Callable[[], None]:
 
 
 def _write_rows(
-    scratch: Path, encoder: Encoder, paths: Sequence[Path], *, rows: range, dim: int, layer: str, normalize: bool,
+    scratch: Path, encoder: Encoder, images: ImageFiles | ShardImages, *, rows: range, dim: int, layer: str, normalize: bool,
     batch_size: int, workers: int, rt: Runtime, progress: Progress, world: distributed.World, bad: BadFiles,
     seen_before: int, total: int,
 ) -> list[tuple[int, str]]:
-    """Write row i of the (len(paths), dim) scratch .npy for each decodable image i in `rows`; undecodable images
+    """Write row i of the (len(images), dim) scratch .npy for each decodable image i in `rows`; undecodable images
     leave their row zero and go to `bad` as they are found (which may stop the run: policy "error", or too many
     of the `seen_before` + this rank's images so far out of `total` are bad). Returns (index, reason) of those,
     also written as JSON for rank 0 under a process group.
@@ -328,7 +339,7 @@ def _write_rows(
     Plain writes at exact byte offsets, not a shared memory map: a map writes back whole pages, and on a network
     filesystem the page two ranks share would lose one rank's rows.
     """
-    decoded = _Decoded(paths, transform_for(encoder), max_pixels=bad.max_pixels, min_side=decode_side_for(encoder))
+    decoded = _Decoded(decoded_at_least(images, decode_side_for(encoder)), transform_for(encoder))
     batches = loader(Subset(decoded, rows), batch_size=batch_size, workers=workers, rt=rt, collate_fn=_collate)
     model = prepare(encoder, rt)
     offset = np.load(scratch, mmap_mode="r").offset  # the .npy header's length
@@ -341,7 +352,7 @@ def _write_rows(
             for step, (indices, x, failed) in enumerate(batches, start=1):
                 unreadable += failed
                 for i, reason in failed:
-                    bad.add(paths[i], reason)
+                    bad.add(images.paths[i], reason)
                 first = min(indices + [i for i, _ in failed])  # a batch is a contiguous run of rows
                 block = np.zeros((len(indices) + len(failed), dim), dtype=np.float32)  # (B, D)
                 if x is not None:
@@ -374,21 +385,19 @@ def _copy_rows(src: Path, dst: Path, *, kept: list[int]) -> None:
 
 
 class _Decoded(Dataset):
-    """Item i: (i, transformed image, None), or (i, None, reason) when the file cannot be decoded."""
+    """Item i: (i, transformed image, None), or (i, None, reason) when the file cannot be decoded. `images` decode
+    JPEGs at the smallest scale still covering the transform's resize (images.decoded_at_least)."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor], *, max_pixels: int | None,
-                 min_side: int | None = None) -> None:
-        self.paths = list(paths)
+    def __init__(self, images: Dataset, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.images = images
         self.transform = transform
-        self.max_pixels = max_pixels
-        self.min_side = min_side  # the transform's resize: JPEGs are decoded at the smallest scale still covering it
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            image = decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
+            image = self.images[index]
         except BadImage as exc:  # this one file is unusable; the main process applies the policy
             return index, None, exc.reason
         return index, self.transform(image), None
