@@ -88,6 +88,7 @@ from conftest import write_images  # noqa: E402
 from simclr_cli.cli import app  # noqa: E402
 from simclr_cli.engine import checkpoint  # noqa: E402
 from simclr_cli.engine.tasks.cka import STAGES  # noqa: E402
+from test_knn import tiny_checkpoint  # noqa: E402
 
 runner = CliRunner()
 COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8"]
@@ -95,15 +96,8 @@ COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-s
 
 @pytest.fixture
 def encoder_file(tmp_path: Path) -> Path:
-    from simclr_cli.engine.model import ModelConfig, build_model
-
-    torch.manual_seed(123)  # not --random-init's seed 0, which would draw these very weights again
-    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
-    info = checkpoint.EncoderInfo(model=cfg, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
-                                  config={}, epoch=1, step=1)
-    path = tmp_path / "run" / "encoder.safetensors"
-    checkpoint.save_encoder(path, build_model(cfg), info=info)
-    return path
+    # not --random-init's seed 0, which would draw these very weights again
+    return tiny_checkpoint(tmp_path / "run" / "encoder.safetensors", seed=123)
 
 
 @pytest.fixture

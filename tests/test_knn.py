@@ -44,8 +44,8 @@ def test_config_validation(field, value, message):
         cfg.validate()
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
+def tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=16)
     info = EncoderInfo(model=cfg, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
                        config={}, epoch=1, step=1)
