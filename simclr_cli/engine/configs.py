@@ -80,33 +80,46 @@ class PretrainConfig:
     moco: MoCoConfig = field(default_factory=MoCoConfig)  # read by --method moco-v1 / moco-v2 only
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor, self.moco):
+        for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
             section.validate()
+        for section in METHOD_SECTIONS:
+            getattr(self, section).validate()
         self.check_method_options()
 
     def reads_nt_xent_temperature(self) -> bool:
-        """Whether the method reads train.temperature (NT-Xent's tau); the MoCo methods read moco.T."""
-        return self.train.method not in MOCO_METHODS
+        """Whether the method reads train.temperature (NT-Xent's tau); the others have their own in their section."""
+        return self.train.method in NT_XENT_METHODS
 
     def with_method_settings(self, *, num_images: int) -> PretrainConfig:
         """The method's own auto settings filled in, once the data's size and the global batch are known."""
-        if self.train.method not in MOCO_METHODS:
-            return self
-        return replace(self, moco=self.moco.resolved(method=self.train.method, num_images=num_images,
-                                                     batch_size=self.train.batch_size))
+        for section, readers in METHOD_SECTIONS.items():
+            if self.train.method in readers:
+                settings = getattr(self, section).resolved(method=self.train.method, num_images=num_images,
+                                                           batch_size=self.train.batch_size)
+                return replace(self, **{section: settings})
+        return self
 
     def check_method_options(self) -> None:
         """Settings the chosen method does not read are refused, not silently ignored."""
         method = self.train.method
-        if method in MOCO_METHODS:
-            if self.train.temperature is not None:
-                raise ConfigError(f"train.temperature is NT-Xent's (--method simclr); {method} reads moco.T instead "
-                                  f"(e.g. --set moco.T=0.2), so leave train.temperature unset")
-            return
-        for name, default in vars(MoCoConfig()).items():
-            if getattr(self.moco, name) != default:
-                raise ConfigError(f"moco.{name} applies to --method {' or '.join(MOCO_METHODS)} only, not {method}; "
-                                  "drop it or choose one of those methods")
+        if self.train.temperature is not None and not self.reads_nt_xent_temperature():
+            own = next(section for section, readers in METHOD_SECTIONS.items() if method in readers)
+            raise ConfigError(f"train.temperature is NT-Xent's (--method {' or '.join(NT_XENT_METHODS)}); {method} "
+                              f"reads {own}.T instead (e.g. --set {own}.T=0.2), so leave train.temperature unset")
+        for section, readers in METHOD_SECTIONS.items():
+            if method in readers:
+                continue
+            settings = getattr(self, section)
+            for name, default in vars(type(settings)()).items():
+                if getattr(settings, name) != default:
+                    raise ConfigError(f"{section}.{name} applies to --method {' or '.join(readers)} only, not "
+                                      f"{method}; drop it or choose one of those methods")
+
+
+# Which methods read which section of PretrainConfig (each a dataclass with `validate` and `resolved`), and which
+# read train.temperature; a setting in a section the chosen method does not read is refused.
+METHOD_SECTIONS = {"moco": MOCO_METHODS}
+NT_XENT_METHODS = ("simclr",)
 
 
 # --- evaluation and inference --------------------------------------------------------------------------------------
