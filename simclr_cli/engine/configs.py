@@ -87,8 +87,9 @@ class PretrainConfig:
         self.check_method_options()
 
     def reads_nt_xent_temperature(self) -> bool:
-        """Whether the method reads train.temperature (NT-Xent's tau); the others have their own in their section."""
-        return self.train.method in NT_XENT_METHODS
+        """Whether the method reads train.temperature (NT-Xent's tau): those with a section of their own (METHOD_SECTIONS)
+        have their temperature there."""
+        return not any(self.train.method in readers for readers in METHOD_SECTIONS.values())
 
     def with_method_settings(self, *, num_images: int) -> PretrainConfig:
         """The method's own auto settings filled in, once the data's size and the global batch are known."""
@@ -104,7 +105,7 @@ class PretrainConfig:
         method = self.train.method
         if self.train.temperature is not None and not self.reads_nt_xent_temperature():
             own = next(section for section, readers in METHOD_SECTIONS.items() if method in readers)
-            raise ConfigError(f"train.temperature is NT-Xent's (--method {' or '.join(NT_XENT_METHODS)}); {method} "
+            raise ConfigError(f"train.temperature is NT-Xent's (--method simclr); {method} "
                               f"reads {own}.T instead (e.g. --set {own}.T=0.2), so leave train.temperature unset")
         for section, readers in METHOD_SECTIONS.items():
             if method in readers:
@@ -117,9 +118,9 @@ class PretrainConfig:
 
 
 # Which methods read which section of PretrainConfig (each a dataclass with `validate` and `resolved`), and which
-# read train.temperature; a setting in a section the chosen method does not read is refused.
+# a setting in a section the chosen method does not read is refused. The methods without a section read
+# train.temperature.
 METHOD_SECTIONS = {"moco": MOCO_METHODS}
-NT_XENT_METHODS = ("simclr",)
 
 
 # --- evaluation and inference --------------------------------------------------------------------------------------
