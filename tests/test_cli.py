@@ -183,9 +183,11 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_log_the_same_losses_as_one(image_folder, tmp_path):
-    """--gpus 2 --device cpu: gloo workers through torchrun, global batch split in two, same maths as one process."""
-    args = ["pretrain", str(image_folder), "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
+@pytest.mark.parametrize("method", [[], ["--method", "moco-v2", "--set", "moco.K=12"]], ids=["simclr", "moco-v2"])
+def test_two_processes_log_the_same_losses_as_one(method, image_folder, tmp_path):
+    """--gpus 2 --device cpu: gloo workers through torchrun, global batch split in two, same maths as one process
+    (for MoCo: the queue filled from both processes' keys in rank order, global BN in both encoders)."""
+    args = ["pretrain", str(image_folder), *method, "--arch", "resnet18", "--width", "0.25", "--image-size", "16",
             "--batch-size", "8", "--max-steps", "4", "--device", "cpu", "--precision", "fp32", "--workers", "0",
             "--set", "train.log_every=1"]
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
