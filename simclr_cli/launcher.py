@@ -57,10 +57,14 @@ def launch_pretrain(cfg, *, out: Path | None, resume: bool, overwrite: bool, ver
     unless `out` is given), all using the config resolved here. What the workers would refuse (the device, the data,
     the batch, the run folder) is checked here first, so a mistake is one line, not one per worker."""
     from simclr_cli.engine import rundir
+    from simclr_cli.engine.errors import ConfigError
     from simclr_cli.engine.plain import to_plain
     from simclr_cli.engine.tasks import pretrain
 
     device_type = check_gpu_count(cfg.train.device, procs)
+    if nodes > 1 and out is None:  # each machine would name its own runs/<timestamp>/ from its own clock
+        raise ConfigError(f"--nodes {nodes} needs --out: every machine must write to the same run folder, on storage "
+                          "they all share (e.g. --out /shared/runs/r50)")
     out = (out or rundir.default_run_dir()).resolve()
     pretrain.preflight(cfg, out=out, resume=resume, overwrite=overwrite, device_type=device_type,
                        processes=procs * nodes, check_out=node_rank == 0)

@@ -246,6 +246,15 @@ def test_the_launcher_checks_the_batch_once_before_starting_workers(args, expect
     assert not (tmp_path / "run").exists()
 
 
+def test_several_machines_need_one_run_folder_named(image_folder, monkeypatch):
+    """Each machine would otherwise name its own runs/<timestamp>/ from its own clock."""
+    monkeypatch.setattr(launcher, "launch", _no_launch)
+    result = runner.invoke(app, ["pretrain", str(image_folder), "--device", "cpu", "--batch-size", "8", "--gpus", "2",
+                                 "--nodes", "2"])
+    assert one_line_error(result) == ("error: --nodes 2 needs --out: every machine must write to the same run folder, "
+                                      "on storage they all share (e.g. --out /shared/runs/r50)")
+
+
 def test_the_launcher_checks_the_data_before_starting_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "launch", _no_launch)
     empty = tmp_path / "empty"
