@@ -20,7 +20,8 @@ from simclr_cli.engine.ranks import ranks, spearman
 from test_knn import tiny_checkpoint
 
 runner = CliRunner()
-COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "32"]
+# a short L-BFGS: the tiny probes are separable, and a full fit would run to max_iter on every one
+COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "32", "--set", "compare.max_iter=30"]
 
 
 # --- the probes' labels and targets -------------------------------------------------------------------------------
@@ -175,7 +176,15 @@ def test_end_to_end_table_files_and_the_random_init_row(labelled, encoders, tmp_
         assert (out / "compare.png").stat().st_size > 0
 
 
-def test_a_second_run_with_one_more_encoder_computes_only_its_row(labelled, encoders, tmp_path, monkeypatch):
+@pytest.fixture
+def no_plots(monkeypatch):
+    """The end-to-end test draws compare.png; the others need not pay for matplotlib."""
+    from simclr_cli.engine import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+
+
+def test_a_second_run_with_one_more_encoder_computes_only_its_row(labelled, encoders, tmp_path, monkeypatch, no_plots):
     out = tmp_path / "cmp"
     args = ["--data", str(labelled), "--tasks", "knn,rotation", *COMMON, "--out", str(out)]
     first = runner.invoke(app, ["compare", str(encoders[0]), str(encoders[1]), *args])
@@ -192,7 +201,7 @@ def test_a_second_run_with_one_more_encoder_computes_only_its_row(labelled, enco
     assert len(list((out / "cache").iterdir())) == 6
 
 
-def test_an_unreadable_encoder_is_named_and_the_rest_runs(labelled, encoders, tmp_path):
+def test_an_unreadable_encoder_is_named_and_the_rest_runs(labelled, encoders, tmp_path, no_plots):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     out = tmp_path / "cmp"
@@ -207,7 +216,7 @@ def test_an_unreadable_encoder_is_named_and_the_rest_runs(labelled, encoders, tm
     assert "failed" in list(csv.reader((out / "compare.csv").open()))[2][4]
 
 
-def test_an_unlabelled_folder_gets_the_probes_and_no_labelled_scores(encoders, tmp_path):
+def test_an_unlabelled_folder_gets_the_probes_and_no_labelled_scores(encoders, tmp_path, no_plots):
     photos = tmp_path / "photos"
     write_images(photos, 10, size=16, seed=5)
     out = tmp_path / "cmp"

@@ -81,30 +81,35 @@ def grid_features(feature_map: Tensor, *, grid: int = COLOUR_GRID) -> Tensor:
 
 
 class TransformedViews(Dataset):
-    """Item i: view i % len(views) of image i // len(views), each image through `transform` first (a tensor (3, S, S))
-    and then the view function; images may be PIL images or (PIL, label) pairs (labels dropped)."""
+    """Item i: view i % views of image i // views, each image through `transform` (a tensor (3, S, S)) and then
+    `make_views` (all its views at once, (views, 3, S, S)); images may be PIL images or (PIL, label) pairs. The
+    last image's views are kept, so reading the items in order decodes and cuts each image once."""
 
-    def __init__(self, images: Dataset, transform: Callable[[Image.Image], Tensor],
-                 views: Sequence[Callable[[Tensor], Tensor]]) -> None:
-        self.images, self.transform, self.views = images, transform, list(views)
+    def __init__(self, images: Dataset, transform: Callable[[Image.Image], Tensor], make_views: Callable[[Tensor], Tensor],
+                 *, views: int) -> None:
+        self.images, self.transform, self.make_views, self.views = images, transform, make_views, views
+        self._last: tuple[int, Tensor] | None = None
 
     def __len__(self) -> int:
-        return len(self.images) * len(self.views)
+        return len(self.images) * self.views
 
     def __getitem__(self, index: int) -> Tensor:
-        item = self.images[index // len(self.views)]
-        image = item[0] if isinstance(item, tuple) else item
-        return self.views[index % len(self.views)](self.transform(image))
+        image_index = index // self.views
+        if self._last is None or self._last[0] != image_index:
+            item = self.images[image_index]
+            self._last = (image_index, self.make_views(self.transform(item[0] if isinstance(item, tuple) else item)))
+        return self._last[1][index % self.views]
 
 
 def rotated_views(images: Dataset, transform: Callable[[Image.Image], Tensor], turns: Sequence[int]) -> TransformedViews:
     """Every image turned by each of `turns` (image-major: rows i*len(turns) .. are image i's)."""
-    return TransformedViews(images, transform, [lambda x, k=k: rotate(x, k) for k in turns])
+    turns = tuple(turns)
+    return TransformedViews(images, transform, lambda x: torch.stack([rotate(x, k) for k in turns]), views=len(turns))
 
 
 def patch_views(images: Dataset, transform: Callable[[Image.Image], Tensor]) -> TransformedViews:
     """Every image's 9 jigsaw patches (image-major, row-major within an image)."""
-    return TransformedViews(images, transform, [lambda x, i=i: grid_patches(x)[i] for i in range(JIGSAW_GRID**2)])
+    return TransformedViews(images, transform, grid_patches, views=JIGSAW_GRID**2)
 
 
 def colour_targets(images: Dataset, transform: Callable[[Image.Image], Tensor], *, mean: Sequence[float],
