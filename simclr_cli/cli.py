@@ -475,8 +475,10 @@ def compare(
     data: Annotated[list[str], typer.Option("--data", "-d", help="cifar10 | cifar100 | stl10 | imagenet | digits, a folder with "
                                             "train/ and val/ (or test/), or any folder of images (the probes only: no labels). "
                                             "Repeat it to compare on several.")],
-    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated: knn, linear (need labels), rotation, jigsaw, "
-                                              "colour-grid (any images).", show_default="all five")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated: knn, linear, finetune-1pct (need labels; "
+                                              "finetune-1pct trains each encoder, so it runs only when named), rotation, "
+                                              "jigsaw, colour-grid (any images).",
+                                              show_default="knn,linear,rotation,jigsaw,colour-grid")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Add the untrained twin of the first ENCODER as a row: "
                                               "the baseline that shows what training bought on each task.")] = False,
     batch_size: options.ExtractBatchSize = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,23 @@ def test_bad_input_is_one_line_and_exit_2(encoders, tmp_path, args, message):
                                  *args, *COMMON, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_finetune_1pct_fine_tunes_on_one_label_per_class(labelled, encoders, tmp_path, monkeypatch, no_plots):
+    from simclr_cli.engine.tasks import compare
+
+    seen = {}
+    real = compare.finetune_encoder
+
+    def spy(cfg, model, info, subset, val, **kwargs):
+        seen.update(images=len(subset), val=len(val), fraction=cfg.label_fraction, epochs=cfg.epochs)
+        return real(replace(cfg, epochs=2), model, info, subset, val, **kwargs)  # the protocol's 300 steps, shortened
+
+    monkeypatch.setattr(compare, "finetune_encoder", spy)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(encoders[0]), "--data", str(labelled), "--tasks", "finetune-1pct",
+                                 *COMMON, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen == {"images": 3, "val": 9, "fraction": 0.01, "epochs": 300}  # 1% of 5 a class rounds up to 1
+    row = json.loads((out / "compare.json").read_text())["rows"][0]
+    assert 0 <= row["scores"]["finetune-1pct"] <= 1

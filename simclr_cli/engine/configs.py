@@ -376,7 +376,8 @@ class CkaConfig(LabelledEvalConfig):
                 raise ConfigError(f"cka.{name} {value!r} must be a whole number >= 2")
 
 
-COMPARE_TASKS = ("knn", "linear", "rotation", "jigsaw", "colour-grid")  # knn and linear read labels; the probes none
+COMPARE_TASKS = ("knn", "linear", "finetune-1pct", "rotation", "jigsaw", "colour-grid")  # the first three read labels
+DEFAULT_COMPARE_TASKS = ("knn", "linear", "rotation", "jigsaw", "colour-grid")  # finetune-1pct trains: asked for by name
 
 
 @dataclass
@@ -388,7 +389,7 @@ class CompareConfig(InferenceConfig):
     data: tuple[str, ...] = ()  # dataset names or folders (train/ + val/ for knn and linear; any image folder for probes)
     data_root: str | None = None
     download: bool = False
-    tasks: tuple[str, ...] = COMPARE_TASKS
+    tasks: tuple[str, ...] = DEFAULT_COMPARE_TASKS
     random_init: bool = False
     seed: int = 0
     probe_train_images: int = 2000

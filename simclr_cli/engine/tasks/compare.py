@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import defaults, logistic, neighbours, plots, probes, rundir
-from simclr_cli.engine.configs import CompareConfig
+from simclr_cli.engine.configs import LR_SCALING, CompareConfig, FinetuneConfig
 from simclr_cli.engine.datasets import NAMED_DATASETS, labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import CheckpointError, DataError, one_line
@@ -42,14 +42,15 @@ from simclr_cli.engine.images import ImageFiles, scan_folder
 from simclr_cli.engine.ranks import ranks, spearman
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_json
+from simclr_cli.engine.supervised import class_balanced_subset, finetune_encoder
 
 log = logging.getLogger("simclr")
 
 DEFAULT_OUT = rundir.RUNS / "compare"
 CACHE_DIR = "cache"
 JSON_FILE, CSV_FILE, HEATMAP_FILE = "compare.json", "compare.csv", "compare.png"
-LABELLED_TASKS = ("knn", "linear")
-METRICS = {"knn": "top-1", "linear": "top-1", "rotation": "top-1 (4-way)", "jigsaw": "top-1 (8-way)", "colour-grid": "R^2"}
+LABELLED_TASKS = ("knn", "linear", "finetune-1pct")
+METRICS = {"knn": "top-1", "linear": "top-1", "finetune-1pct": "top-1", "rotation": "top-1 (4-way)", "jigsaw": "top-1 (8-way)", "colour-grid": "R^2"}
 UNLABELLED_PROBE_SPLIT = 0.8  # of an image folder without train/ and val/: the probes' train share
 MIN_ENCODERS_FOR_CORRELATION = 4  # below this a rank correlation takes only a handful of values (3 encoders: 4)
 VERSION = 1  # of the protocols: bump to invalidate every cache
@@ -254,7 +255,7 @@ class _Features:
                  label: str) -> None:
         self.encoder, self.data, self.cfg, self.rt, self.progress, self.label = encoder, data, cfg, rt, progress, label
         self.transform = transform_for(encoder)
-        self.wants_labels = any(t in LABELLED_TASKS for t in cfg.tasks) and data.train is not None
+        self.wants_labels = any(t in ("knn", "linear") for t in cfg.tasks) and data.train is not None
 
     def _common(self, what: str) -> dict[str, Any]:
         return dict(batch_size=self.cfg.batch_size, workers=self.cfg.workers, rt=self.rt, progress=self.progress,
@@ -336,6 +337,23 @@ def _linear(f: _Features) -> dict[str, Any]:
     return _classify(f, train_h, train_y, val_h, val_y, num_classes=f.data.num_classes)
 
 
+FINETUNE_FRACTION = 0.01
+
+
+def _finetune_1pct(f: _Features) -> dict[str, Any]:
+    """`simclr finetune --label-fraction 0.01` with its defaults (SimCLR Appendix B.6): the whole encoder and a linear
+    layer on a class-balanced 1% of the train labels (at least one per class), top-1 on val after the last epoch."""
+    train, val = f.data.train, f.data.val
+    subset = class_balanced_subset(labels_of(train).tolist(), FINETUNE_FRACTION, seed=f.cfg.seed)
+    cfg = FinetuneConfig(label_fraction=FINETUNE_FRACTION, seed=f.cfg.seed, workers=f.cfg.workers).resolved(
+        labelled_images=len(subset), labelled_fraction=len(subset) / len(train))
+    run = finetune_encoder(cfg, f.encoder.model, f.encoder.info, Subset(train, subset), val,
+                           num_classes=f.data.num_classes, lr_scaling=LR_SCALING[cfg.optimizer], rt=f.rt,
+                           progress=f.progress)
+    return {"score": run.history[-1]["top1"], "labelled": len(subset), "epochs": cfg.epochs, "steps": run.steps,
+            "train": len(subset), "test": len(val)}
+
+
 def _rotation(f: _Features) -> dict[str, Any]:
     def split(name: str) -> tuple[Tensor, Tensor]:
         upright = f.plain(name)[1]  # (M, D)
@@ -370,7 +388,7 @@ def _classify(f: _Features, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor
 
 
 TASKS: dict[str, Callable[[_Features], dict[str, Any]]] = {
-    "knn": _knn, "linear": _linear, "rotation": _rotation, "jigsaw": _jigsaw, "colour-grid": _colour_grid,
+    "knn": _knn, "linear": _linear, "finetune-1pct": _finetune_1pct, "rotation": _rotation, "jigsaw": _jigsaw, "colour-grid": _colour_grid,
 }
 
 
@@ -401,6 +419,8 @@ def _protocols(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
         "knn": {"protocol": "weighted kNN (Wu et al. 2018) on h, cosine", "temperature": cfg.knn_temperature,
                 "k": "20 below 10,000 training images, else 200", "split": "train -> val"},
         "linear": {"protocol": "linear on frozen h (linear-eval --protocol cached)", **fit, "split": "train -> val"},
+        "finetune-1pct": {"protocol": "simclr finetune --label-fraction 0.01 (its defaults), train -> val",
+                          "label_fraction": FINETUNE_FRACTION, "seed": cfg.seed},
         "rotation": {"protocol": "4-way rotation (0/90/180/270 ccw) from h", **fit, **probe},
         "jigsaw": {"protocol": f"8-way relative position of a {probes.JIGSAW_GRID}x{probes.JIGSAW_GRID} grid's "
                                "neighbour to its centre, from [h_centre, h_neighbour]; patches resized to the input size",
