@@ -257,3 +257,33 @@ def test_finetune_1pct_fine_tunes_on_one_label_per_class(labelled, encoders, tmp
     assert seen == {"images": 3, "val": 9, "fraction": 0.01, "epochs": 300}  # 1% of 5 a class rounds up to 1
     row = json.loads((out / "compare.json").read_text())["rows"][0]
     assert 0 <= row["scores"]["finetune-1pct"] <= 1
+
+
+def test_encoders_with_different_inputs_each_see_their_own_transform(labelled, encoders, tmp_path, no_plots, monkeypatch):
+    from simclr_cli.engine.checkpoint import EncoderInfo, save_encoder
+    from simclr_cli.engine.model import ModelConfig, build_model
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(arch="resnet18", width=0.25).resolved(image_size=24)
+    info = EncoderInfo(model=cfg, image_size=24, mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3), interpolation="bicubic",
+                       config={}, epoch=1, step=1)
+    wide = tmp_path / "wide.safetensors"
+    save_encoder(wide, build_model(cfg), info=info)
+    sides, real_encode = [], features.encode
+
+    def spy(model, x, **kwargs):
+        sides.append(tuple(x.shape[-2:]))
+        return real_encode(model, x, **kwargs)
+
+    monkeypatch.setattr(features, "encode", spy)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(encoders[0]), str(wide), "--data", str(labelled), "--tasks", "jigsaw,colour-grid",
+                                 *COMMON, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    small, large = json.loads((out / "compare.json").read_text())["rows"]
+    assert (small["input"]["image_size"], small["input"]["mean"]) == (16, [0.5] * 3)
+    assert (large["input"]["image_size"], large["input"]["mean"], large["input"]["interpolation"]) == (24, [0.4] * 3, "bicubic")
+    assert all(row["scores"]["jigsaw"] is not None and row["scores"]["colour-grid"] is not None for row in (small, large))
+    assert "24 px bicubic, mean 0.4/0.4/0.4, std 0.3/0.3/0.3" in result.output
+    half = len(sides) // 2  # the first encoder's passes, then the second's
+    assert set(sides[:half]) == {(16, 16)} and set(sides[half:]) == {(24, 24)}

@@ -398,14 +398,15 @@ def _score(task: str, shared: _Features, *, cache: _Cache, row: Row, column: str
         return None
     key = {"version": VERSION, "encoder": row.sha256, "random_init_seed": cfg.seed if row.random_init else None,
            "task": task, "data": shared.data.key, "protocol": _protocols(cfg)[task]}
-    hit = cache.get(key)
+    hit = cache.get(key) if row.sha256 is not None else None  # no file hash, no name to cache it under
     if hit is not None:
         return hit["score"]
     started = time.perf_counter()
     result = TASKS[task](shared)
     result["seconds"] = round(time.perf_counter() - started, 3)
     log.info("%s, %s on %s: %s %.4f", row.name, task, shared.data.name, METRICS[task], result["score"])
-    cache.put(key, result)
+    if row.sha256 is not None:
+        cache.put(key, result)
     row.computed.append(column)
     return result["score"]
 
