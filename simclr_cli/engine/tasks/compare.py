@@ -7,7 +7,9 @@ For each (encoder, dataset) the features are extracted once and shared by the ta
   `probes.COLOUR_GRID` cells) feeds knn, linear, rotation's 0-degree rows and colour-grid;
 - rotation and jigsaw each add one pass over their views of the probe images (3 and 9 per image).
 knn is the weighted kNN of `simclr knn` (T = 0.1, k = 20 below 10,000 training images, else 200); linear is
-linear-eval's cached protocol (L-BFGS, L2 1e-4 on standardised h); the probes are in engine/probes.py. Every
+linear-eval's cached protocol (L-BFGS, L2 1e-4 on standardised h); finetune-1pct is `simclr finetune
+--label-fraction 0.01` (it trains a copy of the encoder, reading no shared features); the probes are in
+engine/probes.py. Every
 score lands in `<out>/cache/`, keyed by the encoder file's sha256 (with the seed for a random-init twin), the task,
 the data and the protocol's settings, so a second run with one more encoder computes only the new row.
 """
