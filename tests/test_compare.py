@@ -217,15 +217,17 @@ def test_an_unreadable_encoder_is_named_and_the_rest_runs(labelled, encoders, tm
     assert "failed" in list(csv.reader((out / "compare.csv").open()))[2][4]
 
 
-def test_an_unlabelled_folder_gets_the_probes_and_no_labelled_scores(encoders, tmp_path, no_plots):
+def test_an_unlabelled_folder_beside_labelled_data_gets_the_probes_only(labelled, encoders, tmp_path, no_plots):
     photos = tmp_path / "photos"
     write_images(photos, 10, size=16, seed=5)
     out = tmp_path / "cmp"
-    result = runner.invoke(app, ["compare", str(encoders[0]), "--data", str(photos), "--tasks", "knn,colour-grid",
-                                 *COMMON, "--out", str(out)])
+    result = runner.invoke(app, ["compare", str(encoders[0]), "--data", str(labelled), "--data", str(photos),
+                                 "--tasks", "knn,colour-grid", *COMMON, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    row = json.loads((out / "compare.json").read_text())["rows"][0]
-    assert row["scores"]["knn"] is None and row["scores"]["colour-grid"] is not None
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["columns"] == ["knn@data", "colour-grid@data", "knn@photos", "colour-grid@photos"]
+    scores = saved["rows"][0]["scores"]
+    assert scores["knn@photos"] is None and None not in (scores["knn@data"], scores["colour-grid@data"], scores["colour-grid@photos"])
 
 
 @pytest.mark.parametrize(("args", "message"), [
