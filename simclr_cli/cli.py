@@ -466,6 +466,75 @@ def _cka_cell(value: float) -> str:
 
 
 @app.command(epilog=examples(
+    "simclr compare runs/latest runs/demo-ft/finetuned.safetensors --random-init --data digits",
+    "simclr compare runs/a runs/b --data ./labelled --data ./photos --tasks rotation,jigsaw,colour-grid",
+))
+def compare(
+    encoders: Annotated[list[Path], typer.Argument(metavar="ENCODER...", help="Encoder files or run folders (encoder.safetensors, "
+                                                   "finetuned.safetensors, a distilled student...), one row each.")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="cifar10 | cifar100 | stl10 | imagenet | digits, a folder with "
+                                            "train/ and val/ (or test/), or any folder of images (the probes only: no labels). "
+                                            "Repeat it to compare on several.")],
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated: knn, linear, finetune-1pct (need labels; "
+                                              "finetune-1pct trains each encoder, so it runs only when named), rotation, "
+                                              "jigsaw, colour-grid (any images).",
+                                              show_default="knn,linear,rotation,jigsaw,colour-grid")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Add the untrained twin of the first ENCODER as a row: "
+                                              "the baseline that shows what training bought on each task.")] = False,
+    batch_size: options.ExtractBatchSize = None,
+    data_root: options.DataRoot = None,
+    download: options.Download = None,
+    device: options.Device = None,
+    precision: options.Precision = None,
+    workers: options.Workers = None,
+    seed: options.Seed = None,
+    preset: options.Preset = None,
+    set_: options.Set = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for compare.json, compare.csv, compare.png and the cache of "
+                                             "scores (rerun with one more ENCODER and only its row is computed).",
+                                             show_default="runs/compare")] = None,
+    verbose: options.Verbose = False,
+) -> None:
+    """Score several encoders on several tasks, each through its own input transform, in one table: kNN and linear
+    accuracy on labelled data, and label-free probes of structure (rotation, jigsaw, colour-grid); ranks per task and
+    the rank correlation between tasks (Kotar et al. 2021)."""
+    setup_logging(verbose=verbose)
+    with errors_as_messages(verbose=verbose):
+        from simclr_cli import config
+        from simclr_cli.engine.tasks import compare as task
+
+        flags = {"data": list(data), "tasks": None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()],
+                 "random_init": random_init or None, "data_root": str(data_root) if data_root else None,
+                 "download": download, "batch_size": batch_size, "workers": workers, "seed": seed, "device": device,
+                 "precision": precision}
+        cfg = config.resolve_task("compare", preset=preset, sets=set_, flags=flags)
+        done = task.run(cfg, encoders=list(encoders), out=out, progress=RichProgress())
+        show_matrix(f"{len(done.rows)} encoders (score, rank within the task; 1 = best)", corner="encoder",
+                    columns=["input", *done.columns],
+                    rows=[(row.name, ["-" if row.input is None else f"{row.input['image_size']} px",
+                                      *_compare_cells(row, done)]) for row in done.rows])
+        for row in done.rows:
+            results.print(f"{row.name}: " + (f"failed: {row.file}: {row.failed}" if row.failed else
+                                               f"input {done.input_text(row)} (its own file's transform)"))
+        if len(done.columns) >= 2:
+            show_matrix("Spearman rank correlation between tasks, across encoders", corner="task", columns=done.columns,
+                        rows=[(c, [_cka_cell(v) for v in line]) for c, line in zip(done.columns, done.correlation)])
+        for path in (done.results_file, done.csv_file, done.heatmap):
+            if path is not None:
+                results.print(f"written: {path}")
+
+
+def _compare_cells(row, done) -> list[str]:
+    if row.failed:
+        return ["failed"] * len(done.columns)
+    cells = []
+    for column in done.columns:
+        value, rank = row.scores.get(column), done.ranks[column].get(row.name)
+        cells.append("-" if value is None or rank is None else f"{value:.3f} ({rank:g})")
+    return cells
+
+
+@app.command(epilog=examples(
     "simclr finetune --label-fraction 0.1             # runs/latest on 10% of its data's labels",
     "simclr finetune runs/r50/encoder.safetensors --train ./labelled/train --val ./labelled/val",
 ))

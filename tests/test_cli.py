@@ -406,7 +406,7 @@ def test_progress_bar_shows_the_tasks_own_time_left_after_one_slow_step(monkeypa
 
 # --- --help: every default shown, examples that use real options, no placeholder on flags (issue 16, item 12) ------
 
-COMMANDS = ["pretrain", "benchmark", "linear-eval", "knn", "finetune", "embed", "export", "info"]
+COMMANDS = ["pretrain", "benchmark", "linear-eval", "knn", "finetune", "embed", "export", "info", "compare"]
 # Options with nothing to default to: switches off unless given, and inputs nothing stands in for.
 NO_DEFAULT = {"--help", "--verbose", "--resume", "--overwrite", "--random-init", "--json", "--include-fc", "--set", "--train",
               "--val", "--index", "--query", "--label-file", "--init", "--master-addr"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli.engine import checkpoint, features
+from simclr_cli.engine import checkpoint, features, supervised
 
 from simclr_cli.engine.tasks import finetune
 from simclr_cli.engine.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -19,7 +19,8 @@ from simclr_cli.engine.datasets import LabelledImages, labelled_folder
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.engine.configs import FinetuneConfig
-from simclr_cli.engine.tasks.finetune import class_balanced_subset, label_file_subset, load_finetuned
+from simclr_cli.engine.supervised import class_balanced_subset
+from simclr_cli.engine.tasks.finetune import label_file_subset, load_finetuned
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.supervised import evaluate, eval_loader
 
@@ -130,13 +131,13 @@ def test_run_with_a_label_file(tmp_path: Path, encoder_file: Path, train_folder:
 
 def test_finetune_end_to_end_saves_a_file_that_reloads_with_the_same_predictions(tmp_path, encoder_file, monkeypatch):
     trained = {}
-    real_train = finetune.train_classifier
+    real_train = supervised.train_classifier
 
     def spy(classifier, *args, **kwargs):
         trained["classifier"] = classifier
         return real_train(classifier, *args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_classifier", spy)
+    monkeypatch.setattr(supervised, "train_classifier", spy)
     encoder = features.open_encoder(encoder_file)
     before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     train, val = solid_colours(4, seed=1), solid_colours(2, seed=2)

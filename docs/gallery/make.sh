@@ -24,8 +24,13 @@ for i, (image, label) in enumerate(digits("val")):
 ' "$work/val"
 simclr embed "$work/val" -o "$work/vecs.npy" -c "$work/demo/encoder.safetensors" --plot --overwrite
 
+# README "Comparing encoders": the encoder, its untrained twin and a fine-tuning on 10% of the labels
+simclr finetune "$work/demo/encoder.safetensors" --label-fraction 0.1 --out "$work/ft"
+simclr compare "$work/demo/encoder.safetensors" "$work/ft/finetuned.safetensors" --random-init --data digits --out "$work/cmp"
+
 cp "$work/demo/loss.png" "$gallery/demo-loss.png"
 cp "$work/demo/knn.png" "$gallery/demo-knn.png"
 cp "$work/lin/confusion.png" "$gallery/demo-confusion.png"
 cp "$work/vecs.png" "$gallery/demo-embedding.png"
+cp "$work/cmp/compare.png" "$gallery/demo-compare.png"
 ls -l "$gallery"/demo-*.png

@@ -376,6 +376,51 @@ class CkaConfig(LabelledEvalConfig):
                 raise ConfigError(f"cka.{name} {value!r} must be a whole number >= 2")
 
 
+COMPARE_TASKS = ("knn", "linear", "finetune-1pct", "rotation", "jigsaw", "colour-grid")  # the first three read labels
+DEFAULT_COMPARE_TASKS = ("knn", "linear", "rotation", "jigsaw", "colour-grid")  # finetune-1pct trains: asked for by name
+
+
+@dataclass
+class CompareConfig(InferenceConfig):
+    """`simclr compare`: every encoder on every task and dataset, one table. random_init adds the untrained twin of
+    the first encoder as a row; the probes fit on at most probe_train_images of a dataset's train split (or 80% of
+    an unlabelled folder) and score on at most probe_test_images held-out images, both drawn with seed."""
+
+    data: tuple[str, ...] = ()  # dataset names or folders (train/ + val/ for knn and linear; any image folder for probes)
+    data_root: str | None = None
+    download: bool = False
+    tasks: tuple[str, ...] = DEFAULT_COMPARE_TASKS
+    random_init: bool = False
+    seed: int = 0
+    probe_train_images: int = 2000
+    probe_test_images: int = 1000
+    knn_temperature: float = DEFAULT_TEMPERATURE  # kNN: k from neighbours.default_k (20 below 10,000 train images)
+    l2: float = 1e-4  # linear and the classification probes: logistic.fit_linear's L2, as linear-eval's cached protocol
+    max_iter: int = 1000
+
+    def validate(self) -> None:
+        self.validate_inputs("compare")
+        if not self.data:
+            raise ConfigError("compare needs --data: a dataset name or a folder (give --data several times to compare on several)")
+        tasks = tuple(self.tasks) if isinstance(self.tasks, (tuple, list)) else ()
+        unknown = [t for t in tasks if t not in COMPARE_TASKS]
+        if not tasks or unknown:
+            raise ConfigError(f"--tasks {','.join(map(str, unknown or tasks)) or '(none)'} is not valid; choose from "
+                              f"{','.join(COMPARE_TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"--tasks {','.join(tasks)} repeats a task; list each once")
+        for name in ("probe_train_images", "probe_test_images"):
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < 2:
+                raise ConfigError(f"compare.{name} {value!r} must be a whole number >= 2")
+        if not (is_finite_number(self.knn_temperature) and self.knn_temperature > 0):
+            raise ConfigError(f"compare.knn_temperature {self.knn_temperature!r} must be > 0; the protocol uses 0.1")
+        if not (is_finite_number(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"compare.l2 {self.l2!r} must be >= 0; use e.g. 1e-4")
+        if not is_whole_number(self.max_iter) or self.max_iter < 1:
+            raise ConfigError(f"compare.max_iter {self.max_iter!r} must be a whole number >= 1")
+
+
 @dataclass
 class EmbedConfig(InferenceConfig):
     """`simclr embed`: one row per image of a folder."""
@@ -426,4 +471,5 @@ class ExportConfig:
 
 # Each command's section in a preset and its --set keys (`--set knn.k=[10,20]`).
 TASK_CONFIGS = {"knn": KnnConfig, "linear_eval": LinearEvalConfig, "finetune": FinetuneConfig, "embed": EmbedConfig,
-                "retrieval": RetrievalConfig, "distill": DistillConfig, "cka": CkaConfig}
+                "retrieval": RetrievalConfig, "distill": DistillConfig, "cka": CkaConfig,
+                "compare": CompareConfig}

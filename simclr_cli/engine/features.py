@@ -291,3 +291,38 @@ def num_classes_of(train: Dataset, train_labels: Tensor, val_labels: Tensor) -> 
         classes = getattr(train.dataset, "classes", None)
     seen = int(torch.cat([train_labels, val_labels]).max()) + 1
     return max(len(classes), seen) if classes is not None else seen
+
+
+def extract_with_map(
+    encoder: Encoder,
+    images: Dataset,
+    *,
+    rows: Tensor,
+    reduce: Callable[[Tensor], Tensor],
+    batch_size: int = 256,
+    workers: int = 0,
+    rt: Runtime,
+    progress: Progress | None = None,
+    description: str = "features",
+) -> tuple[Tensor, Tensor]:
+    """One pass in one process: h (N, D) of every image, and for the images whose indices `rows` lists (sorted)
+    the last stage's feature map (layer4's output, read by a forward hook) through `reduce` (B, C, H, W) -> (B, ...),
+    stacked in that order, so no full map outlives its batch."""
+    wanted = torch.zeros(len(images), dtype=torch.bool)
+    wanted[rows] = True
+    kept: list[Tensor] = []
+    batch: dict[str, Tensor] = {}
+
+    def hook(_module, _inputs, output: Tensor) -> None:
+        batch["map"] = reduce(output).to("cpu", torch.float32, copy=True)
+
+    h = torch.empty(len(images), layer_dim(encoder, "encoder"), dtype=torch.float32)  # (N, D)
+    handle = encoder.model.encoder.layer4.register_forward_hook(hook)
+    try:
+        for start, chunk in iter_features(encoder, images, layer="encoder", batch_size=batch_size, workers=workers,
+                                          rt=rt, progress=progress, description=description):
+            h[start : start + len(chunk)] = chunk
+            kept.append(batch["map"][wanted[start : start + len(chunk)]])
+    finally:
+        handle.remove()
+    return h, torch.cat(kept)

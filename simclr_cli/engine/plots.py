@@ -246,6 +246,48 @@ def plot_cka(matrix: np.ndarray, *, rows: Sequence[str], columns: Sequence[str],
     return _save(fig, Path(out))
 
 
+def plot_compare(scores: Sequence[Sequence[float | None]], *, ranks: Sequence[Sequence[float | None]], rows: Sequence[str],
+                 columns: Sequence[str], correlation: Sequence[Sequence[float]], title: str, out: Path) -> Path:
+    """`simclr compare`'s picture: encoders x tasks, each cell coloured by its place between the column's worst (dark)
+    and best (bright) score and annotated with the score and its rank; beside it, with two tasks or more, the
+    Spearman rank correlation between the tasks across the encoders (-1..1). Missing scores are left blank."""
+    Figure = _figure_class()
+    values = np.array([[np.nan if v is None else v for v in line] for line in scores], dtype=np.float64).reshape(
+        len(rows), len(columns))
+    low, high = np.nanmin(np.where(np.isfinite(values), values, np.inf), axis=0), np.nanmax(
+        np.where(np.isfinite(values), values, -np.inf), axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    relative = np.where(np.isfinite(values), (values - low) / span, np.nan)  # (E, T): 0 worst .. 1 best in the column
+    relative = np.where(np.isfinite(values) & (high == low), 1.0, relative)
+    panels = 2 if len(columns) >= 2 else 1
+    fig = Figure(figsize=(3 + 1.1 * len(columns) * panels + 2 * (panels - 1), 2.2 + 0.5 * max(len(rows), len(columns))),
+                 dpi=DPI)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    image = ax.imshow(relative, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="within each task: worst (0) .. best (1)")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3f}\n#{ranks[i][j]:g}", ha="center", va="center", fontsize="small",
+                    color="black" if relative[i, j] > 0.6 else "white")
+    ax.set_xticks(np.arange(len(columns)), list(columns), rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(rows)), list(rows))
+    ax.set_title(title, fontsize="medium")
+    if panels == 2:
+        rho = np.array([[np.nan if v is None else v for v in line] for line in correlation], dtype=np.float64)
+        ax = axes[1]
+        image = ax.imshow(rho, cmap="coolwarm", vmin=-1.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Spearman rank correlation")
+        for (i, j), value in np.ndenumerate(rho):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small")
+        ax.set_xticks(np.arange(len(columns)), list(columns), rotation=45, ha="right")
+        ax.set_yticks(np.arange(len(columns)), list(columns))
+        ax.set_title("do the tasks rank the encoders alike?", fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, Path(out))
+
+
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     """Each row divided by its sum, so row i is the distribution of predictions for true class i; rows of zeros stay zero."""
     matrix = np.asarray(matrix, dtype=np.float64)

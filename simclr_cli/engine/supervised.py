@@ -7,25 +7,29 @@ module, labelled-image loaders and top-k accuracy.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.engine import checkpoint
-from simclr_cli.engine.augment import AugmentConfig, eval_transform, train_eval_transform
+from simclr_cli.engine.augment import AugmentConfig, eval_resize_side, eval_transform, train_eval_transform
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import CheckpointError, DataError, NonFiniteLoss
 from simclr_cli.engine.images import decoded_at_least
 from simclr_cli.engine.metrics import Pace
 from simclr_cli.engine.model import SimCLR
-from simclr_cli.engine.optim import LARS, lr_at
+from simclr_cli.engine.optim import LARS, lr_at, scaled_lr
 from simclr_cli.engine.report import NoProgress, Progress, StepStats
 
 log = logging.getLogger("simclr")
@@ -289,6 +293,68 @@ def _check_finite(bad_step: Tensor) -> None:
     bad = int(bad_step.item())
     if bad >= 0:
         raise NonFiniteLoss(bad, what="the classifier's loss")
+
+
+def class_balanced_subset(labels: Sequence[int], fraction: float, *, seed: int) -> list[int]:
+    """Sorted indices of round(fraction * n_c) items of every class c (at least 1), drawn with `seed`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    chosen = []
+    for c in np.unique(labels):  # sorted class order, so each class's draw depends only on the seed
+        members = np.flatnonzero(labels == c)
+        count = max(1, round(fraction * len(members)))
+        chosen.append(rng.permutation(members)[:count])
+    return sorted(int(i) for i in np.concatenate(chosen)) if chosen else []
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    """What `finetune_encoder` trained: the network (a copy), its classifier and the validation history."""
+
+    model: SimCLR
+    head: LinearClassifier
+    history: list[dict[str, Any]]
+    batch: int
+    peak_lr: float
+    steps: int
+
+
+def finetune_encoder(cfg, model: SimCLR, info: checkpoint.EncoderInfo, labelled: Dataset, val: Dataset, *,
+                     num_classes: int, lr_scaling: str, rt: Runtime, progress: Progress | None = None,
+                     evaluations: int = 30) -> Finetuned:
+    """Fine-tune a copy of `model` (the caller's is untouched) and a new zero-initialised linear layer on `labelled`
+    through `info`'s transforms, validating on `val` about `evaluations` times. `cfg` is a resolved
+    configs.FinetuneConfig (batch, epochs, optimizer, base lr, head layer, seed); the lr is scaled to the batch by
+    `lr_scaling` (linear or sqrt)."""
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(model).to(rt.device)
+    model.requires_grad_(True)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backbone = Backbone(model, depth=cfg.from_head_layer)
+    head = LinearClassifier(backbone.out_dim, num_classes).to(rt.device)
+    classifier = Classifier(backbone, head, frozen=False)
+    batch = batch_size_for(cfg.batch_size, len(labelled), name="labelled train")
+    peak_lr = scaled_lr(cfg.lr, batch, lr_scaling)
+    trained = [*model.encoder.parameters(), *model.head.layers[: cfg.from_head_layer].parameters(), *head.parameters()]
+    optimizer = classifier_optimizer(trained, name=cfg.optimizer, lr=peak_lr, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
+    train_transform, val_transform = labelled_transforms(info)
+    loader = train_loader(labelled, transform=train_transform, batch_size=batch, seed=cfg.seed, workers=cfg.workers, rt=rt)
+    val_loader = eval_loader(val, transform=val_transform, batch_size=cfg.batch_size,
+                             workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
+    steps = len(loader) * cfg.epochs
+    log.info("fine-tuning from head layer %d: batch %d, %d epochs of %d steps = %d steps, %s, peak lr %.4g",
+             cfg.from_head_layer, batch, cfg.epochs, len(loader), steps, cfg.optimizer, peak_lr)
+    history = train_classifier(
+        classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
+        lr_schedule=cosine_schedule(peak_lr=peak_lr, total_steps=steps), rt=rt,
+        evaluate_every=math.ceil(cfg.epochs / evaluations), progress=progress, log_every=cfg.log_every,
+        description="finetune",
+    )
+    return Finetuned(model=model, head=head, history=history, batch=batch, peak_lr=peak_lr, steps=steps)
 
 
 def batch_size_for(requested: int, available: int, *, name: str) -> int:

@@ -17,10 +17,8 @@ accept; the classifier rides along as the extra tensors `classifier.weight` / `c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,33 +26,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import checkpoint, defaults, evaluation, features, weights
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
-from simclr_cli.engine.augment import eval_resize_side
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
-from simclr_cli.engine.optim import scaled_lr
 from simclr_cli.engine.report import NoProgress, Progress
 from simclr_cli.engine.supervised import (
     CLASSIFIER_BIAS,
     CLASSIFIER_WEIGHT,
-    Backbone,
     Classifier,
-    LinearClassifier,
-    batch_size_for,
     check_labels,
-    classifier_optimizer,
-    cosine_schedule,
-    eval_loader,
+    class_balanced_subset,
+    finetune_encoder,
     load_classifier,
-    labelled_transforms,
-    train_classifier,
     training_crops,
-    train_loader,
 )
 
 log = logging.getLogger("simclr")
@@ -83,20 +70,6 @@ class FinetuneResult:
         out["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         out["finetuned"] = str(self.finetuned)
         return out
-
-
-def class_balanced_subset(labels: Sequence[int], fraction: float, *, seed: int) -> list[int]:
-    """Sorted indices of round(fraction * n_c) items of every class c (at least 1), drawn with `seed`."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    chosen = []
-    for c in np.unique(labels):  # sorted class order, so each class's draw depends only on the seed
-        members = np.flatnonzero(labels == c)
-        count = max(1, round(fraction * len(members)))
-        chosen.append(rng.permutation(members)[:count])
-    return sorted(int(i) for i in np.concatenate(chosen)) if chosen else []
 
 
 def image_paths(dataset: Dataset) -> list[Path]:
@@ -195,42 +168,16 @@ def evaluate(
     cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
     labelled = Subset(train, subset)
 
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(encoder.model).to(rt.device)  # the caller's encoder stays as it was
-    model.requires_grad_(True)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    backbone = Backbone(model, depth=cfg.from_head_layer)
-    head = LinearClassifier(backbone.out_dim, num_classes).to(rt.device)
-    classifier = Classifier(backbone, head, frozen=False)
-
-    batch = batch_size_for(cfg.batch_size, len(labelled), name="labelled train")
-    peak_lr = scaled_lr(cfg.lr, batch, LR_SCALING[cfg.optimizer])
-    trained = [*model.encoder.parameters(), *model.head.layers[: cfg.from_head_layer].parameters(), *head.parameters()]
-    optimizer = classifier_optimizer(trained, name=cfg.optimizer, lr=peak_lr, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay)
-    info = encoder.info
-    train_transform, val_transform = labelled_transforms(info)
-    loader = train_loader(labelled, transform=train_transform, batch_size=batch, seed=cfg.seed, workers=cfg.workers, rt=rt)
-    val_loader = eval_loader(val, transform=val_transform, batch_size=cfg.batch_size,
-                             workers=cfg.workers, rt=rt, decode_side=eval_resize_side(info.image_size))
-    log.info(
-        "fine-tuning on %d of %d labelled images (%.2f%%) from head layer %d: batch %d, %d epochs of %d steps = %d steps, "
-        "%s, peak lr %.4g", len(labelled), len(train), 100 * labelled_fraction, cfg.from_head_layer, batch, cfg.epochs,
-        len(loader), len(loader) * cfg.epochs, cfg.optimizer, peak_lr,
-    )
-    history = train_classifier(
-        classifier, loader, val_loader, epochs=cfg.epochs, optimizer=optimizer,
-        lr_schedule=cosine_schedule(peak_lr=peak_lr, total_steps=len(loader) * cfg.epochs), rt=rt,
-        evaluate_every=math.ceil(cfg.epochs / MAX_EVALUATIONS),
-        progress=progress, log_every=cfg.log_every, description="finetune",
-    )
+    log.info("fine-tuning on %d of %d labelled images (%.2f%%)", len(labelled), len(train), 100 * labelled_fraction)
+    run = finetune_encoder(cfg, encoder.model, encoder.info, labelled, val, num_classes=num_classes,
+                           lr_scaling=LR_SCALING[cfg.optimizer], rt=rt, progress=progress, evaluations=MAX_EVALUATIONS)
+    model, head, history, batch, peak_lr, info = run.model, run.head, run.history, run.batch, run.peak_lr, encoder.info
     settings = {
         "label_fraction": None if cfg.label_file is not None else cfg.label_fraction,
         "label_file": None if cfg.label_file is None else str(cfg.label_file),
         "from_head_layer": cfg.from_head_layer, "epochs": cfg.epochs, "batch_size": batch, "optimizer": cfg.optimizer,
         "nesterov": cfg.optimizer == "sgd", "base_lr": cfg.lr, "lr_scaling": LR_SCALING[cfg.optimizer], "peak_lr": peak_lr,
-        "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine", "steps": len(loader) * cfg.epochs,
+        "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine", "steps": run.steps,
         "min_steps": cfg.min_steps, "augmentation": "crop+flip", **training_crops(info), "seed": cfg.seed,
     }
     classes = [str(c) for c in getattr(train, "classes", range(num_classes))]
