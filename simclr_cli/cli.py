@@ -277,6 +277,7 @@ def _eval_flags(*, data, train, val, data_root, download, random_init, batch_siz
 @app.command("linear-eval", epilog=examples(
     "simclr linear-eval                               # runs/latest on the data it was pretrained on",
     "simclr linear-eval runs/r50/encoder.safetensors --data cifar10 --data-root ~/data --protocol paper",
+    "simclr linear-eval torchvision:resnet50=resnet50.pth --data ./labelled   # an ImageNet baseline",
 ))
 def linear_eval(
     checkpoint: options.Checkpoint = None,
@@ -414,7 +415,8 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
     "simclr cka runs/latest runs/demo-ft/finetuned.safetensors --data digits",
 ))
 def cka(
-    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors or a run folder. "
+    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors, a run folder "
+                                             "or an external ResNet (torchvision:resnet50=FILE). "
                                              "Default: runs/latest/encoder.safetensors.")] = None,
     b: Annotated[Path | None, typer.Argument(metavar="B", help="Encoder B, the same kinds. Default: A itself (with --random-init, A's "
                                              "untrained twin: what pretraining changed at each stage).")] = None,
@@ -585,7 +587,8 @@ def distill(
 def embed(
     folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or tar shards (rows keyed by sample key).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors, or an external ResNet "
+                                                    "(torchvision:resnet50=FILE). Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
     normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise each row (cosine similarity becomes "
                                                    "a dot product).", show_default="--no-normalize")] = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simclr_cli.engine import rundir
+from simclr_cli.engine import external, rundir
 from simclr_cli.engine.augment import describe_eval_transform
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.results import RESULTS_FILE
@@ -121,7 +121,7 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     return CheckpointInfo(
         path=checkpoint,
         kind=kind,
-        method=info.method,
+        method=f"none: external {external.name_of(info)} weights" if external.is_external(info) else info.method,
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),
@@ -142,8 +142,8 @@ def describe(checkpoint: Path) -> CheckpointInfo:
         step=info.step,
         config=info.config,
         extra=info.extra,
-        file_bytes=checkpoint.stat().st_size,
-        evaluations=find_evaluations(checkpoint.parent),
+        file_bytes=external.file_of(checkpoint).stat().st_size,
+        evaluations=find_evaluations(external.file_of(checkpoint).parent),
     )
 
 
