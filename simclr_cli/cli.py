@@ -85,6 +85,13 @@ def pretrain(
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
     file_list: options.FileList = None,
+    subset: Annotated[int | None, typer.Option(help="Pretrain on N of the images, drawn with --seed (the same N on every process "
+                                               "and on --resume): how an encoder changes with the amount of data.",
+                                               show_default="all the images")] = None,
+    unbalanced: Annotated[float | None, typer.Option(help="Labelled data only: a log-unbalanced draw of the classes. In an order "
+                                                     "drawn with --seed, class r of C keeps n_r x ALPHA^(-r/(C-1)) of its n_r "
+                                                     "images (at least 1): all of the first, 1/ALPHA of the last. Before --subset.",
+                                                     metavar="ALPHA", show_default="balanced: every image")] = None,
     on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
                                                      "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
     cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
@@ -133,7 +140,7 @@ def pretrain(
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
             "data.max_bad_fraction": max_bad_fraction, "data.max_image_pixels": max_image_pixels, "data.cache_gb": cache_gb,
-            "data.file_list": str(file_list) if file_list else None,
+            "data.file_list": str(file_list) if file_list else None, "data.subset": subset, "data.unbalanced": unbalanced,
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
