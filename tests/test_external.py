@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from simclr_cli.cli import app
 from simclr_cli.engine import external, features
 from simclr_cli.engine.errors import ConfigError
+from test_cli_eval import labelled  # noqa: F401  (a fixture: three colour classes in train/ and val/)
 
 runner = CliRunner()
 COMMON = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8"]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 40, 210)}
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +44,6 @@ def weight_files(torchvision_resnet18, tmp_path_factory) -> dict[str, Path]:
     save_file(state, folder / "r18.safetensors")
     torch.save(state, folder / "r18.pth")
     return {"safetensors": folder / "r18.safetensors", "pth": folder / "r18.pth"}
-
-
-@pytest.fixture
-def labelled(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "labelled"
-    for split, count in (("train", 4), ("val", 2)):
-        for name, rgb in COLOURS.items():
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(np.array(rgb) + rng.integers(-20, 20, size=(16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
 
 
 def pooled(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +107,7 @@ def test_embed_through_the_cli_gives_torchvisions_features(weight_files, labelle
     out = tmp_path / "vecs.npy"
     result = runner.invoke(app, ["embed", str(labelled), "-o", str(out), "-c", spec, *COMMON])
     assert result.exit_code == 0, result.output
-    vectors = np.load(out)  # (18, 512)
+    vectors = np.load(out)  # (27, 512)
     names = (tmp_path / "vecs.paths.txt").read_text().split("\n")
     transform = features.transform_for(features.open_encoder(spec))
     x = torch.stack([transform(Image.open(labelled / names[i]).convert("RGB")) for i in (0, 7)])  # (2, 3, 32, 32)
