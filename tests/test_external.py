@@ -118,6 +118,17 @@ def test_embed_through_the_cli_gives_torchvisions_features(weight_files, labelle
     assert query.exit_code == 0 and names[0] in query.output, query.output
 
 
+def test_cka_compares_an_external_encoder_with_its_untrained_twin(weight_files, labelled, tmp_path):
+    spec = f"torchvision:resnet18@32={weight_files['safetensors']}"
+    result = runner.invoke(app, ["cka", spec, "--random-init", "--data", str(labelled), *COMMON])
+    assert result.exit_code == 0, result.output
+    (saved,) = weight_files["safetensors"].parent.glob("eval/cka-*/cka.json")  # beside the weights file
+    described = json.loads(saved.read_text())
+    assert described["a"]["encoder_spec"] == spec.replace(str(weight_files["safetensors"]), str(weight_files["safetensors"].resolve()))
+    assert described["a"]["file"] == str(weight_files["safetensors"].resolve()) and described["b"]["random_init"] is True
+    assert described["a"]["image_size"] == 32 and described["a"]["feature_dims"]["h"] == 512
+
+
 def test_a_file_finetuned_from_an_external_encoder_stays_headless(weight_files, labelled, tmp_path):
     spec = f"torchvision:resnet18@32={weight_files['pth']}"
     result = runner.invoke(app, ["finetune", spec, "--data", str(labelled), "--epochs", "1", *COMMON, "--out", str(tmp_path / "ft")])
