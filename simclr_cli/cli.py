@@ -726,7 +726,8 @@ def info(
             ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
                              + (f"selective kernels {described.sk_ratio:g}, " if described.sk_ratio else "")
-                             + f"{described.head_layers}-layer head -> {described.proj_dim}"),
+                             + (f"{described.head_layers}-layer head -> {described.proj_dim}" if described.head_layers
+                                else "no projection head")),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
             ("preprocessing", described.preprocessing),

@@ -140,6 +140,15 @@ def test_a_file_finetuned_from_an_external_encoder_stays_headless(weight_files, 
     assert refused.exit_code == 2 and "--layer head1 needs a projection head" in refused.output, refused.output
 
 
+def test_info_describes_an_external_encoder(weight_files):
+    result = runner.invoke(app, ["info", f"torchvision:resnet18={weight_files['pth']}", "--json"])
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.output)
+    assert described["method"] == "none: external torchvision:resnet18 weights" and described["head_layers"] == 0
+    assert described["image_size"] == 224 and described["interpolation"] == "bilinear"
+    assert described["file_bytes"] == weight_files["pth"].stat().st_size
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
