@@ -85,6 +85,13 @@ def pretrain(
     max_bad_fraction: options.MaxBadFraction = None,
     max_image_pixels: options.MaxImagePixels = None,
     file_list: options.FileList = None,
+    subset: Annotated[int | None, typer.Option(help="Pretrain on N of the images, drawn with --seed (the same N on every process "
+                                               "and on --resume): how an encoder changes with the amount of data.",
+                                               show_default="all the images")] = None,
+    unbalanced: Annotated[float | None, typer.Option(help="Labelled data only: a log-unbalanced draw of the classes. In an order "
+                                                     "drawn with --seed, class r of C keeps n_r x ALPHA^(-r/(C-1)) of its n_r "
+                                                     "images (at least 1): all of the first, 1/ALPHA of the last. Before --subset.",
+                                                     metavar="ALPHA", show_default="balanced: every image")] = None,
     on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
                                                      "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
     cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
@@ -133,7 +140,7 @@ def pretrain(
             "monitor.knn_data": monitor_knn, "monitor.every": monitor_every,
             "data.workers": workers, "data.on_bad_image": on_bad_image, "data.root": str(data_root) if data_root else None, "data.download": download,
             "data.max_bad_fraction": max_bad_fraction, "data.max_image_pixels": max_image_pixels, "data.cache_gb": cache_gb,
-            "data.file_list": str(file_list) if file_list else None,
+            "data.file_list": str(file_list) if file_list else None, "data.subset": subset, "data.unbalanced": unbalanced,
             "train.on_nonfinite": on_nonfinite, "train.compile": compile_,
         }
         if resume:
@@ -277,6 +284,7 @@ def _eval_flags(*, data, train, val, data_root, download, random_init, batch_siz
 @app.command("linear-eval", epilog=examples(
     "simclr linear-eval                               # runs/latest on the data it was pretrained on",
     "simclr linear-eval runs/r50/encoder.safetensors --data cifar10 --data-root ~/data --protocol paper",
+    "simclr linear-eval torchvision:resnet50=resnet50.pth --data ./labelled   # an ImageNet baseline",
 ))
 def linear_eval(
     checkpoint: options.Checkpoint = None,
@@ -414,7 +422,8 @@ def _parse_ks(text: str | None) -> tuple[int, ...]:
     "simclr cka runs/latest runs/demo-ft/finetuned.safetensors --data digits",
 ))
 def cka(
-    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors or a run folder. "
+    a: Annotated[Path | None, typer.Argument(metavar="A", help="Encoder A: an encoder.safetensors, a finetuned.safetensors, a run folder "
+                                             "or an external ResNet (torchvision:resnet50=FILE). "
                                              "Default: runs/latest/encoder.safetensors.")] = None,
     b: Annotated[Path | None, typer.Argument(metavar="B", help="Encoder B, the same kinds. Default: A itself (with --random-init, A's "
                                              "untrained twin: what pretraining changed at each stage).")] = None,
@@ -654,7 +663,8 @@ def distill(
 def embed(
     folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or tar shards (rows keyed by sample key).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The N x D float32 .npy to write; VECS.paths.txt lists row i's image, VECS.json the settings.")],
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors. Default: runs/latest/encoder.safetensors.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="An encoder.safetensors, or an external ResNet "
+                                                    "(torchvision:resnet50=FILE). Default: runs/latest/encoder.safetensors.")] = None,
     layer: options.Layer = None,
     normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise each row (cosine similarity becomes "
                                                    "a dot product).", show_default="--no-normalize")] = None,
@@ -785,7 +795,8 @@ def info(
             ("method", described.method),
             ("architecture", f"{described.architecture} width {described.width:g}, {described.stem} stem, "
                              + (f"selective kernels {described.sk_ratio:g}, " if described.sk_ratio else "")
-                             + f"{described.head_layers}-layer head -> {described.proj_dim}"),
+                             + (f"{described.head_layers}-layer head -> {described.proj_dim}" if described.head_layers
+                                else "no projection head")),
             ("parameters", f"{described.total_parameters:,} (encoder {described.encoder_parameters:,}, head {described.head_parameters:,})"),
             ("input", f"{described.image_size} px, {described.interpolation}, mean {list(described.mean)}, std {list(described.std)}"),
             ("preprocessing", described.preprocessing),

@@ -70,7 +70,8 @@ Out = Annotated[
 ]
 Checkpoint = Annotated[
     Path | None,
-    typer.Argument(help="An encoder.safetensors (or a finetuned.safetensors). Default: runs/latest/encoder.safetensors."),
+    typer.Argument(help="An encoder.safetensors (or a finetuned.safetensors), or a torchvision/timm ResNet state dict as "
+                   "torchvision:resnet50=FILE (timm:ARCH[@SIZE]=FILE). Default: runs/latest/encoder.safetensors."),
 ]
 Data = Annotated[
     str | None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from simclr_cli.engine import defaults, distributed, rundir
+from simclr_cli.engine import defaults, distributed, external, rundir
 from simclr_cli.engine.datasets import NAMED_DATASETS, LabelledSplits, labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.features import Encoder, open_encoder, weights_of
@@ -49,7 +49,7 @@ def run(cfg, *, checkpoint: Path | None, out: Path | None, command: str, progres
     cfg.validate()
     with distributed.context(device=cfg.device) as world:
         path = rundir.resolve_checkpoint(checkpoint)
-        folder = out or rundir.default_eval_dir(path, command)
+        folder = out or rundir.default_eval_dir(external.file_of(path), command)
         check_output_folder(folder)  # now, not after the evaluation
         opened = open_labelled(cfg, path)
         result = evaluate(opened, folder, progress if world.is_main else None)
@@ -58,6 +58,7 @@ def run(cfg, *, checkpoint: Path | None, out: Path | None, command: str, progres
         return Evaluated(result=result, data=opened.splits.name,
                          results_file=write_results(folder, {**result.to_dict(), "data": opened.splits.name,
                                                              "weights": weights_of(opened.encoder),
+                                                             "encoder_spec": opened.encoder.spec,
                                                              "checkpoint_sha256": opened.encoder.digest}))
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from simclr_cli.engine import checkpoint, distributed, rundir
+from simclr_cli.engine import checkpoint, distributed, external, rundir
 from simclr_cli.engine.augment import eval_resize_side, eval_transform
 from simclr_cli.engine.checkpoint import EncoderInfo
 from simclr_cli.engine.device import MAX_WORKERS, Runtime
@@ -46,6 +46,7 @@ class Encoder:
     model: SimCLR
     info: EncoderInfo
     source: Path | None  # the checkpoint file, resolved (no runs/latest link); None for a random-init baseline
+    spec: str | None = None  # an external encoder's `KIND:ARCH[@SIZE]=PATH` (PATH resolved); None for our own files
 
     @functools.cached_property
     def digest(self) -> str | None:
@@ -53,18 +54,20 @@ class Encoder:
         return None if self.source is None else checkpoint.file_digest(self.source)
 
 
-def open_encoder(checkpoint_path: Path, *, random_init: bool = False, seed: int = 0) -> Encoder:
-    """Load an encoder file, or a folder's (rundir.encoder_file), CheckpointError on problems; `random_init` keeps
-    its architecture and transform but draws fresh weights from `seed`: the honest baseline every evaluation
-    should be compared with."""
-    path = rundir.encoder_file(checkpoint_path)
+def open_encoder(checkpoint_path: Path | str, *, random_init: bool = False, seed: int = 0) -> Encoder:
+    """Load an encoder file, or a folder's (rundir.encoder_file), or a torchvision/timm ResNet named
+    `KIND:ARCH[@SIZE]=PATH` (external.py); CheckpointError on problems. `random_init` keeps its architecture and
+    transform but draws fresh weights from `seed`: the honest baseline every evaluation should be compared with."""
+    spec = external.parse_spec(checkpoint_path)
+    path = rundir.encoder_file(checkpoint_path) if spec is None else spec.path
     # A forked CPU generator: building a model draws init weights (even one about to be overwritten by
     # load_encoder), and opening a file should not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
-        model, info = checkpoint.load_encoder(path)
+        model, info = checkpoint.load_encoder(path) if spec is None else external.load(spec)
         if not random_init:
             # resolved: `runs/latest` moves with every run, and what was measured must keep naming these weights
-            return Encoder(model=model.eval(), info=info, source=path.resolve())
+            return Encoder(model=model.eval(), info=info, source=path.resolve(),
+                           spec=None if spec is None else f"{spec.name}={path.resolve()}")
         torch.default_generator.manual_seed(seed)
         # The baseline people mean: a standard untrained ResNet (torchvision's init), whatever init the file's run
         # started from; zero-initialised residual branches would make it a far weaker straw man.
@@ -87,6 +90,9 @@ def check_layer(encoder: Encoder, layer: str) -> None:
     """ConfigError unless `layer` exists in this encoder (head2 needs a 3-layer SimCLRv2 head)."""
     if layer not in LAYERS:
         raise ConfigError(f"--layer {layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
+    if layer != "encoder" and external.is_external(encoder.info):
+        raise ConfigError(f"--layer {layer} needs a projection head; {external.name_of(encoder.info)} is a ResNet "
+                          "without one: use --layer encoder (h, its pooled feature)")
     head_layers = len(encoder.model.head.layers)
     if layer == "head2" and head_layers < 3:
         raise ConfigError(

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simclr_cli.engine import badfiles, distributed, memory
 from simclr_cli.engine.device import MAX_WORKERS
-from simclr_cli.engine.errors import BadImage, ConfigError, DataError
+from simclr_cli.engine.errors import BadImage, ConfigError, DataError, is_finite_number, is_whole_number
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, decoded_at_least, printable_path
 
 log = logging.getLogger("simclr")
@@ -45,6 +45,8 @@ class DataConfig:
     max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
     file_list: str | None = None  # the images, one path a line (relative to the data folder, or absolute); None = search it
+    subset: int | None = None  # train on this many of the images, drawn with train.seed (subsets.py); None = all
+    unbalanced: float | None = None  # a log-unbalanced draw of the classes, ALPHA >= 1 (subsets.py); None = as they are
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
@@ -60,6 +62,11 @@ class DataConfig:
         badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
         if self.on_bad_image not in badfiles.POLICIES:
             raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
+        if self.subset is not None and (not is_whole_number(self.subset) or self.subset < 1):
+            raise ConfigError(f"data.subset (--subset) {self.subset!r} must be a whole number of images >= 1, or unset for all")
+        if self.unbalanced is not None and not (is_finite_number(self.unbalanced) and self.unbalanced >= 1):
+            raise ConfigError(f"data.unbalanced (--unbalanced) {self.unbalanced!r} must be a number >= 1: the ratio of the "
+                              "first class's kept fraction to the last's (1 keeps every image, 10 keeps 1/10 of the last class)")
 
 
 def decode_side(image_size: int) -> int:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume,
-                               rundir, runlog, shards, weights)
+                               rundir, runlog, shards, subsets, weights)
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -115,6 +115,13 @@ def source_images(cfg, *, out: Path | None = None, resume: bool = False):
                             saved_index=rundir.RunDir(out).shard_index if resume and out is not None else None)
 
 
+def drawn(cfg, images):
+    """The part of `images` the run trains on (--subset, --unbalanced; subsets.py): drawn before the sampler splits
+    them across processes, with the seed every process shares, so each draws the same images."""
+    return subsets.draw(images, subset=cfg.data.subset, unbalanced=cfg.data.unbalanced, seed=cfg.train.seed,
+                        source=cfg.data.source)
+
+
 def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bool, overwrite: bool,
         held: contextlib.ExitStack, progress: Progress) -> PretrainResult:
     """Pretrain as `cfg` (a configs.PretrainConfig) says, writing the run folder `out`; `resume_run` continues its
@@ -123,7 +130,8 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
     run_log = held.enter_context(runlog.recording()) if world.is_main else None
     memory.require_for_training(parameter_count(cfg.model), device_type=rt.device.type,
                                 what=f"{cfg.model.arch} at width {cfg.model.width:g}")
-    images = source_images(cfg, out=out, resume=resume_run)
+    source = source_images(cfg, out=out, resume=resume_run)  # all of DATA: what the run saves for --resume
+    images = drawn(cfg, source)
     cfg = defaults.resolve_pretrain(cfg, device=rt.device, world_size=world.world_size, num_images=len(images))
     cfg = defaults.resolve_runtime(cfg, rt)
     monitor = Monitor.open(cfg.monitor, root=_path(cfg.data.root), download=cfg.data.download)  # fails before any file
@@ -159,10 +167,10 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
 
     def begin() -> None:
         rundir.start(run_dir, config_dict, resumed_from=resumed_from, data=data)
-        if resumed_from is None and isinstance(images, ImageFiles):  # a folder's list, for --resume to reuse
-            write_file_list(run_dir.files, images.paths, base=Path(cfg.data.source).expanduser())
-        if resumed_from is None and isinstance(images, shards.ShardImages):  # the shards' index, for --resume
-            shards.write_index(run_dir.shard_index, images)
+        if resumed_from is None and isinstance(source, ImageFiles):  # a folder's list, for --resume to reuse
+            write_file_list(run_dir.files, source.paths, base=Path(cfg.data.source).expanduser())
+        if resumed_from is None and isinstance(source, shards.ShardImages):  # the shards' index, for --resume
+            shards.write_index(run_dir.shard_index, source)
         run_log.open(run_dir.train_log)
 
     distributed.on_main(world, begin, device=rt.device)

@@ -123,10 +123,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return _read(Path(path))[0]
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ...]]:
-    """The tensors, the wrapper keys unwrapped to reach them (outermost first) and the entries left beside them."""
+def _read(path: Path, *, role: str = "--init") -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ...]]:
+    """The tensors, the wrapper keys unwrapped to reach them (outermost first) and the entries left beside them;
+    `role` names what the file was given as, in the messages."""
     if not path.is_file():
-        raise CheckpointError(f"--init file {path} does not exist; pass a .safetensors or .pth file of ResNet weights")
+        raise CheckpointError(f"{role} file {path} does not exist; pass a .safetensors or .pth file of ResNet weights")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         _, tensors = checkpoint.read_safetensors(path, fix="pass a .safetensors or .pth file of ResNet weights")
@@ -135,7 +136,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], tuple[str, ...], tuple[str, ..
         return _unwrap(_load_torch_file(path), path)
     accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
     raise CheckpointError(
-        f"{path} has an unsupported extension {path.suffix or '(none)'!r}; --init reads {accepted} files "
+        f"{path} has an unsupported extension {path.suffix or '(none)'!r}; {role} reads {accepted} files "
         "(TensorFlow checkpoints must be converted to PyTorch first)"
     )
 
@@ -196,9 +197,7 @@ def init_encoder(model: SimCLR, path: Path) -> InitReport:
         layout, note = "simclrv2-converted" + (" sk1" if selective else ""), UNNORMALISED_NOTE
         names, stripped = _map_names(tensors, table=SIMCLRV2_SK_NAMES if selective else SIMCLRV2_NAMES)
     renamed = _renamed(tensors, names, path)
-    described = layout + "".join(f" under '{k}'" for k in trail) + (
-        f" (prefixes {', '.join(sorted(stripped))} stripped)" if stripped else ""
-    )
+    described = _described(layout, trail, stripped)
 
     encoder_state = _fill(model.encoder.state_dict(), renamed, source=path, layout=described)
     head_state = None
@@ -219,6 +218,30 @@ def init_encoder(model: SimCLR, path: Path) -> InitReport:
         ignored=tuple(sorted(original for original, name in names.items() if name not in used)) + dropped,
         head_loaded=head_state is not None,
         note=note,
+    )
+
+
+def load_resnet(model: SimCLR, path: Path, *, named: str) -> int:
+    """Copy a torchvision/timm ResNet state dict (the `torchvision` layout above, fc and other foreign keys ignored)
+    into `model.encoder` in place; the count of tensors copied. `named` is what the user called the file (e.g.
+    `torchvision:resnet18`): CheckpointError messages name it with the missing, unexpected or misshapen keys.
+    A simclr file is refused: it describes itself and is opened as it is."""
+    path = Path(path).expanduser()
+    if _is_simclr_file(path):
+        raise CheckpointError(f"{path} is a simclr encoder file, not a {named} state dict; pass it without '{named}='")
+    tensors, trail, _ = _read(path, role=named)
+    names, stripped = _map_names(tensors, table=None)
+    described = _described("torchvision", trail, stripped)
+    state = _fill(model.encoder.state_dict(), _renamed(tensors, names, path), source=path, layout=described, target=named)
+    checkpoint.check_finite(state, source=path)
+    model.encoder.load_state_dict(state, strict=True)
+    return len(set(names.values()) & set(state))
+
+
+def _described(layout: str, trail: tuple[str, ...], stripped: set[str]) -> str:
+    """A layout as reports name it, with the wrappers unwrapped and the prefixes stripped to reach it."""
+    return layout + "".join(f" under '{k}'" for k in trail) + (
+        f" (prefixes {', '.join(sorted(stripped))} stripped)" if stripped else ""
     )
 
 
@@ -301,7 +324,8 @@ def _renamed(tensors: Mapping[str, Tensor], names: Mapping[str, str], path: Path
     return out
 
 
-def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source: Path, layout: str) -> dict[str, Tensor]:
+def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source: Path, layout: str,
+          target: str = "this encoder") -> dict[str, Tensor]:
     """The encoder's state dict taken from `found`; CheckpointError naming missing, extra or misshapen keys."""
     problems = checkpoint.state_dict_problems(
         expected, found,
@@ -311,7 +335,7 @@ def _fill(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], *, source
     )
     if problems:
         raise CheckpointError(
-            f"{source} ({layout} layout) does not fit this encoder: {'; '.join(problems[:4])}"
+            f"{source} ({layout} layout) does not fit {target}: {'; '.join(problems[:4])}"
             + (f" (+{len(problems) - 4} more problems)" if len(problems) > 4 else "")
         )
     return {k: found[k] if k in found else expected[k] for k in expected}

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import cka, defaults, plots, rundir
+from simclr_cli.engine import cka, defaults, external, plots, rundir
 from simclr_cli.engine.configs import CkaConfig
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import DataError
@@ -79,7 +79,7 @@ def run(cfg: CkaConfig, *, a: Path | None, b: Path | None, out: Path | None = No
     cfg.validate()
     path_a = rundir.resolve_checkpoint(a)
     path_b = path_a if b is None else rundir.encoder_file(b)
-    folder = out or rundir.default_eval_dir(path_a, "cka")
+    folder = out or rundir.default_eval_dir(external.file_of(path_a), "cka")
     check_output_folder(folder)  # now, not after the extraction
     # B's twin draws from the seed the other commands use; A's from the next, so two twins of one file differ.
     encoder_a = open_encoder(path_a, random_init=cfg.random_init_a, seed=cfg.seed + 1)
@@ -141,7 +141,8 @@ def _subset(images: Dataset, *, limit: int, seed: int) -> Dataset:
 
 def _described(encoder: Encoder, path: Path, features: dict[str, Tensor]) -> dict[str, Any]:
     """An encoder as cka.json names it: the file, its hash, the weights measured and the input it was given."""
-    return {"file": str(path.resolve()), "checkpoint": None if encoder.source is None else str(encoder.source),
+    return {"file": str(external.file_of(path).resolve()), "encoder_spec": encoder.spec,
+            "checkpoint": None if encoder.source is None else str(encoder.source),
             "checkpoint_sha256": encoder.digest, "random_init": encoder.source is None, "weights": weights_of(encoder),
             "image_size": encoder.info.image_size, "mean": list(encoder.info.mean), "std": list(encoder.info.std),
             "feature_dims": {name: int(x.shape[1]) for name, x in features.items()}}

@@ -114,7 +114,8 @@ def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, o
         if not world.is_main:
             return None
         # the encoder's hash: retrieval refuses queries embedded by other weights
-        index.write_metadata(result.out, {**result.to_dict(), "checkpoint_sha256": encoder.digest})
+        index.write_metadata(result.out, {**result.to_dict(), "encoder_spec": encoder.spec,
+                                          "checkpoint_sha256": encoder.digest})
         return Embedded(result=result, map=_plot(result, method=cfg.plot_method) if cfg.plot else None)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import checkpoint, defaults, evaluation, features, weights
+from simclr_cli.engine import checkpoint, defaults, evaluation, external, features, weights
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, DataError
@@ -149,6 +149,9 @@ def evaluate(
     started = time.perf_counter()
     cfg.validate()
     head_blocks = len(encoder.model.head.layers)
+    if cfg.from_head_layer > 0 and external.is_external(encoder.info):
+        raise ConfigError(f"--from-head-layer {cfg.from_head_layer} needs a projection head; "
+                          f"{external.name_of(encoder.info)} is a ResNet without one: use 0 (fine-tune from h)")
     if cfg.from_head_layer > head_blocks - 1:
         raise ConfigError(
             f"finetune.from_head_layer {cfg.from_head_layer} is past this encoder's hidden head layers "
@@ -185,7 +188,7 @@ def evaluate(
     extra = {
         "task": "finetune", "num_classes": num_classes, "classes": classes, "from_head_layer": cfg.from_head_layer,
         "label_fraction": labelled_fraction, "subset_size": len(labelled), "train_images": len(train),
-        "source": None if encoder.source is None else str(encoder.source), "settings": settings,
+        "source": encoder.spec or (None if encoder.source is None else str(encoder.source)), "settings": settings,
     }
     checkpoint.save_encoder(
         path, model, info=dataclasses.replace(

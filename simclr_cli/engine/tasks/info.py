@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simclr_cli.engine import rundir
+from simclr_cli.engine import external, rundir
 from simclr_cli.engine.augment import describe_eval_transform
 from simclr_cli.engine.features import open_encoder
 from simclr_cli.engine.results import RESULTS_FILE
@@ -118,19 +118,20 @@ def describe(checkpoint: Path) -> CheckpointInfo:
     encoder = open_encoder(checkpoint)
     info, model = encoder.info, encoder.model
     kind = {"finetune": FINE_TUNED, "distill": DISTILLED}.get(info.extra.get("task"), ENCODER)
+    headless = external.is_external(info)  # its placeholder head is not part of it (external.py)
     return CheckpointInfo(
         path=checkpoint,
         kind=kind,
-        method=info.method,
+        method=f"none: external {external.name_of(info)} weights" if headless else info.method,
         architecture=info.model.arch,
         width=info.model.width,
         stem=str(info.model.stem),
         sk_ratio=info.model.sk_ratio,
-        head_layers=info.model.head_layers,
-        proj_dim=info.model.proj_dim,
+        head_layers=0 if headless else info.model.head_layers,
+        proj_dim=0 if headless else info.model.proj_dim,
         feature_dim=model.encoder.out_dim,
         encoder_parameters=sum(p.numel() for p in model.encoder.parameters()),
-        head_parameters=sum(p.numel() for p in model.head.parameters()),
+        head_parameters=0 if headless else sum(p.numel() for p in model.head.parameters()),
         classifier_parameters=sum(t.numel() for name, t in info.extra_tensors.items() if name.startswith("classifier.")),
         image_size=info.image_size,
         mean=tuple(info.mean),
@@ -142,8 +143,8 @@ def describe(checkpoint: Path) -> CheckpointInfo:
         step=info.step,
         config=info.config,
         extra=info.extra,
-        file_bytes=checkpoint.stat().st_size,
-        evaluations=find_evaluations(checkpoint.parent),
+        file_bytes=external.file_of(checkpoint).stat().st_size,
+        evaluations=find_evaluations(external.file_of(checkpoint).parent),
     )
 
 

@@ -51,7 +51,7 @@ def preflight(cfg: PretrainConfig, *, out: Path, resume: bool, overwrite: bool, 
     data, the global batch against the data and the processes, and (`check_out`; on the node that writes it) the
     run folder. Initialises no GPU: the workers do."""
     cfg = defaults.resolve_sizes(cfg)
-    images = trainer.source_images(cfg, out=out, resume=resume)
+    images = trainer.drawn(cfg, trainer.source_images(cfg, out=out, resume=resume))
     defaults.resolve_pretrain(cfg, device=torch.device(device_type), world_size=processes, num_images=len(images))
     if check_out:
         rundir.check(out, resume=resume, overwrite=overwrite)

@@ -45,7 +45,8 @@ def run(cfg: RetrievalConfig, *, index: Path, query: Path, checkpoint: Path | No
         if world.world_size > 1:
             raise ConfigError("retrieval (--index/--query) runs in one process; drop --gpus")
         made_with = read_metadata(index)
-        path = checkpoint or (Path(made_with["checkpoint"]) if made_with.get("checkpoint") else rundir.resolve_checkpoint(None))
+        built_with = made_with.get("encoder_spec") or made_with.get("checkpoint")  # an external encoder: its spec
+        path = checkpoint or (Path(built_with) if built_with else rundir.resolve_checkpoint(None))
         encoder = open_encoder(path)
         check_same_encoder(encoder, made_with, index=index)
         rt = runtime(device=cfg.device, precision=cfg.precision)
