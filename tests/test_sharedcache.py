@@ -58,8 +58,8 @@ def _two_process_worker(world: World, folder: str, shm: str, nodes: int) -> None
     cache = pipeline.build_cache(pipeline.PixelDataset(images, max_side=None), budget=BUDGET, workers=0,
                                  sharing=_sharing(Path(shm), node=node))
     assert cache is not None and cache.complete and cache.segment is not None
-    distributed.barrier()  # each node's first process has unlinked its segment...
-    assert list(Path(shm).iterdir()) == []  # ...once every process had mapped it
+    distributed.barrier()  # each node's first process has unlinked its segment, once every process had mapped it
+    assert list(Path(shm).iterdir()) == []
     # which images each process decoded: its node's share, each image once per node
     counts = torch.zeros(len(paths), dtype=torch.int64)
     counts[images.decoded] += 1

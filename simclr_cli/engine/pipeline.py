@@ -360,15 +360,14 @@ def _shared(dataset: PixelDataset, *, budget: int, free: int, workers: int, shar
             writer.close()
         return torch.tensor([writer.full == "budget", writer.full == "shared memory"], dtype=torch.int64)
 
-    try:
+    try:  # each step ends when every process has done it (on_every_rank), or stops them all
         distributed.on_every_rank(create, device=sharing.device)
         full = distributed.all_reduce_max(distributed.on_every_rank(fill, device=sharing.device).to(sharing.device)).tolist()
         distributed.on_every_rank(lambda: first and sharedcache.seal(path, key=key), device=sharing.device)
         mapped = distributed.on_every_rank(lambda: sharedcache.open_segment(path, key=key, count=n), device=sharing.device)
-    finally:
-        distributed.barrier()  # every process has mapped it, or given up: the name can go
+    finally:  # mapped by every process, or given up by all: the name can go (a kill -9 leaves it to `sweep`)
         if first:
-            path.unlink(missing_ok=True)  # the memory stays until the last mapping goes, even after a kill -9
+            path.unlink(missing_ok=True)  # the memory stays until the last mapping goes, however that process ends
     cache = PixelCache.shared(mapped)
     if any(full):
         log.info("the decoded images outgrew the %s after %d of %d images; the rest are decoded every epoch",
