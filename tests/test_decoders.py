@@ -146,7 +146,7 @@ def test_decode_device_resolution(caplog):
     cpu = torch.device("cpu")
     assert decoders.resolve("auto", train_device=cpu) == cpu and decoders.resolve("cpu", train_device=cpu) == cpu
     with pytest.raises(ConfigError, match="data.decode_device 'gpu' is not supported; choose one of auto, cpu, cuda"):
-        decoders.resolve("gpu", train_device=cpu)
+        pipeline.DataConfig(decode_device="gpu").validate()
     if not torch.cuda.is_available():
         with caplog.at_level("INFO", logger="simclr"):
             assert decoders.resolve("cuda", train_device=cpu) == cpu

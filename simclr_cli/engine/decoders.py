@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_cli.engine.errors import BadImage, ConfigError
+from simclr_cli.engine.errors import BadImage
 from simclr_cli.engine.images import plain_jpeg_pixels
 
 log = logging.getLogger("simclr")
@@ -32,10 +32,8 @@ JpegDecoder = Callable[[list[Tensor], torch.device], list[Tensor]]  # encoded by
 
 
 def resolve(setting: str, *, train_device: torch.device) -> torch.device:
-    """Where the cache is filled: `auto` is the training device when it is a GPU, else the CPU; `cuda` without CUDA
-    is the CPU, after a one-line note."""
-    if setting not in DECODE_DEVICES:
-        raise ConfigError(f"data.decode_device {setting!r} is not supported; choose one of {', '.join(DECODE_DEVICES)}")
+    """Where the cache is filled, from data.decode_device (validated, one of DECODE_DEVICES): `auto` is the training
+    device when it is a GPU, else the CPU; `cuda` without CUDA is the CPU, after a one-line note."""
     if setting == "cpu" or (setting == "auto" and train_device.type != "cuda"):
         return torch.device("cpu")
     if not torch.cuda.is_available():
