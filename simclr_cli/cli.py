@@ -94,8 +94,9 @@ def pretrain(
                                                      metavar="ALPHA", show_default="balanced: every image")] = None,
     on_nonfinite: Annotated[str | None, typer.Option(help="abort (default): stop at a NaN/inf loss, saving nothing from that step on; "
                                                      "skip: drop that update and go on (at most train.max_skips in a row).")] = None,
-    cache_gb: Annotated[float | None, typer.Option(help="Memory for decoded images kept between epochs, in GB (default: half the "
-                                                   "free memory, shared by this machine's processes); 0 decodes every epoch.")] = None,
+    cache_gb: Annotated[float | None, typer.Option(help="This machine's memory for decoded images kept between epochs, in GB: one "
+                                                   "cache in /dev/shm shared by its processes (default: half the free memory); "
+                                                   "0 decodes every epoch.")] = None,
     compile_: options.Compile = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log metrics as TensorBoard events in <run>/tensorboard.",
                                                      show_default="--no-tensorboard")] = None,

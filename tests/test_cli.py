@@ -199,6 +199,9 @@ def test_two_processes_log_the_same_losses_as_one(method, image_folder, tmp_path
     assert len(single) == len(double) == 4
     assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double))
     assert two.stdout.count("done 4 steps") == 1  # only rank 0 reports
+    # one decoded-image cache in /dev/shm for both processes (or one each, said so, without /dev/shm)
+    shared = "cached 24 images in " in two.stderr and "shared by this machine's 2 process(es)" in two.stderr
+    assert shared or "no shared memory at" in two.stderr
 
 
 def test_a_taken_run_folder_is_refused_once_before_any_worker_starts(image_folder, tmp_path):

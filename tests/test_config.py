@@ -242,8 +242,8 @@ def test_to_dict_is_plain_data_and_round_trips():
     assert plain["model"] == {"arch": "resnet18", "width": 0.25, "stem": "small", "head_layers": 2, "proj_dim": 128,
                               "zero_init_residual": False, "head_output_bn": None, "sk_ratio": 0.0}
     assert plain["data"] == {"source": None, "root": None, "download": False, "workers": None, "on_bad_image": "skip",
-                             "decode_side": None, "cache_gb": None, "max_bad_fraction": 0.5, "max_image_pixels": 178956970,
-                             "file_list": None, "subset": None, "unbalanced": None}
+                             "decode_side": None, "cache_gb": None, "decode_device": "auto", "max_bad_fraction": 0.5,
+                             "max_image_pixels": 178956970, "file_list": None, "subset": None, "unbalanced": None}
     assert from_dict(PretrainConfig, plain) == cfg
 
 

@@ -173,7 +173,17 @@ def test_digits_are_cached_once_in_memory():
     assert cache.count == 1797 and cache.nbytes == 1797 * 3 * 8 * 8
 
 
-def test_default_cache_budget_is_split_between_local_processes(monkeypatch):
+def test_default_cache_budget_is_half_the_free_memory_for_the_machine(monkeypatch):
     monkeypatch.setattr(memory, "available", lambda: 16 * pipeline.BYTES_PER_GB)
-    assert pipeline.default_cache_bytes(local_processes=1) == 8 * pipeline.BYTES_PER_GB
-    assert pipeline.default_cache_bytes(local_processes=4) == 2 * pipeline.BYTES_PER_GB
+    assert pipeline.cache_budget(None) == 8 * pipeline.BYTES_PER_GB
+    assert pipeline.cache_budget(1.5) == int(1.5 * pipeline.BYTES_PER_GB)
+
+
+def test_processes_caching_their_own_copies_split_the_machines_budget(tmp_path, monkeypatch, caplog):
+    write_images(tmp_path / "img", 4, size=12)  # 432 bytes each decoded
+    dataset = pipeline.PixelDataset(ImageFiles(sorted((tmp_path / "img").iterdir())), max_side=None)
+    assert pipeline.build_cache(dataset, budget=4 * 432, workers=0) is not None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine, each with its own copy
+    with caplog.at_level("INFO", logger="simclr"):
+        assert pipeline.build_cache(dataset, budget=4 * 432, workers=0) is None
+    assert "exceed the 0.0 GB budget" in caplog.text

@@ -114,6 +114,27 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+@dataclass(frozen=True)
+class Node:
+    """This process's machine: which node it is, and this process's place among the node's processes."""
+
+    index: int
+    local_rank: int
+    local_size: int
+
+
+def node(world: World, env: Mapping[str, str] | None = None) -> Node:
+    """The node `world`'s process runs on: torchrun's GROUP_RANK (or SLURM_NODEID, or ranks in blocks of
+    LOCAL_WORLD_SIZE) and its local rank among LOCAL_WORLD_SIZE processes. Where the launcher does not say how many
+    processes share the machine, each process counts as a node of its own: correct, only not shared."""
+    env = os.environ if env is None else env
+    size = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if world.world_size == 1 or not 0 <= world.local_rank < size:
+        return Node(index=world.rank, local_rank=0, local_size=1)
+    index = env.get("GROUP_RANK", env.get("SLURM_NODEID"))
+    return Node(index=int(index) if index is not None else world.rank // size, local_rank=world.local_rank, local_size=size)
+
+
 @contextlib.contextmanager
 def context(*, device: str) -> Iterator[World]:
     """The process group the environment describes (none for one process), joined for the `with` block; every task

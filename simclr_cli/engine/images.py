@@ -270,6 +270,43 @@ def decode_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min
     return _decode(path, path=path, max_pixels=max_pixels, min_side=min_side)
 
 
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file `path`, by decode_image's rules for what a file must be (BadImage if not)."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage("not a regular file", path=path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or exc})", path=path) from exc
+    if not data:
+        raise BadImage("empty file (0 bytes)", path=path)
+    return data
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def plain_jpeg_pixels(data: bytes, *, max_pixels: int | None) -> int | None:
+    """The pixel count of a JPEG any decoder turns into the same image as decode_image: 8-bit colour or grey, no EXIF
+    rotation, within `max_pixels` (read from the header); None for everything else (other formats, CMYK, rotated,
+    too large, broken), which only decode_image handles by its rules."""
+    with _PIL_BOMB_CHECK.off():
+        try:
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width < 1 or height < 1:
+                    return None
+                if max_pixels is not None and width * height > max_pixels:
+                    return None
+                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    return None
+                return width * height
+        except Exception:  # noqa: BLE001 - whatever PIL makes of it, decode_image will name the problem
+            return None
+
+
 def decode_bytes(data: bytes, *, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  min_side: int | None = None) -> Image.Image:
     """`decode_image` for an image held in memory (a member of a tar shard): the same rules, the same BadImage
@@ -427,6 +464,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> Image.Image:
         return decode_image(self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
+
+    def read_bytes(self, index: int) -> bytes:
+        """Image i's encoded bytes, for a decoder of its own (BadImage when the file cannot be read)."""
+        return read_image_file(self.paths[index])
 
 
 def decoded_at_least(images: Dataset, side: int | None) -> Dataset:

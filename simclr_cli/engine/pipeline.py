@@ -8,12 +8,15 @@ Workers only decode (or copy cached pixels); every random choice is made later, 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simclr_cli.engine import badfiles, distributed, memory
+from simclr_cli.engine import badfiles, decoders, distributed, memory, sharedcache
 from simclr_cli.engine.device import MAX_WORKERS
 from simclr_cli.engine.errors import BadImage, ConfigError, DataError, is_finite_number, is_whole_number
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, decoded_at_least, printable_path
@@ -29,7 +32,7 @@ from simclr_cli.engine.images import DEFAULT_MAX_PIXELS, decoded_at_least, print
 log = logging.getLogger("simclr")
 
 SAMPLE_FOR_ESTIMATE = 64  # images decoded to estimate what the whole dataset takes in memory
-DEFAULT_CACHE_FRACTION = 0.5  # of the memory available at start, shared by the processes on this machine
+DEFAULT_CACHE_FRACTION = 0.5  # of the memory available at start, for the one cache of this machine's processes
 BYTES_PER_GB = 1024**3
 
 
@@ -41,7 +44,8 @@ class DataConfig:
     workers: int | None = None  # DataLoader worker processes; None = chosen from the machine
     on_bad_image: str = "skip"  # skip: use the next decodable image and name the bad one; error: stop, naming it
     decode_side: int | None = None  # decoded images' short side is shrunk to at most this; None = 2x the view size
-    cache_gb: float | None = None  # memory for decoded images kept between epochs; None = half the free memory, 0 = off
+    cache_gb: float | None = None  # this machine's memory for decoded images kept between epochs; None = half the free memory, 0 = off
+    decode_device: str = "auto"  # where the cache is filled: auto (the GPU when training on one), cpu, or cuda (JPEGs by nvJPEG)
     max_bad_fraction: float = badfiles.DEFAULT_MAX_BAD_FRACTION  # stop when more of the images drawn are undecodable
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, read from the header; 0 = off (warned)
     file_list: str | None = None  # the images, one path a line (relative to the data folder, or absolute); None = search it
@@ -59,6 +63,8 @@ class DataConfig:
         if self.cache_gb is not None and (isinstance(self.cache_gb, bool) or not isinstance(self.cache_gb, (int, float))
                                           or not math.isfinite(self.cache_gb) or self.cache_gb < 0):
             raise ConfigError(f"data.cache_gb {self.cache_gb!r} must be a number of GB >= 0 (0 turns the cache off), or unset")
+        if self.decode_device not in decoders.DECODE_DEVICES:
+            raise ConfigError(f"data.decode_device {self.decode_device!r} is not supported; choose one of {', '.join(decoders.DECODE_DEVICES)}")
         badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)
         if self.on_bad_image not in badfiles.POLICIES:
             raise ConfigError(f"data.on_bad_image {self.on_bad_image!r} is not supported; choose one of {', '.join(badfiles.POLICIES)}")
@@ -90,7 +96,8 @@ def to_pixels(image: Image.Image, *, max_side: int | None) -> Tensor:
 
 
 class PixelCache:
-    """Decoded images as one flat uint8 buffer in shared memory (forked workers read it without copies)."""
+    """Decoded images as one flat uint8 buffer in shared memory (forked workers read it without copies): this
+    process's own, or a segment every process on the machine maps (`shared`)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -99,6 +106,18 @@ class PixelCache:
         self.shapes = torch.zeros((count, 2), dtype=torch.int64)
         self.buffer: Tensor | None = None
         self.nbytes = 0
+        self.segment: Path | None = None  # the shared segment's (by now unlinked) name in /dev/shm
+
+    @classmethod
+    def shared(cls, mapped: sharedcache.Mapped) -> PixelCache:
+        """The cache in a mapped segment: views into the one mapping, nothing copied."""
+        cache = cls(0)
+        cache.count = len(mapped.index)
+        cache.offsets, cache.shapes, cache.buffer = mapped.index[:, 0], mapped.index[:, 1:], mapped.data  # (N,), (N, 2)
+        cached = cache.offsets >= 0
+        cache.nbytes = int(3 * (cache.shapes[cached, 0] * cache.shapes[cached, 1]).sum())
+        cache.segment = mapped.path
+        return cache
 
     def add(self, index: int, pixels: Tensor) -> None:
         self.offsets[index] = self.nbytes
@@ -111,6 +130,10 @@ class PixelCache:
         self.buffer = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.uint8)
         self.buffer.share_memory_()
         self.chunks = []
+
+    @property
+    def cached(self) -> int:
+        return int((self.offsets >= 0).sum())
 
     @property
     def complete(self) -> bool:
@@ -243,61 +266,163 @@ def collate(items: Sequence[tuple[Tensor, int, tuple[Skipped, ...]]]) -> PixelBa
     return PixelBatch(batch, sizes, indices, [s for _, _, skipped in items for s in skipped])
 
 
-def default_cache_bytes(*, local_processes: int) -> int:
-    """Half the memory available at start, split between the training processes on this machine."""
-    return int(memory.available() * DEFAULT_CACHE_FRACTION / max(1, local_processes))
+def default_cache_bytes() -> int:
+    """Half the memory available at start, for the one cache of this machine's training processes."""
+    return int(memory.available() * DEFAULT_CACHE_FRACTION)
 
 
-def build_cache(dataset: PixelDataset, *, budget: int, workers: int) -> PixelCache | None:
-    """Decode every image once into memory when the dataset fits `budget` bytes; None when it does not.
+@dataclass(frozen=True)
+class Sharing:
+    """What lets a machine's processes share one cache: a key naming the run and its data (the segment's name and
+    fingerprint), this process's node, and the device the processes' collectives run on."""
 
-    The size is estimated from a sample first; if the estimate was low, caching stops at the budget and the
-    rest is decoded each epoch. Bad images are left out (they are replaced and reported when drawn).
+    key: str
+    node: distributed.Node
+    device: torch.device
+    shm_dir: Path = sharedcache.SHM_DIR
+
+
+def build_cache(dataset: PixelDataset, *, budget: int, workers: int, sharing: Sharing | None = None,
+                decode_device: torch.device = torch.device("cpu"),
+                jpeg_decoder: decoders.JpegDecoder | None = None) -> PixelCache | None:
+    """Decode every image once into memory when the dataset fits `budget` bytes (this machine's); None when it does not.
+
+    With `sharing`, the machine's processes fill one cache in /dev/shm together, each decoding its share, and all map
+    it (sharedcache); without it, or without a usable /dev/shm, each process decodes and keeps its own, in its part of
+    the budget. The size is estimated from a sample first; if the estimate was low, caching stops at the budget and
+    the rest is decoded each epoch. Bad images are left out (they are replaced and reported when drawn).
     """
     n = len(dataset)
     if dataset.arrays is not None or budget <= 0 or n == 0:
         return None
-    sample = np.linspace(0, n - 1, num=min(n, SAMPLE_FOR_ESTIMATE)).round().astype(int)
-    sizes = []
-    for index in sample:
-        try:
-            sizes.append(dataset.pixels(int(index)).numel())
-        except BadImage:
-            continue
-    estimate = (sum(sizes) / max(1, len(sizes))) * n
-    if estimate > budget:
-        log.info("not caching decoded images: about %.1f GB would exceed the %.1f GB budget (--cache-gb); decoding every epoch",
-                 estimate / BYTES_PER_GB, budget / BYTES_PER_GB)
+    local = sharing.node.local_size if sharing is not None else distributed.local_processes()
+    if sharing is not None:
+        free = _agreed_free_bytes(sharing)
+        if free is not None:
+            return _shared(dataset, budget=budget, free=free, workers=workers, sharing=sharing,
+                           decode_device=decode_device, jpeg_decoder=jpeg_decoder)
+        log.info("no shared memory at %s: each of this machine's %d process(es) decodes and caches its own copy of the "
+                 "images", sharing.shm_dir, local)
+    return _private(dataset, budget=budget // max(1, local), workers=workers, decode_device=decode_device,
+                    jpeg_decoder=jpeg_decoder)
+
+
+def _private(dataset: PixelDataset, *, budget: int, workers: int, decode_device: torch.device,
+             jpeg_decoder: decoders.JpegDecoder | None) -> PixelCache | None:
+    """This process's own cache of every image, in `budget` bytes."""
+    n = len(dataset)
+    estimate, sampled = _estimate(dataset, range(n), samples=SAMPLE_FOR_ESTIMATE, sharing=None)
+    if not _fits(estimate, budget):
         return None
     log.info("decoding %d images once into memory (about %s of the %.1f GB budget)", n, _size(estimate), budget / BYTES_PER_GB)
+    started = time.perf_counter()
     cache = PixelCache(n)
-    loader = DataLoader(_Decoder(dataset), batch_size=None, num_workers=workers)
-    for index, pixels in loader:
+    for index, pixels in _decoded(dataset, range(n), sampled, workers=workers, device=decode_device, jpeg_decoder=jpeg_decoder):
         if pixels is None:
             continue
         if cache.nbytes + pixels.numel() > budget:
             log.info("the decoded images outgrew the %.1f GB budget after %d images; the rest are decoded every epoch",
-                     budget / BYTES_PER_GB, index)
+                     budget / BYTES_PER_GB, len(cache.chunks))
             break
         cache.add(index, pixels)
     cache.seal()
+    log.info("cached %d images in %.1f s: %s in this process", cache.cached, time.perf_counter() - started, _size(cache.nbytes))
     return cache
 
 
-class _Decoder(Dataset):
-    """Item i: (i, image i's pixels or None when it cannot be decoded), for filling the cache."""
+def _shared(dataset: PixelDataset, *, budget: int, free: int, workers: int, sharing: Sharing, decode_device: torch.device,
+            jpeg_decoder: decoders.JpegDecoder | None) -> PixelCache | None:
+    """One cache for the machine: each local process decodes its contiguous share into its slot of a segment in
+    /dev/shm, then every process maps the whole. Every step is collective, so all processes take the same branch."""
+    n, node, key = len(dataset), sharing.node, sharing.key
+    share = distributed.shard(n, distributed.World(rank=node.local_rank, world_size=node.local_size))
+    estimate, sampled = _estimate(dataset, share, samples=max(1, SAMPLE_FOR_ESTIMATE // node.local_size), sharing=sharing)
+    if not _fits(estimate, budget):
+        return None
+    if estimate > free:
+        log.info("%s has %s free, less than the decoded images need (about %s; a container's default is 64 MB, raised "
+                 "with docker run --shm-size): each process caches its own copy", sharing.shm_dir, _size(free), _size(estimate))
+        return _private(dataset, budget=budget // node.local_size, workers=workers, decode_device=decode_device,
+                        jpeg_decoder=jpeg_decoder)
+    log.info("decoding %d images once into shared memory, one copy for this machine's %d process(es) (about %s of the "
+             "%.1f GB budget)", n, node.local_size, _size(estimate), budget / BYTES_PER_GB)
+    started = time.perf_counter()
+    path = sharedcache.segment_path(key, node=node.index, shm_dir=sharing.shm_dir)
+    first = node.local_rank == 0
 
-    def __init__(self, dataset: PixelDataset) -> None:
-        self.dataset = dataset
+    def create() -> None:
+        if first:
+            sharedcache.sweep(sharing.shm_dir)
+            sharedcache.create(path, key=key, count=n, slots=node.local_size,
+                               slot_bytes=min(budget, free) // node.local_size)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None]:
+    def fill() -> Tensor:
+        writer = sharedcache.Writer(path, key=key, slot=node.local_rank, share=share)
         try:
-            return index, self.dataset.pixels(index)
+            for index, pixels in _decoded(dataset, share, sampled, workers=workers, device=decode_device,
+                                          jpeg_decoder=jpeg_decoder):
+                if pixels is not None and not writer.put(index, pixels):
+                    break
+        finally:
+            writer.close()
+        return torch.tensor([writer.full == "budget", writer.full == "shared memory"], dtype=torch.int64)
+
+    try:  # each step ends when every process has done it (on_every_rank), or stops them all
+        distributed.on_every_rank(create, device=sharing.device)
+        full = distributed.all_reduce_max(distributed.on_every_rank(fill, device=sharing.device).to(sharing.device)).tolist()
+        distributed.on_every_rank(lambda: first and sharedcache.seal(path, key=key), device=sharing.device)
+        mapped = distributed.on_every_rank(lambda: sharedcache.open_segment(path, key=key, count=n), device=sharing.device)
+    finally:  # mapped by every process, or given up by all: the name can go (a kill -9 leaves it to `sweep`)
+        if first:
+            path.unlink(missing_ok=True)  # the memory stays until the last mapping goes, however that process ends
+    cache = PixelCache.shared(mapped)
+    if any(full):
+        log.info("the decoded images outgrew the %s after %d of %d images; the rest are decoded every epoch",
+                 f"{budget / BYTES_PER_GB:.1f} GB budget" if full[0] else f"free space of {sharing.shm_dir}", cache.cached, n)
+    log.info("cached %d images in %.1f s: %s in %s, shared by this machine's %d process(es)", cache.cached,
+             time.perf_counter() - started, _size(cache.nbytes), path, node.local_size)
+    return cache
+
+
+def _agreed_free_bytes(sharing: Sharing) -> int | None:
+    """The free bytes in /dev/shm the least of all processes sees; None when any has none (they all fall back)."""
+    free = sharedcache.free_bytes(sharing.shm_dir)
+    worst = distributed.all_reduce_max(torch.tensor([1 if free is None else -free], dtype=torch.int64, device=sharing.device))
+    return None if int(worst) > 0 else -int(worst)
+
+
+def _estimate(dataset: PixelDataset, share: range, *, samples: int,
+              sharing: Sharing | None) -> tuple[float, dict[int, Tensor | None]]:
+    """Bytes the whole dataset takes decoded, from up to `samples` images of `share` (averaged over the processes
+    with `sharing`); and the samples' pixels (None: bad), which the fill uses instead of decoding them again."""
+    picks = np.linspace(share.start, share.stop - 1, num=min(len(share), samples)).round().astype(int) if len(share) else []
+    sampled: dict[int, Tensor | None] = {}
+    for index in picks:
+        try:
+            sampled[int(index)] = dataset.pixels(int(index))
         except BadImage:
-            return index, None
+            sampled[int(index)] = None
+    sizes = [pixels.numel() for pixels in sampled.values() if pixels is not None]
+    totals = torch.tensor([float(sum(sizes)), float(len(sizes))], dtype=torch.float64)
+    if sharing is not None:
+        totals = distributed.all_reduce_mean(totals.to(sharing.device)).cpu()  # the ratio is what counts
+    return float(totals[0] / max(1.0, float(totals[1]))) * len(dataset), sampled
+
+
+def _fits(estimate: float, budget: int) -> bool:
+    if estimate > budget:
+        log.info("not caching decoded images: about %.1f GB would exceed the %.1f GB budget (--cache-gb); decoding every epoch",
+                 estimate / BYTES_PER_GB, budget / BYTES_PER_GB)
+        return False
+    return True
+
+
+def _decoded(dataset: PixelDataset, indices: Iterable[int], sampled: dict[int, Tensor | None], *, workers: int,
+             device: torch.device, jpeg_decoder: decoders.JpegDecoder | None) -> Iterable[tuple[int, Tensor | None]]:
+    """Images `indices`, the sampled ones as they are, the others decoded now."""
+    rest = [index for index in indices if index not in sampled]
+    return itertools.chain(sampled.items(), decoders.decode(dataset, rest, workers=workers, device=device,
+                                                            jpeg_decoder=jpeg_decoder))
 
 
 def loader(dataset: PixelDataset, sampler: Sampler, *, local_batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
@@ -328,12 +453,13 @@ def _leave_stopping_to_the_main_process(worker_id: int) -> None:
 
 
 def _size(nbytes: float) -> str:
-    return f"{nbytes / BYTES_PER_GB:.1f} GB" if nbytes >= BYTES_PER_GB / 10 else f"{nbytes / 1024**2:.1f} MB"
+    if nbytes >= BYTES_PER_GB / 10:
+        return f"{nbytes / BYTES_PER_GB:.1f} GB"
+    return f"{nbytes / 1024**2:.1f} MB" if nbytes >= 1024**2 / 10 else f"{nbytes / 1024:.1f} KB"
 
 
 def cache_budget(cache_gb: float | None) -> int:
-    """Bytes for the cache: --cache-gb (already validated) or, unset, the default split between this machine's
-    training processes (torchrun's LOCAL_WORLD_SIZE)."""
+    """Bytes for this machine's cache: --cache-gb (already validated) or, unset, half the memory available."""
     if cache_gb is not None:
         return int(cache_gb * BYTES_PER_GB)
-    return default_cache_bytes(local_processes=distributed.local_processes())
+    return default_cache_bytes()

@@ -172,6 +172,11 @@ class ShardImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Image.Image:
+        data = self.read_bytes(index)
+        return decode_bytes(data, name=self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side)
+
+    def read_bytes(self, index: int) -> bytes:
+        """Sample i's encoded image bytes (BadImage when the shard cannot be read)."""
         sample = self.samples[index]
         name = self.paths[index]
         try:
@@ -182,7 +187,7 @@ class ShardImages(Dataset):
             raise BadImage(f"cannot read the shard ({exc.strerror or exc})", path=name) from exc
         if len(data) != sample.size:
             raise BadImage("truncated shard (the member ends past the end of the file)", path=name)
-        return decode_bytes(data, name=name, max_pixels=self.max_pixels, min_side=self.min_side)
+        return data
 
     def _handle(self, shard: int):
         """An open file per shard and process, at most OPEN_SHARDS of them (the least recently used is closed); a

@@ -8,6 +8,7 @@ method (engine/methods/) supplying the views it needs, the modules it trains and
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -20,8 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from simclr_cli.engine import (badfiles, checkpoint, defaults, distributed, memory, methods, nonfinite, pipeline, plots, resume,
-                               rundir, runlog, shards, subsets, weights)
+from simclr_cli.engine import (badfiles, checkpoint, decoders, defaults, distributed, memory, methods, nonfinite, pipeline,
+                               plots, resume, rundir, runlog, shards, subsets, weights)
 from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dataset
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
@@ -153,7 +154,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
             first_loss=None, last_loss=None, seconds=float(final.get("elapsed", 0.0)), resumed_from=final["step"],
             named_data=cfg.data.source is None or cfg.data.source in NAMED_DATASETS, already_complete=True,
         )
-    pixels, cfg = _pixels(cfg, images, rt=rt)
+    pixels, cfg = _pixels(cfg, images, rt=rt, world=world, run=run_dir.root, data=data)
     config_dict = to_plain(cfg)  # resolved: what config.yaml and every checkpoint record
 
     method = _method(cfg, world=world, rt=rt, init=not resume_run)
@@ -250,12 +251,17 @@ def plan(cfg, *, method: str, images: int, schedule: Schedule, rt: Runtime, worl
     )
 
 
-def _pixels(cfg, images, *, rt: Runtime):
-    """The uint8 pixels of `images`, decoded once into the cache when it fits; and `cfg` with the DataLoader workers
-    resolved, now that it is known whether batches decode (the cache fills with the workers a decode needs)."""
+def _pixels(cfg, images, *, rt: Runtime, world: distributed.World, run: Path, data: dict[str, Any]):
+    """The uint8 pixels of `images`, decoded once into this machine's cache when it fits (named from the `run` folder
+    and the `data` fingerprint); and `cfg` with the DataLoader workers resolved, now that it is known whether batches
+    decode (the cache fills with the workers a decode needs)."""
     pixels = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image=cfg.data.on_bad_image)
-    pixels.cache = pipeline.build_cache(pixels, budget=pipeline.cache_budget(cfg.data.cache_gb),
-                                        workers=defaults.resolve_workers(cfg.data.workers, rt.device))
+    key = json.dumps({"run": str(run), "data": data, "decode_side": cfg.data.decode_side,
+                      "max_pixels": cfg.data.max_image_pixels}, sort_keys=True)
+    pixels.cache = pipeline.build_cache(
+        pixels, budget=pipeline.cache_budget(cfg.data.cache_gb), workers=defaults.resolve_workers(cfg.data.workers, rt.device),
+        sharing=pipeline.Sharing(key=key, node=distributed.node(world), device=rt.device),
+        decode_device=decoders.resolve(cfg.data.decode_device, train_device=rt.device))
     workers = defaults.resolve_workers(cfg.data.workers, rt.device, decoding=pixels.decoding)
     return pixels, replace(cfg, data=replace(cfg.data, workers=workers))
 
