@@ -206,7 +206,7 @@ def _run(cfg: DistillConfig, *, teacher: Path, world: distributed.World, out: Pa
     )
     torch.manual_seed(cfg.seed)  # the same initial student on every rank
     model = build_model(student_cfg)
-    init = _student_init(cfg, info=info, teacher=teacher, student=student_cfg)
+    init = None if cfg.init is None else Path(cfg.init).expanduser()
     if init is not None and not resume_run:
         report = weights.init_encoder(model, init)
         log.info("student initialised from %s (%s): %d tensors", report.source, report.layout, report.loaded)
@@ -359,11 +359,6 @@ def _labelled_images(cfg: DistillConfig, *, info, splits, num_classes: int) -> t
         source = f"{100 * fraction:g}% of {splits.name}'s train labels"
     check_labels([labels[i] for i in subset], num_classes=num_classes, name="labelled train")
     return Subset(train, subset), source
-
-
-def _student_init(cfg: DistillConfig, *, info, teacher: Path, student: ModelConfig) -> Path | None:
-    """The file the student's encoder starts from, or None for random weights."""
-    return None if cfg.init is None else Path(cfg.init).expanduser()
 
 
 def _epoch(net: nn.Module, teacher: nn.Module, loader: DataLoader, *, optimizer, scaler, rt: Runtime, bad: BadFiles,
