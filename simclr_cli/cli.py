@@ -583,9 +583,7 @@ def distill(
         cfg = config.resolve_task("distill", preset=preset, sets=set_, flags=flags)
         named_out = []
         if out is None and (gpus or 1) > 1 and not launcher.launched_externally():
-            from simclr_cli.engine import rundir
-
-            out = rundir.default_run_dir(prefix="distill-")
+            out = launcher.new_run_dir(prefix="distill-")
             named_out = ["--out", str(out)]  # one folder for all the workers
         if _launched(gpus, cfg.device, add=named_out):
             return
