@@ -538,7 +538,8 @@ def distill(
     student_width: Annotated[float | None, typer.Option(help="The student's width multiplier. Default: the teacher's.")] = None,
     student_sk_ratio: Annotated[float | None, typer.Option(help="The student's selective kernels (0 = none). Default: the teacher's.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="tau of both softmaxes; 1 (default) as the paper's "
-                                                      "big-to-small students, 0.1 its self-distillation (the effect is small).")] = None,
+                                                      "big-to-small students, 0.1 its self-distillation. Lower it (e.g. 0.5) for an unsure "
+                                                      "teacher, whose flat softmax hides its argmax.")] = None,
     labels_weight: Annotated[float | None, typer.Option("--labels-weight", help="a in [0, 1): add the labels' cross-entropy as "
                                                         "(1 - a) distillation + a labels (eq. 3). Default 0: soft labels only.")] = None,
     label_fraction: Annotated[float | None, typer.Option(help="With --labels-weight: a class-balanced fraction of the --val data's "
