@@ -6,8 +6,13 @@ images to match the class distribution of a fine-tuned teacher, with only the te
 The teacher (a `finetuned.safetensors`: encoder, head layers and classifier) is fixed, in eval mode, with no
 gradient; the student is an encoder of any of our architectures (default: the teacher's, i.e. self-distillation)
 with a linear classifier on h, both trained from scratch unless `init` gives the encoder's starting weights. Both see
-the same view of each image: the fine-tuning augmentation (random crop + flip), in the teacher's input transform.
-Optimiser and schedule as v2 §3: those of pretraining (LARS 0.1 x sqrt(B), weight decay 1e-4, 5% warm-up, cosine).
+the same view of each image: the teacher's fine-tuning augmentation (`supervised.training_crops`: a random crop, and
+a flip only as often as its pretraining flipped), in its input transform, drawn from (seed, epoch, image) alone.
+With `labels_weight` a > 0, eq. 3 adds the labels: (1 - a) x the loss above + a x the cross-entropy of a labelled
+batch (the teacher's fine-tuning labels by default) drawn with every unlabelled one and sent through the student in
+the same forward pass. Optimiser and schedule as v2 §3: those of pretraining (LARS 0.1 x sqrt(B), weight decay 1e-4,
+5% warm-up, cosine). Under a process group (`--gpus N`) each rank takes its contiguous share of every global batch,
+BN statistics cover the global batch and DDP averages the gradients, so N processes train what one does.
 
 The run folder holds config.yaml, metrics.jsonl (one line per epoch), checkpoints/ (a training state per epoch,
 for --resume), `student.safetensors` (an encoder file with the classifier as extra tensors, `extra.task` "distill",
