@@ -218,6 +218,8 @@ def _run(cfg: DistillConfig, *, teacher: Path, world: distributed.World, out: Pa
     model.head.requires_grad_(False)  # the student classifies h: its projection head takes no part (nor DDP's reduction)
     student = Classifier(Backbone(model, depth=0), LinearClassifier(model.encoder.out_dim, num_classes), frozen=False)
     student.to(rt.device)
+    if rt.channels_last:  # the layout of the inputs, so DDP's buckets match the gradients' strides
+        student.to(memory_format=torch.channels_last)
     if world.world_size > 1:
         student = distributed.sync_batchnorm(student, device_type=rt.device.type)  # BN over the global batch
     teacher_net.to(rt.device).eval().requires_grad_(False)
