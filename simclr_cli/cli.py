@@ -229,7 +229,7 @@ def benchmark(
         show_table(f"benchmark: {r.warmup} warm-up + {r.steps} timed steps each, median of {r.repeats} round(s)", rows)
 
 
-def _launched(gpus: int | None, device: str | None) -> bool:
+def _launched(gpus: int | None, device: str | None, *, add: list[str] | None = None) -> bool:
     """With --gpus N (and no launcher around us), run this same command in N worker processes and return True;
     otherwise False: this process does the work (joining the process group the environment describes)."""
     from simclr_cli.engine.errors import ConfigError
@@ -240,7 +240,7 @@ def _launched(gpus: int | None, device: str | None) -> bool:
     if procs == 1 or launcher.launched_externally():
         return False
     launcher.check_gpu_count(device or "auto", procs)
-    code = launcher.launch(sys.argv[1:], procs=procs)
+    code = launcher.launch([*sys.argv[1:], *(add or [])], procs=procs)
     if code:
         raise typer.Exit(code)
     return True
@@ -617,7 +617,14 @@ def distill(
     student_width: Annotated[float | None, typer.Option(help="The student's width multiplier. Default: the teacher's.")] = None,
     student_sk_ratio: Annotated[float | None, typer.Option(help="The student's selective kernels (0 = none). Default: the teacher's.")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="tau of both softmaxes; 1 (default) as the paper's "
-                                                      "big-to-small students, 0.1 its self-distillation (the effect is small).")] = None,
+                                                      "big-to-small students, 0.1 its self-distillation. Lower it (e.g. 0.5) for an unsure "
+                                                      "teacher, whose flat softmax hides its argmax.")] = None,
+    labels_weight: Annotated[float | None, typer.Option("--labels-weight", help="a in [0, 1): add the labels' cross-entropy as "
+                                                        "(1 - a) distillation + a labels (eq. 3). Default 0: soft labels only.")] = None,
+    label_fraction: Annotated[float | None, typer.Option(help="With --labels-weight: a class-balanced fraction of the --val data's "
+                                                         "train labels. Default: the labels the teacher was fine-tuned on.")] = None,
+    label_file: Annotated[Path | None, typer.Option(help="With --labels-weight: the labelled images, one path a line, relative to "
+                                                    "the --val data's train folder.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="lars (default; v2: pretraining's 0.1 x sqrt(B)) | sgd (Nesterov, 0.1 x B/256).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", help="Passes over the unlabelled images (the paper's 400 by default).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="BASE learning rate: x sqrt(B) with lars (0.1, as pretraining in v2), x B/256 with sgd.",
@@ -633,6 +640,8 @@ def distill(
     seed: options.Seed = None,
     preset: options.Preset = None,
     set_: options.Set = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", "--procs", help="Processes on this machine, one per GPU (CPU processes with "
+                                            "--device cpu); --batch-size is the global batch.", show_default="1")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder. Default: runs/distill-<timestamp>/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint (one per epoch).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in a non-empty --out.")] = False,
@@ -645,12 +654,22 @@ def distill(
         from simclr_cli.engine.tasks import distill as task
 
         flags = {"data": data, "val": val, "student_arch": student_arch, "student_width": student_width,
-                 "student_sk_ratio": student_sk_ratio, "temperature": temperature, "optimizer": optimizer, "epochs": epochs,
+                 "student_sk_ratio": student_sk_ratio, "temperature": temperature, "labels_weight": labels_weight,
+                 "label_fraction": label_fraction, "label_file": str(label_file) if label_file else None,
+                 "optimizer": optimizer, "epochs": epochs,
                  "lr": lr, "batch_size": batch_size, "init": str(init) if init else None, "on_bad_image": on_bad_image,
                  "data_root": str(data_root) if data_root else None, "download": download, "device": device,
                  "precision": precision, "workers": workers, "seed": seed}
         cfg = config.resolve_task("distill", preset=preset, sets=set_, flags=flags)
+        named_out = []
+        if out is None and (gpus or 1) > 1 and not launcher.launched_externally():
+            out = launcher.new_run_dir(prefix="distill-")
+            named_out = ["--out", str(out)]  # one folder for all the workers
+        if _launched(gpus, cfg.device, add=named_out):
+            return
         r = task.run(cfg, teacher=teacher, out=out, resume_run=resume, overwrite=overwrite, progress=RichProgress())
+        if r is None:  # a worker other than rank 0
+            return
         show_table(f"distillation of {r.teacher.name} on {r.images} unlabelled images", [
             ("student top-1", _pct(r.top1)), ("student top-5", _pct(r.top5)),
             ("teacher top-1", _pct(r.teacher_top1)), ("val data", str(r.val or "-")), ("student", str(r.student)),

@@ -51,6 +51,13 @@ def check_gpu_count(device: str, procs: int) -> str:
     return "cuda"
 
 
+def new_run_dir(*, prefix: str) -> Path:
+    """A new runs/<prefix><timestamp>/ named once, in the parent: workers naming their own would each pick another."""
+    from simclr_cli.engine import rundir
+
+    return rundir.default_run_dir(prefix=prefix).resolve()
+
+
 def launch_pretrain(cfg, *, out: Path | None, resume: bool, overwrite: bool, verbose: bool, procs: int, nodes: int,
                     node_rank: int, master_addr: str | None, master_port: int | None) -> int:
     """`simclr pretrain` in `procs` workers on this node, all writing to one run folder (a new runs/<timestamp>/

@@ -19,8 +19,8 @@ from simclr_cli.engine.datasets import LabelledImages, labelled_folder
 from simclr_cli.engine.device import runtime
 from simclr_cli.engine.errors import CheckpointError, ConfigError, DataError
 from simclr_cli.engine.configs import FinetuneConfig
-from simclr_cli.engine.supervised import class_balanced_subset
-from simclr_cli.engine.tasks.finetune import label_file_subset, load_finetuned
+from simclr_cli.engine.labelsets import class_balanced_subset, label_file_subset
+from simclr_cli.engine.tasks.finetune import load_finetuned
 from simclr_cli.engine.model import ModelConfig, build_model
 from simclr_cli.engine.supervised import evaluate, eval_loader
 

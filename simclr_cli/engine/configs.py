@@ -314,6 +314,9 @@ class DistillConfig(InferenceConfig):
     student_sk_ratio: float | None = None
     init: str | None = None  # the student encoder's starting weights (any --init layout); None = random
     temperature: float = 1.0  # tau of both softmaxes (v2 §2.3; 1.0 for big-to-small, 0.1 for self-distillation)
+    labels_weight: float = 0.0  # a of eq. 3 as (1 - a) distillation + a cross-entropy on the labelled images (alpha = 1 - a)
+    label_fraction: float | None = None  # the labelled images: a class-balanced fraction of val's train split; None = the teacher's
+    label_file: str | None = None  # instead: the images this file lists (relative to the train folder)
     epochs: int = 400  # v2 §3
     optimizer: str = "lars"  # lars (v2: as pretraining) | sgd (Nesterov)
     lr: float | None = None  # BASE lr; None: 0.1 x sqrt(B) (lars) or 0.1 x B/256 (sgd)
@@ -332,6 +335,16 @@ class DistillConfig(InferenceConfig):
                     sk_ratio=self.student_sk_ratio or 0.0).validate()
         if not (is_finite_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"distill.temperature {self.temperature!r} must be a number > 0; the paper uses 1 (or 0.1)")
+        if not (is_finite_number(self.labels_weight) and 0 <= self.labels_weight < 1):
+            raise ConfigError(f"distill.labels_weight {self.labels_weight!r} must be in [0, 1): the weight of the labels' "
+                              "cross-entropy, the distillation loss getting 1 - a")
+        if self.label_fraction is not None and not (is_finite_number(self.label_fraction) and 0 < self.label_fraction <= 1):
+            raise ConfigError(f"distill.label_fraction {self.label_fraction!r} must be in (0, 1]; e.g. 0.1 for 10% of the labels")
+        if self.label_fraction is not None and self.label_file is not None:
+            raise ConfigError("pass --label-fraction or --label-file, not both")
+        if (self.label_fraction is not None or self.label_file is not None) and not self.labels_weight:
+            raise ConfigError("--label-fraction/--label-file choose the labelled images of --labels-weight; "
+                              "pass --labels-weight a (e.g. 0.5) too, or drop them")
         for name in ("epochs", "log_every"):
             value = getattr(self, name)
             if not is_whole_number(value) or value < 1:

@@ -82,3 +82,23 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
         targets = F.softmax(teacher_logits.detach().float() / temperature, dim=1)  # (N, C), P_T
         log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)  # (N, C), log P_S
         return -(targets * log_probs).sum(dim=1).mean()
+
+
+def semi_supervised_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, *,
+                                      labelled_logits: Tensor | None = None, labels: Tensor | None = None,
+                                      labels_weight: float = 0.0) -> Tensor:
+    """SimCLRv2 eq. 3: (1 - a) x the distillation loss on the unlabelled batch + a x the cross-entropy of the labelled
+    batch at temperature 1, each a mean over its batch (the paper's alpha is 1 - a). a = 0 is eq. 2 alone.
+
+    labelled_logits: (M, C) student logits of the labelled images; labels: (M,) their classes.
+    """
+    if not 0 <= labels_weight <= 1:
+        raise ValueError(f"labels_weight must be in [0, 1], got {labels_weight}")
+    distilled = distillation_loss(student_logits, teacher_logits, temperature)
+    if labels_weight == 0:
+        return distilled
+    if labelled_logits is None or labels is None:
+        raise ValueError("labels_weight > 0 needs labelled_logits and labels")
+    with torch.autocast(labelled_logits.device.type, enabled=False):
+        supervised = F.cross_entropy(labelled_logits.float(), labels)
+    return (1 - labels_weight) * distilled + labels_weight * supervised

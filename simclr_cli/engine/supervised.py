@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -293,20 +292,6 @@ def _check_finite(bad_step: Tensor) -> None:
     bad = int(bad_step.item())
     if bad >= 0:
         raise NonFiniteLoss(bad, what="the classifier's loss")
-
-
-def class_balanced_subset(labels: Sequence[int], fraction: float, *, seed: int) -> list[int]:
-    """Sorted indices of round(fraction * n_c) items of every class c (at least 1), drawn with `seed`."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    chosen = []
-    for c in np.unique(labels):  # sorted class order, so each class's draw depends only on the seed
-        members = np.flatnonzero(labels == c)
-        count = max(1, round(fraction * len(members)))
-        chosen.append(rng.permutation(members)[:count])
-    return sorted(int(i) for i in np.concatenate(chosen)) if chosen else []
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from simclr_cli.engine.images import ImageFiles, scan_folder
 from simclr_cli.engine.ranks import ranks, spearman
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_json
-from simclr_cli.engine.supervised import class_balanced_subset, finetune_encoder
+from simclr_cli.engine.labelsets import class_balanced_subset
+from simclr_cli.engine.supervised import finetune_encoder
 
 log = logging.getLogger("simclr")
 

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,16 @@ from typing import Any
 from torch.utils.data import Dataset, Subset
 
 from simclr_cli.engine import checkpoint, defaults, evaluation, external, features, weights
+from simclr_cli.engine.labelsets import class_balanced_subset, image_paths, label_file_subset
 from simclr_cli.engine.configs import LR_SCALING, FinetuneConfig
 from simclr_cli.engine.device import Runtime
-from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.report import NoProgress, Progress
 from simclr_cli.engine.supervised import (
     CLASSIFIER_BIAS,
     CLASSIFIER_WEIGHT,
     Classifier,
     check_labels,
-    class_balanced_subset,
     finetune_encoder,
     load_classifier,
     training_crops,
@@ -70,45 +69,6 @@ class FinetuneResult:
         out["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         out["finetuned"] = str(self.finetuned)
         return out
-
-
-def image_paths(dataset: Dataset) -> list[Path]:
-    """The file behind every item of a labelled image folder (DataError for in-memory or named datasets)."""
-    for candidate in (dataset, getattr(dataset, "dataset", None)):
-        samples = getattr(candidate, "samples", None)
-        if samples is not None and len(samples) == len(dataset) and all(isinstance(s[0], (str, os.PathLike)) for s in samples):
-            return [Path(s[0]) for s in samples]
-    raise DataError("--label-file needs the training images as files in a folder; this training set has no file paths")
-
-
-def label_file_subset(label_file: Path, paths: Sequence[Path], *, root: Path) -> list[int]:
-    """Sorted indices of the images a label file lists (one path a line, relative to `root`; blank lines and
-    '#' comments skipped); DataError naming the lines that are not images of the set."""
-    label_file = Path(label_file)
-    try:
-        lines = label_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read label file {label_file} ({exc}); pass a text file with one image path a line") from exc
-    index = {os.path.normpath(p): i for i, p in enumerate(paths)}
-    chosen, unknown = set(), []
-    for number, line in enumerate(lines, start=1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        i = index.get(os.path.normpath(Path(root) / entry))  # an absolute entry replaces root
-        if i is None:
-            unknown.append(f"line {number} '{entry}'")
-        else:
-            chosen.add(i)
-    if unknown:
-        shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
-        raise DataError(
-            f"label file {label_file}: {shown} not found among the training images under {root}; "
-            "list image paths relative to the train folder, one per line"
-        )
-    if not chosen:
-        raise DataError(f"label file {label_file} lists no images; put one training image path on each line")
-    return sorted(chosen)
 
 
 def run(cfg: FinetuneConfig, *, checkpoint: Path | None, out: Path | None = None,
