@@ -171,3 +171,17 @@ def test_bad_specs_are_one_line(args, expected, weight_files, labelled, tmp_path
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_compare_takes_external_rows_and_one_file_at_two_sizes_is_two_encoders(weight_files, labelled, tmp_path):
+    """A comparison row per spec; the cache key holds the input transform, so `@32` never answers for `@48`."""
+    out = tmp_path / "cmp"
+    args = ["--data", str(labelled), "--tasks", "knn", *COMMON, "--out", str(out)]
+    small, large = (f"torchvision:resnet18@{size}={weight_files['safetensors']}" for size in (32, 48))
+    assert runner.invoke(app, ["compare", small, *args]).exit_code == 0
+    result = runner.invoke(app, ["compare", small, large, *args])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [row["computed"] for row in rows] == [[], ["knn"]]  # the second size was scored, not read from the cache
+    assert [row["input"]["image_size"] for row in rows] == [32, 48]
+    assert len(list((out / "cache").iterdir())) == 2

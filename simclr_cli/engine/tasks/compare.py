@@ -399,8 +399,9 @@ def _score(task: str, shared: _Features, *, cache: _Cache, row: Row, column: str
     """One cell: from the cache, or computed (and cached); None for a labelled task on data without labels."""
     if task in LABELLED_TASKS and shared.data.train is None:
         return None
+    # The input transform is part of the key: one external file read at two sizes (`@SIZE`) is two encoders.
     key = {"version": VERSION, "encoder": row.sha256, "random_init_seed": cfg.seed if row.random_init else None,
-           "task": task, "data": shared.data.key, "protocol": _protocols(cfg)[task]}
+           "input": row.input, "task": task, "data": shared.data.key, "protocol": _protocols(cfg)[task]}
     hit = cache.get(key) if row.sha256 is not None else None  # no file hash, no name to cache it under
     if hit is not None:
         return hit["score"]
