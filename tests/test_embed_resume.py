@@ -19,6 +19,7 @@ from simclr_cli.cli import app
 from simclr_cli.engine import partial
 from simclr_cli.engine.partial import PartialRows, merge_runs, missing, runs_of
 from test_hostile import the_error as one_line_error
+from test_shards import shard
 from test_knn import tiny_checkpoint
 
 runner = CliRunner()
@@ -48,8 +49,7 @@ def checkpoint(tmp_path) -> Path:
 
 
 def shard_source(image_folder: Path, tmp_path: Path) -> str:
-    result = runner.invoke(app, ["shard", str(image_folder), "-o", str(tmp_path / "shards"), "--shard-size", "5"])
-    assert result.exit_code == 0, result.output
+    shard(image_folder, tmp_path / "shards", "--shard-size", "5")
     return f"{tmp_path / 'shards'}/shard-{{000000..000004}}.tar"
 
 
