@@ -58,10 +58,11 @@ def write_index(out: Path, *, rows: int, dim: int, checkpoint: Path, seed: int =
     return vectors
 
 
-def write_encoder(path: Path, *, width: float) -> Path:
+def write_encoder(path: Path, *, width: float, image_size: int = 32) -> Path:
+    """A ResNet-18 encoder file of random weights (h is 512 x width wide)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="resnet18", width=width).resolved(image_size=32)
-    info = EncoderInfo(model=cfg, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
+    cfg = ModelConfig(arch="resnet18", width=width).resolved(image_size=image_size)
+    info = EncoderInfo(model=cfg, image_size=image_size, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
                        config={}, epoch=1, step=1)
     save_encoder(path, build_model(cfg), info=info)
     return path
