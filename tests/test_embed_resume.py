@@ -131,3 +131,15 @@ def test_a_resumed_run_on_two_processes_after_one_gathers_every_record(tmp_path)
                                                           ".vecs.npy.partial.rank0.json"]
     assert rows.progress() == ([[0, 2], [5, 8]], [(1, "bad"), (7, "worse")])
     assert partial.FORMAT == rows.settings()["format"]
+
+
+def test_a_second_embed_to_the_same_out_is_refused_while_the_first_runs(image_folder, checkpoint, tmp_path):
+    out = tmp_path / "vecs.npy"
+    with PartialRows(out).locked():  # what a running `simclr embed -o vecs.npy` holds
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            message = one_line_error(runner.invoke(app, ["embed", str(image_folder), "-o", str(out), "-c", str(checkpoint),
+                                                         *OPTIONS, *extra]))
+            assert message == f"error: another simclr embed is writing to {out}; wait for it to finish or choose another --out"
+    result = runner.invoke(app, ["embed", str(image_folder), "-o", str(out), "-c", str(checkpoint), *OPTIONS])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / ".vecs.npy.partial.lock").exists()

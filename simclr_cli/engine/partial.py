@@ -16,17 +16,19 @@ For VECS.npy:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from simclr_cli.engine.errors import DataError
+from simclr_cli.engine.errors import ConfigError, DataError
 from simclr_cli.engine.files import atomic_write
 from simclr_cli.engine.images import printable_path
 
@@ -48,6 +50,25 @@ class PartialRows:
 
     def progress_file(self, rank: int) -> Path:
         return self.out.parent / f".{self.out.name}.partial.rank{rank}.json"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold `.VECS.npy.partial.lock` for the block, so that two runs to one --out never write one unfinished file
+        (an exclusive flock: the kernel drops it however the holder ends, so none is ever stale)."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        path = self.out.parent / f".{self.out.name}.partial.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another simclr embed is writing to {self.out}; wait for it to finish or choose another "
+                              "--out") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
     def exists(self) -> bool:
         return self.settings_file.is_file() and self.rows_file.is_file()

@@ -21,6 +21,7 @@ as NFS or Lustre with close-to-open consistency).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -106,11 +107,13 @@ def run(cfg: EmbedConfig, *, folder: Path, out: Path, checkpoint: Path | None, o
     the index `out` (VECS.npy, VECS.paths.txt, VECS.json); with `cfg.plot` also a map, VECS.png. With `resume`,
     continue the unfinished embed to `out`. Returns what to show on the main process, None on the others."""
     cfg.validate()
-    with distributed.context(device=cfg.device) as world:
+    with distributed.context(device=cfg.device) as world, contextlib.ExitStack() as held:
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        partial = PartialRows(Path(out).expanduser())
+        distributed.on_every_rank(lambda: held.enter_context(partial.locked()) if world.is_main else None, device=rt.device)
         path = rundir.resolve_checkpoint(checkpoint)
         log.info("checkpoint: %s", path)
         encoder = open_encoder(path)
-        rt = runtime(device=cfg.device, precision=cfg.precision)
         result = embed_folder(
             encoder, folder, out=out, layer=cfg.layer, normalize=cfg.normalize, batch_size=cfg.batch_size,
             workers=defaults.resolve_workers(cfg.workers, rt.device), rt=rt, progress=progress if world.is_main else None,
