@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import torch
+
+from multiprocess import run_on_two_processes
 from simclr_cli.cli import app
+from simclr_cli.engine import features, index
+from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.tasks import embed
 from simclr_cli.engine import partial
 from simclr_cli.engine.partial import PartialRows, merge_runs, missing, runs_of
 from test_hostile import the_error as one_line_error
@@ -143,3 +149,25 @@ def test_a_second_embed_to_the_same_out_is_refused_while_the_first_runs(image_fo
     result = runner.invoke(app, ["embed", str(image_folder), "-o", str(out), "-c", str(checkpoint), *OPTIONS])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / ".vecs.npy.partial.lock").exists()
+
+
+def _resume_on_two_ranks(world, checkpoint: str, folder: str, out: str) -> None:
+    encoder = features.open_encoder(Path(checkpoint))
+    embed.embed_folder(encoder, Path(folder), out=Path(out), batch_size=2, rt=Runtime(device=torch.device("cpu"), precision="fp32"),
+                       resume=True, chunk_rows=2)
+
+
+def test_a_run_killed_on_one_process_resumes_on_two(image_folder, checkpoint, tmp_path):
+    """The rows still to do are shared out batch-aligned, so each rank runs the batches one process would."""
+    whole = tmp_path / "whole.npy"
+    result = runner.invoke(app, ["embed", str(image_folder), "-o", str(whole), "-c", str(checkpoint), *OPTIONS])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "two" / "vecs.npy"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THE_THIRD_RECORD, "embed", str(image_folder), "-o", str(out),
+                             "-c", str(checkpoint), *OPTIONS], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    run_on_two_processes(_resume_on_two_ranks, str(checkpoint), str(image_folder), str(out), timeout_s=180)
+    assert out.read_bytes() == whole.read_bytes()
+    assert index.paths_file_for(out).read_bytes() == index.paths_file_for(whole).read_bytes()
+    # no record of either rank left; the killed run's lock file stays (only `simclr embed`, not embed_folder, locks)
+    assert sorted(os.listdir(out.parent)) == [".vecs.npy.partial.lock", "vecs.npy", "vecs.paths.txt"]
