@@ -278,7 +278,8 @@ def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, partial:
         raise ConfigError(f"--out {out} must end with .npy (the embeddings are a NumPy array file)")
     dim = layer_dim(encoder, layer)  # ConfigError for a layer this checkpoint lacks
     if resume:
-        return _resumed_source(partial, folder, out, paths_file, settings=settings, max_pixels=max_pixels, dim=dim)
+        return _resumed_source(partial, folder, out, paths_file, settings=settings, max_pixels=max_pixels, dim=dim,
+                               overwrite=overwrite)
     if partial.exists() and not overwrite:
         raise ConfigError(f"an unfinished embed to {out} is there ({partial.rows_file.name}); pass --resume to continue "
                           "it, or --overwrite to start again")
@@ -291,7 +292,7 @@ def _check(encoder: Encoder, folder: Path, out: Path, paths_file: Path, partial:
 
 
 def _resumed_source(partial: PartialRows, folder: Path, out: Path, paths_file: Path, *, settings: dict[str, Any],
-                    max_pixels: int | None, dim: int) -> tuple[FolderScan | ShardImages, int, dict[str, Any]]:
+                    max_pixels: int | None, dim: int, overwrite: bool) -> tuple[FolderScan | ShardImages, int, dict[str, Any]]:
     """The images of the unfinished embed to `out`, from its saved list, once its settings match this run's."""
     if not partial.exists():
         done = " is complete, so" if out.is_file() else ""
@@ -306,7 +307,7 @@ def _resumed_source(partial: PartialRows, folder: Path, out: Path, paths_file: P
                               "to start again")
     if saved["dim"] != dim:
         raise ConfigError(f"the unfinished embed to {out} has {saved['dim']}-d rows, this encoder gives {dim}")
-    check_output_file(out, overwrite=bool(saved.get("replace")), sidecars=(paths_file,))
+    check_output_file(out, overwrite=overwrite or bool(saved.get("replace")), sidecars=(paths_file,))
     shard_index = partial.listing_file("shards.tsv")
     if shard_index.is_file():
         source: FolderScan | ShardImages = open_shards(folder, max_pixels=max_pixels, saved_index=shard_index)
