@@ -128,7 +128,7 @@ def test_row_runs():
 def test_a_resumed_run_on_two_processes_after_one_gathers_every_record(tmp_path):
     """A record of a rank the resumed run no longer has is folded into rank 0's, so no stale file is read later."""
     rows = PartialRows(tmp_path / "vecs.npy")
-    rows.create(rows=10, dim=2, settings={})
+    rows.create(rows=10, dim=2, settings={}, write_listing=lambda: None)
     rows.record(0, done=[[0, 2]], unreadable=[(1, "bad")], handle=None)
     rows.record(1, done=[[5, 7]], unreadable=[], handle=None)
     rows.record(2, done=[[7, 8]], unreadable=[(7, "worse")], handle=None)
@@ -171,3 +171,15 @@ def test_a_run_killed_on_one_process_resumes_on_two(image_folder, checkpoint, tm
     assert index.paths_file_for(out).read_bytes() == index.paths_file_for(whole).read_bytes()
     # no record of either rank left; the killed run's lock file stays (only `simclr embed`, not embed_folder, locks)
     assert sorted(os.listdir(out.parent)) == [".vecs.npy.partial.lock", "vecs.npy", "vecs.paths.txt"]
+
+
+def test_an_unfinished_embed_exists_only_once_its_image_list_is_saved(tmp_path):
+    rows = PartialRows(tmp_path / "vecs.npy")
+
+    def stopped():
+        assert not rows.exists()  # a stop here leaves nothing to resume, and a new run clears the files
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rows.create(rows=4, dim=2, settings={}, write_listing=stopped)
+    assert not rows.exists()

@@ -21,7 +21,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,15 @@ class PartialRows:
         for path in self.files():
             path.unlink(missing_ok=True)
 
-    def create(self, *, rows: int, dim: int, settings: dict[str, Any]) -> None:
-        """Start afresh: a (rows, dim) .npy of zeros (sparse where the filesystem allows) and the settings."""
+    def create(self, *, rows: int, dim: int, settings: dict[str, Any], write_listing: Callable[[], None]) -> None:
+        """Start afresh: a (rows, dim) .npy of zeros (sparse where the filesystem allows), the images' order
+        (`write_listing`) and the settings, last: a stop before them leaves nothing that `exists`."""
         self.remove()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         created = open_memmap(self.rows_file, mode="w+", dtype=np.float32, shape=(rows, dim))  # (N, D)
         created.flush()
         del created
+        write_listing()
         text = json.dumps({"format": FORMAT, "rows": rows, "dim": dim, **settings}, indent=2, ensure_ascii=True)
         atomic_write(self.settings_file, lambda tmp: tmp.write_text(text + "\n", encoding="ascii"))
 

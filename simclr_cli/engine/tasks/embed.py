@@ -22,6 +22,7 @@ as NFS or Lustre with close-to-open consistency).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -336,11 +337,11 @@ def _begin(partial: PartialRows, report: Path, images: ImageFiles | ShardImages,
         partial.gather_progress()
         return
     report.unlink(missing_ok=True)
-    partial.create(rows=rows, dim=dim, settings=settings)
     if isinstance(images, ShardImages):
-        shards.write_index(partial.listing_file("shards.tsv"), images)
+        listing = functools.partial(shards.write_index, partial.listing_file("shards.tsv"), images)
     else:
-        write_file_list(partial.listing_file("files.txt"), images.paths, base=folder)
+        listing = functools.partial(write_file_list, partial.listing_file("files.txt"), images.paths, base=folder)
+    partial.create(rows=rows, dim=dim, settings=settings, write_listing=listing)
 
 
 def _finish(partial: PartialRows, out: Path, paths_file: Path, report: Path, *, kept: list[int], names: list[str],
