@@ -2,12 +2,13 @@
 
 Writes COUNT 8x8 images (JPEG and PNG, 64 distinct ones, repeated) into FOLDERS top-level folders of 10
 subfolders each, then times, each in a fresh process so its peak memory is its own:
-- the folder walk alone (images.walk_images) with 1 and with 16 listing threads;
+- the folder walk alone (images.walk_images) with 1 and with 16 listing threads, in --repeats interleaved rounds
+  (medians, and each round's figures);
 - `simclr pretrain TREE --max-steps 1` (discovery, data fingerprint, first decode, one step), and
 - `simclr pretrain --resume` of that finished run (the saved files.txt read back, the fingerprint checked).
 The tree is deleted afterwards unless --keep is given.
 
-    python benchmarks/many_files.py /tmp/many_files --count 200000
+    python benchmarks/many_files.py /tmp/many_files --count 200000 --repeats 3
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,14 +64,20 @@ WALK = ("import resource, sys, time; from pathlib import Path; from simclr_cli.e
         "print(n, time.perf_counter() - t, peak() - before, file=sys.stderr)")
 
 
-def measure(root: Path, *, runs: Path) -> dict:
-    results = {}
-    for threads in (1, 16):
-        seconds, peak, said = timed([sys.executable, "-c", WALK, str(root), str(threads)])
-        found, walk_seconds, walk_mb = said.split()[-3:]
-        results[f"walk_{threads}_threads"] = {"images": int(found), "walk_seconds": round(float(walk_seconds), 2),
-                                              "walk_memory_mb": round(float(walk_mb), 1), "process_seconds": round(seconds, 2),
-                                              "process_peak_rss_mb": round(peak, 1)}
+def measure(root: Path, *, runs: Path, repeats: int = 1) -> dict:
+    results: dict = {"load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    rounds: dict[int, list[dict]] = {1: [], 16: []}
+    for _ in range(repeats):
+        for threads in rounds:
+            seconds, peak, said = timed([sys.executable, "-c", WALK, str(root), str(threads)])
+            found, walk_seconds, walk_mb = said.split()[-3:]
+            rounds[threads].append({"images": int(found), "walk_seconds": float(walk_seconds), "walk_memory_mb": float(walk_mb),
+                                    "process_seconds": seconds, "process_peak_rss_mb": peak})
+    for threads, measured in rounds.items():
+        results[f"walk_{threads}_threads"] = {
+            "images": measured[0]["images"], "walk_seconds_each": [round(m["walk_seconds"], 2) for m in measured],
+            **{key: round(statistics.median(m[key] for m in measured), 2)
+               for key in ("walk_seconds", "walk_memory_mb", "process_seconds", "process_peak_rss_mb")}}
     simclr = [sys.executable, "-m", "simclr_cli"]
     out = runs / "run"
     first = [*simclr, "pretrain", str(root), "--out", str(out), "--max-steps", "1", "--arch", "resnet18", "--width", "0.25",
@@ -79,6 +87,7 @@ def measure(root: Path, *, runs: Path) -> dict:
     results["pretrain_first_step"] = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}
     seconds, peak, _ = timed([*simclr, "pretrain", "--resume", "--out", str(out), "--workers", "0"])
     results["resume_with_saved_list"] = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}
+    results["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     return results
 
 
@@ -87,13 +96,14 @@ def main() -> None:
     parser.add_argument("root", type=Path, help="where to write the tree (deleted afterwards unless --keep)")
     parser.add_argument("--count", type=int, default=200_000, help="number of image files (default 200000)")
     parser.add_argument("--folders", type=int, default=200, help=f"top-level folders, each with {SUBFOLDERS} subfolders")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the two walks (medians reported)")
     parser.add_argument("--keep", action="store_true", help="keep the tree and the run folder")
     args = parser.parse_args()
     started = time.perf_counter()
     write_tree(args.root / "tree", count=args.count, folders=args.folders)
     print(f"wrote {args.count} files in {args.folders * SUBFOLDERS} folders in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     try:
-        print(json.dumps(measure(args.root / "tree", runs=args.root), indent=2))
+        print(json.dumps(measure(args.root / "tree", runs=args.root, repeats=args.repeats), indent=2))
     finally:
         if not args.keep:
             shutil.rmtree(args.root)

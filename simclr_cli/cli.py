@@ -679,6 +679,7 @@ def distill(
 @app.command(epilog=examples(
     "simclr embed ./photos -o vecs.npy --normalize    # with runs/latest/encoder.safetensors",
     "simclr embed ./photos -o vecs.npy -c runs/r50/encoder.safetensors --plot",
+    "simclr embed ./photos -o vecs.npy --resume    # continue a stopped or killed embed where it stopped",
 ))
 def embed(
     folder: Annotated[Path, typer.Argument(help="A folder of images (searched recursively), or tar shards (rows keyed by sample key).")],
@@ -693,6 +694,8 @@ def embed(
     precision: options.Precision = None,
     workers: options.Workers = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished embed to --out (stopped or killed) from the "
+                                         "rows it had written; give the same FOLDER, checkpoint and options.")] = False,
     plot: Annotated[bool | None, typer.Option("--plot/--no-plot", help="Also draw a 2-D map of the embeddings with image thumbnails "
                                               "(VECS.png; needs matplotlib).", show_default="--no-plot")] = None,
     plot_method: Annotated[str | None, typer.Option(help="pca (default) | tsne (scikit-learn) | umap (umap-learn) for --plot.")] = None,
@@ -705,8 +708,8 @@ def embed(
     gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
-    """Encode every image of a folder into one row of a .npy (written incrementally; undecodable files are skipped and
-    listed in VECS.bad_files.jsonl)."""
+    """Encode every image of a folder into one row of a .npy (written incrementally and resumable with --resume;
+    undecodable files are skipped and listed in VECS.bad_files.jsonl)."""
     setup_logging(verbose=verbose)
     with errors_as_messages(verbose=verbose):
         from simclr_cli import config
@@ -719,7 +722,7 @@ def embed(
         if _launched(gpus, cfg.device):
             return
         done = task.run(cfg, folder=folder, out=out, checkpoint=checkpoint, overwrite=overwrite, file_list=file_list,
-                        progress=RichProgress())
+                        resume=resume, progress=RichProgress())
         if done is None:
             return
         r = done.result

@@ -184,6 +184,21 @@ def test_embed_then_retrieve_finds_the_query_itself_first(encoder_file, labelled
     assert rows[0]["path"] == "green/2.png" and float(rows[0]["similarity"]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_retrieval_over_a_normalised_index_skips_the_row_norms(encoder_file, labelled, tmp_path, monkeypatch):
+    from simclr_cli.engine.tasks import retrieval
+
+    out = tmp_path / "vecs.npy"
+    result = runner.invoke(app, ["embed", str(labelled / "train"), "-o", str(out), "-c", str(encoder_file), "--normalize", *COMMON])
+    assert result.exit_code == 0, result.output
+    asked = []
+    real = retrieval.nearest
+    monkeypatch.setattr(retrieval, "nearest", lambda *args, **kwargs: asked.append(kwargs["unit_rows"]) or real(*args, **kwargs))
+    query = labelled / "train" / "green" / "2.png"
+    result = runner.invoke(app, ["knn", "--index", str(out), "--query", str(query), "-k", "1", *COMMON])
+    assert result.exit_code == 0, result.output
+    assert asked == [True] and "green/2.png" in result.output
+
+
 def test_default_checkpoint_is_runs_latest(encoder_file, labelled, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["knn", "--data", str(labelled), *COMMON])

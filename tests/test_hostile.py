@@ -648,30 +648,35 @@ def test_two_embeds_to_one_file_the_second_is_refused_and_the_first_kept(good, i
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no scratch or temp file left
 
 
-def test_sigterm_during_embed_removes_the_partial_file_and_says_so(good, images, tmp_path):
+def test_sigterm_during_embed_keeps_the_rows_so_far_for_resume_and_says_so(good, images, tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
     out = tmp_path / "out" / "vecs.npy"
-    # each batch takes a second, so the signal arrives mid-run, with the full-size scratch file on disk
+    # each batch takes a second, so the signal arrives mid-run, with the full-size unfinished file on disk
     slow = ("import sys, time; from simclr_cli.engine.tasks import embed; encode = embed.encode; "
             "embed.encode = lambda *a, **k: (time.sleep(1), encode(*a, **k))[1]; "
             "from simclr_cli.cli import app; sys.argv[0] = 'simclr'; app()")
     args = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON[:-1], "4"]
     proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    unfinished = out.parent / ".vecs.npy.partial.npy"
     deadline = time.monotonic() + 60
-    while not list(out.parent.glob(".vecs.npy.*.partial.npy")) and time.monotonic() < deadline and proc.poll() is None:
+    while not unfinished.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert list(out.parent.glob(".vecs.npy.*.partial.npy")), "the scratch file never appeared"
+    assert unfinished.exists(), "the unfinished file never appeared"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
     said = " ".join(output.split())
-    assert "embed stopped by SIGTERM: the unfinished .vecs.npy." in said and "was removed and nothing was written to" in said
+    assert ("embed stopped by SIGTERM: the rows written so far are kept in .vecs.npy.partial.npy; run the same command "
+            "with --resume to continue") in said
     assert "Traceback" not in output
-    assert files_under(out.parent) == []
+    assert not out.exists() and unfinished.exists()
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert files_under(out.parent) == ["vecs.json", "vecs.npy", "vecs.paths.txt"]
 
 
 def test_an_image_too_large_for_memory_with_the_pixel_limit_off_is_one_line(good, images, tmp_path, monkeypatch):

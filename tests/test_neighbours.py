@@ -173,6 +173,25 @@ def test_nearest_finds_a_query_already_in_the_index_first(tmp_path):
         neighbours.nearest(index, torch.zeros(1, 5), k=1)
 
 
+def test_rows_searched_where_they_lie_score_as_normalised_copies(tmp_path):
+    """A NumPy index on the CPU is multiplied in place and divided by its row norms; a tensor index is normalised
+    first: the same similarities, a zero row scoring 0 on both, and `unit_rows` skipping the norms of unit rows."""
+    rng = np.random.default_rng(1)
+    index = rng.normal(size=(50, 16)).astype(np.float32)
+    index[7] = 0.0
+    queries = torch.from_numpy(rng.normal(size=(3, 16)).astype(np.float32))
+    sims, rows = neighbours.nearest(torch.from_numpy(index), queries, k=50, bank_chunk_size=8)
+    for bank in (index, index.astype(np.float64)):
+        sims2, rows2 = neighbours.nearest(bank, queries, k=50, bank_chunk_size=8)
+        torch.testing.assert_close(sims2, sims)
+        assert rows2[:, :5].tolist() == rows[:, :5].tolist()
+    assert all(float(s[r.tolist().index(7)]) == 0.0 for s, r in zip(sims2, rows2))
+    unit = index / np.maximum(np.linalg.norm(index, axis=1, keepdims=True), 1e-12)
+    sims3, rows3 = neighbours.nearest(unit, queries, k=50, bank_chunk_size=8, unit_rows=True)
+    torch.testing.assert_close(sims3, sims)
+    assert rows3[:, :5].tolist() == rows[:, :5].tolist()
+
+
 def test_default_k_is_200_or_20_for_small_training_sets():
     from simclr_cli.engine.neighbours import default_k
 

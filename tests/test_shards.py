@@ -227,3 +227,27 @@ def test_embed_on_shards_keys_rows_by_sample_key(image_folder, tmp_path):
                                  "--device", "cpu", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.load(vecs), np.load(folder_vecs))  # the same pixels, the same rows
+
+
+def test_two_processes_on_shards_log_the_losses_of_one(image_folder, tmp_path):
+    """--gpus 2 --device cpu on tar shards: each gloo process reads its own share through its own tar handles, and
+    the global batch gives the one-process losses (and those of the same images as a folder)."""
+    import subprocess
+    import sys
+
+    from test_cli import _losses
+
+    shard(image_folder, tmp_path / "shards", "--shard-size", "5")
+    source = f"{tmp_path / 'shards'}/shard-{{000000..000004}}.tar"
+    args = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--max-steps", "4",
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--set", "train.log_every=1"]
+    for name, data in (("folder", str(image_folder)), ("one", source)):
+        result = runner.invoke(app, ["pretrain", data, *args, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    two = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", source, *args, "--gpus", "2", "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    folder, single, double = (_losses(tmp_path / name) for name in ("folder", "one", "two"))
+    assert len(single) == len(double) == 4
+    assert single == folder  # the same pixels in the same order: the same losses
+    assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double))

@@ -99,6 +99,10 @@ class BadFiles:
             raise DataError(f"cannot decode {printable_path(key)} ({reason}); fix or remove it, or pass --on-bad-image skip")
         log.warning("skipping %s: %s", printable_path(key), reason)
 
+    def add_known(self, path: str | os.PathLike, reason: str) -> None:
+        """A bad file that the run this one resumes already listed in the report: counted, not warned or listed again."""
+        self._files.setdefault(os.fspath(path), reason)
+
     def add_folder(self, path: str | os.PathLike, reason: str) -> None:
         """A folder the walk skipped (unreadable, a symlink loop); already logged by the walk, so only listed."""
         key = os.fspath(path)

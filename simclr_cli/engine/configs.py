@@ -445,9 +445,13 @@ class EmbedConfig(InferenceConfig):
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     plot: bool = False  # also draw a 2-D map with thumbnails (VECS.png)
     plot_method: str = "pca"  # pca | tsne | umap
+    # rows between progress records of the unfinished .npy (partial.py): what a kill -9 can cost, and one fdatasync each
+    chunk_rows: int = 4096
 
     def validate(self) -> None:
         self.validate_inputs("embed")
+        if not is_whole_number(self.chunk_rows) or self.chunk_rows < 1:
+            raise ConfigError(f"embed.chunk_rows {self.chunk_rows!r} must be a whole number >= 1")
         if self.layer not in LAYERS:
             raise ConfigError(f"embed.layer {self.layer!r} is not one of {', '.join(LAYERS)}; encoder (h) is the usual choice")
         badfiles.BadFiles.check_settings(max_bad_fraction=self.max_bad_fraction, max_image_pixels=self.max_image_pixels)

@@ -86,7 +86,8 @@ def search(
 ) -> list[Match]:
     """Each query image's k most similar indexed images, most similar first."""
     vectors, names = open_index(index)  # (N, D), read in chunks by `nearest`
-    made_with = read_metadata(index).get("layer")
+    settings = read_metadata(index)
+    made_with = settings.get("layer")
     if made_with is not None and made_with != layer:
         raise ConfigError(f"the index holds --layer {made_with} features, not {layer}; query with --layer {made_with}")
     query = Path(query).expanduser()
@@ -94,7 +95,7 @@ def search(
         raise DataError(f"query {query} does not exist; pass an image file or a folder of images")
     images = find_images(query) if query.is_dir() else [query]
     queries = extract(encoder, ImageFiles(images), layer=layer, batch_size=batch_size, workers=workers, rt=rt)  # (Q, D)
-    similarities, rows = nearest(vectors, queries, k=k, device=rt.device)  # (Q, k) each
+    similarities, rows = nearest(vectors, queries, k=k, device=rt.device, unit_rows=settings.get("normalize") is True)  # (Q, k) each
     return [
         Match(
             query=str(image),
