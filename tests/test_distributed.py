@@ -215,7 +215,7 @@ def _gather_rows_worker(world: World) -> None:
 
 
 def test_gather_rows_and_on_every_rank_on_two_ranks():
-    run_on_two_processes(_gather_rows_worker, timeout_s=40)
+    run_on_two_processes(_gather_rows_worker, timeout_s=120)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_two_ranks_write_the_one_process_files_byte_for_byte(encoder, folder, tm
     jobs = [{"folder": str(folder), "out": str(two / "vecs.npy"), "expected": one.to_dict()},
             {"folder": str(clean), "out": str(two / "clean.npy"), "expected": one_clean.to_dict()},
             {"folder": str(broken), "out": str(two / "broken.npy"), "expected": None}]
-    run_on_two_processes(_two_rank_worker, str(encoder.source), json.dumps(jobs), timeout_s=40)
+    run_on_two_processes(_two_rank_worker, str(encoder.source), json.dumps(jobs), timeout_s=120)
     for result in (one, one_clean):
         out = two / result.out.name
         assert out.read_bytes() == result.out.read_bytes()  # fp32 on the CPU, same batches: identical rows

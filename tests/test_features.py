@@ -221,4 +221,4 @@ def test_two_ranks_extract_exactly_the_one_process_rows(tmp_path):
     np.save(tmp_path / "expected.npy", expected.numpy())
     one_image = features.extract(features.open_encoder(path), images(1), layer="projection", batch_size=2, rt=CPU)
     np.save(tmp_path / "expected_one.npy", one_image.numpy())
-    run_on_two_processes(_two_rank_worker, str(path), str(tmp_path / "expected.npy"), timeout_s=40)
+    run_on_two_processes(_two_rank_worker, str(path), str(tmp_path / "expected.npy"), timeout_s=120)
