@@ -19,7 +19,7 @@ from simclr_cli.engine import distributed
 from simclr_cli.engine.distributed import World
 
 WORLD_SIZE = 2
-TIMEOUT_S = 120 # a whole 2-process test; collectives themselves time out after COLLECTIVE_TIMEOUT_S
+TIMEOUT_S = 120  # a whole 2-process test; collectives themselves time out after COLLECTIVE_TIMEOUT_S
 COLLECTIVE_TIMEOUT_S = 30
 
 
