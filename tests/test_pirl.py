@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import write_images
 from multiprocess import run_on_two_processes
+from test_moco import _two_steps, tiny_config
 from test_pretrain import CrashAt
 from simclr_cli.cli import app
 from simclr_cli.engine import checkpoint, distributed, methods
@@ -205,27 +205,13 @@ def test_pirl_options_are_refused_for_other_methods_and_nt_xents_for_pirl():
 # --- through the trainer --------------------------------------------------------------------------------------------
 
 
-def tiny_config(folder: Path, **train) -> PretrainConfig:
-    cfg = PretrainConfig()
-    cfg.data.source, cfg.data.workers = str(folder), 0
-    cfg.model.arch, cfg.model.width, cfg.model.proj_dim = "resnet18", 0.25, 16
-    cfg.augment.image_size = 16
-    cfg.train.method = "pirl"
-    cfg.train.batch_size, cfg.train.epochs, cfg.train.log_every = 8, 2, 1
-    cfg.train.device, cfg.train.precision = "cpu", "fp32"
-    cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_epochs = "sgd", 0.5, 0
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
-
-
 def test_resume_after_a_crash_restores_the_bank_bit_exactly(image_folder, tmp_path):
     uninterrupted = tmp_path / "a"
-    pretrain.run(tiny_config(image_folder, checkpoint_every=2), out=uninterrupted)
+    pretrain.run(tiny_config(image_folder, method="pirl", checkpoint_every=2), out=uninterrupted)
     crashed = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
-        pretrain.run(tiny_config(image_folder, checkpoint_every=2), out=crashed, progress=CrashAt(5))
-    result = pretrain.run(tiny_config(image_folder, checkpoint_every=2), out=crashed, resume=True)
+        pretrain.run(tiny_config(image_folder, method="pirl", checkpoint_every=2), out=crashed, progress=CrashAt(5))
+    result = pretrain.run(tiny_config(image_folder, method="pirl", checkpoint_every=2), out=crashed, resume=True)
     assert result.resumed_from == 4 and result.steps == 6
 
     final = "checkpoints/step-000000006.safetensors"
@@ -244,22 +230,6 @@ def test_resume_after_a_crash_restores_the_bank_bit_exactly(image_folder, tmp_pa
 # --- 1 process == 2 processes -----------------------------------------------------------------------------------------
 
 
-def _two_steps(method: PIRL, net, views: torch.Tensor, indices: torch.Tensor, *, steps: int = 2) -> list[float]:
-    """`steps` SGD steps on the same views; the global batch's loss after each."""
-    optimizer = torch.optim.SGD(method.modules.parameters(), lr=0.5, momentum=0.9)
-    losses = []
-    for step in range(steps):
-        net.train()
-        method.begin_step(StepImages(indices=indices, epoch=0, step=step))
-        loss = method.loss(net, [views], rt=CPU)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_step(step=step + 1)
-        losses.append(float(distributed.all_reduce_mean(loss.detach())))
-    return losses
-
-
 def _pirl_worker(world: World) -> None:
     images = 8
     generator = torch.Generator().manual_seed(3)
@@ -270,12 +240,13 @@ def _pirl_worker(world: World) -> None:
     mine = slice(world.rank * n, (world.rank + 1) * n)  # EpochSampler's chunk for this rank
 
     reference = tiny_pirl(images=20, negatives=6)  # one process, the whole global batch, plain BN
-    want = _two_steps(reference, reference.modules, torch.cat([x_image, x_jigsaw]), indices)
+    want = _two_steps(reference, reference.modules, torch.cat([x_image, x_jigsaw]),
+                      begin=lambda step: reference.begin_step(StepImages(indices=indices, epoch=0, step=step)))
 
     method = tiny_pirl(images=20, negatives=6, processes=world.world_size)
     method.modules = distributed.sync_batchnorm(method.modules, device_type="cpu")
     got = _two_steps(method, DistributedDataParallel(method.modules), torch.cat([x_image[mine], x_jigsaw[mine]]),
-                     indices[mine])
+                     begin=lambda step: method.begin_step(StepImages(indices=indices[mine], epoch=0, step=step)))
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got, want)), (got, want)
     assert math.isclose(method.Z, reference.Z, rel_tol=1e-5)
     torch.testing.assert_close(method.bank, reference.bank, rtol=0, atol=1e-4)  # every rank's rows, in rank order
