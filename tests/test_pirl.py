@@ -305,3 +305,12 @@ def test_the_preset_holds_the_papers_recipe_and_runs(image_folder, tmp_path):
                                  "--precision", "fp32", "--workers", "0", "--set", "pirl.negatives=12",
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+
+
+def test_benchmark_measures_pirl_steps(image_folder):
+    from test_benchmark import TINY
+
+    result = runner.invoke(app, ["benchmark", str(image_folder), *TINY, "--set", "train.method=pirl", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout[result.stdout.index("{"):])
+    assert figures["model_images_per_s"] > 0 and figures["baseline_pretrain_images_per_s"] > 0
