@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from simclr_cli.engine.configs import MOCO_METHODS, MOCO_PAPER_T, MoCoConfig, Pr
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.distributed import World
 from simclr_cli.engine.errors import ConfigError, DataError
+from simclr_cli.engine.methods.base import Method
 from simclr_cli.engine.methods.moco import MoCo, MoCoV1, MoCoV2, info_nce, momentum_update
 from simclr_cli.engine.model import ModelConfig
 from simclr_cli.engine.tasks import pretrain
@@ -219,12 +221,14 @@ def test_the_published_encoder_is_the_query_encoder_and_names_the_method(image_f
 # --- 1 process == 2 processes -----------------------------------------------------------------------------------------
 
 
-def _two_steps(method: MoCo, net, views: torch.Tensor, *, steps: int = 2) -> list[float]:
-    """`steps` SGD steps on the same views; the global batch's loss after each."""
+def _two_steps(method: Method, net, views: torch.Tensor, *, steps: int = 2,
+               begin: Callable[[int], None] = lambda step: None) -> list[float]:
+    """`steps` SGD steps on the same views, `begin(step)` before each; the global batch's loss after each."""
     optimizer = torch.optim.SGD([p for p in method.modules.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     losses = []
     for step in range(steps):
         net.train()
+        begin(step)
         loss = method.loss(net, [views], rt=CPU)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,7 @@
 """The typed config of every task: pretraining's, composed of the sections their blocks own (ModelConfig in model,
 AugmentConfig in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in
-monitor) plus the `moco:` section of the MoCo methods, and one per evaluation or inference command.
+monitor) plus the `moco:` section of the MoCo methods and the `pirl:` section of PIRL, and one per evaluation or
+inference command.
 
 Blocks never import this module: they take their own section. `simclr_cli/config.py` fills these from defaults,
 presets, --set and flags; `defaults` fills their "auto" values.
@@ -67,6 +68,49 @@ class MoCoConfig:
         return replace(self, K=K, T=MOCO_PAPER_T[method] if self.T is None else self.T)
 
 
+# --- PIRL's section (engine/methods/pirl.py) ----------------------------------------------------------------------
+
+PIRL_METHODS = ("pirl",)  # the methods that read the `pirl:` section
+PIRL_PAPER_NEGATIVES = 32000  # N of eq. 4 in the paper's ImageNet runs (§4)
+
+
+@dataclass
+class PIRLConfig:
+    """The `pirl:` section, read by --method pirl; the paper's values."""
+
+    negatives: int | None = None  # N negatives drawn from the bank each step; None = 32,000, or on small data half the images
+    momentum: float = 0.5  # the memory bank's: m_I <- momentum m_I + (1 - momentum) f(v_I), then unit length (§3.2)
+    T: float = 0.07  # tau of h (eq. 3)
+    lam: float = 0.5  # lambda of eq. 5: the jigsaw term's weight, 1 - lambda the image term's
+    bank_size: int | None = None  # rows of the memory bank, one per image: filled in from the data (leave unset)
+
+    def validate(self) -> None:
+        if self.negatives is not None and (not is_whole_number(self.negatives) or self.negatives < 1):
+            raise ConfigError(f"pirl.negatives {self.negatives!r} must be a whole number >= 1 (the paper uses 32000), or unset")
+        if not (is_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"pirl.momentum {self.momentum!r} must be in [0, 1); the paper uses 0.5")
+        if not (is_finite_number(self.T) and self.T > 0):
+            raise ConfigError(f"pirl.T {self.T!r} must be > 0; the paper uses 0.07")
+        if not (is_finite_number(self.lam) and 0 <= self.lam <= 1):
+            raise ConfigError(f"pirl.lam {self.lam!r} must be in [0, 1]; the paper uses 0.5 (1 trains on the jigsaw term alone)")
+        if self.bank_size is not None and (not is_whole_number(self.bank_size) or self.bank_size < 2):
+            raise ConfigError(f"pirl.bank_size {self.bank_size!r} is the number of images; leave it unset")
+
+    def resolved(self, *, method: str, num_images: int, batch_size: int) -> PIRLConfig:
+        """negatives and bank_size filled in for `num_images` images; raises when they cannot work on this data."""
+        self.validate()
+        if self.bank_size is not None and self.bank_size != num_images:
+            raise DataError(f"pirl.bank_size {self.bank_size} is not the number of images ({num_images}): the bank "
+                            "holds one row per image; leave it unset")
+        negatives = self.negatives
+        if negatives is None:
+            negatives = min(PIRL_PAPER_NEGATIVES, max(1, num_images // 2))
+        elif negatives >= num_images:
+            raise DataError(f"pirl.negatives {negatives} is not below the number of images ({num_images}): they are "
+                            "drawn from a bank of one row per image; lower pirl.negatives, or leave it unset")
+        return replace(self, negatives=negatives, bank_size=num_images)
+
+
 @dataclass
 class PretrainConfig:
     """Everything that defines a pretraining run; saved resolved with every output."""
@@ -78,6 +122,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)  # read by --method moco-v1 / moco-v2 only
+    pirl: PIRLConfig = field(default_factory=PIRLConfig)  # read by --method pirl only
 
     def validate(self) -> None:
         for section in (self.data, self.model, self.augment, self.optim, self.train, self.monitor):
@@ -120,7 +165,7 @@ class PretrainConfig:
 # Which methods read which section of PretrainConfig (each a dataclass with `validate` and `resolved`), and which
 # a setting in a section the chosen method does not read is refused. The methods without a section read
 # train.temperature.
-METHOD_SECTIONS = {"moco": MOCO_METHODS}
+METHOD_SECTIONS = {"moco": MOCO_METHODS, "pirl": PIRL_METHODS}
 
 
 # --- evaluation and inference --------------------------------------------------------------------------------------

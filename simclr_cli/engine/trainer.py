@@ -27,7 +27,7 @@ from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dat
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.images import ImageFiles, write_file_list
-from simclr_cli.engine.methods.base import Crops, Method
+from simclr_cli.engine.methods.base import Crops, Method, StepImages
 from simclr_cli.engine.model import parameter_count
 from simclr_cli.engine.metrics import MetricsLog, Pace, Throughput, clock, require_tensorboard
 from simclr_cli.engine.monitor import Monitor
@@ -395,6 +395,7 @@ class Trainer:
         pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
         x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
         x = x.contiguous(memory_format=memory_format)
+        self.method.begin_step(StepImages(indices=batch.indices, epoch=epoch, step=step))
         before = self.guard.snapshot(self.method.modules)  # skip mode: the forward pass writes BN statistics
         loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
         if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.methods.base import Method
 from simclr_cli.engine.methods.moco import MoCoV1, MoCoV2
+from simclr_cli.engine.methods.pirl import PIRL
 from simclr_cli.engine.methods.simclr import SimCLRMethod
 
-METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2)}
+METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2, PIRL)}
 
 
 def check_name(name: str) -> None:

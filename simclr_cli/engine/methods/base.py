@@ -5,6 +5,9 @@ A method says five things: which views it needs (`crops`), which modules it trai
 does `after_step` (a momentum update, a queue push), and what `extra_state` its checkpoint carries beyond the
 modules' own state dicts. The trainer owns everything else: devices, process groups, the optimiser, the schedule,
 checkpoints, signals, logging. A method never touches a device, a file or a process group itself.
+
+A method that keeps per-image state (PIRL's memory bank) or draws randomness of its own also reads `begin_step`:
+the trainer tells it, before each `loss`, which images the step's views show (`StepImages`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ class Crops:
 
     count: int
     size: int
+
+
+@dataclass(frozen=True)
+class StepImages:
+    """The images behind a step's views, given to `Method.begin_step` before the step's `loss`."""
+
+    indices: Tensor  # (n,) int64 on the CPU: this process's images' dataset indices, in the order of its views' rows
+    epoch: int  # 0-based: the epoch the views are drawn from
+    step: int  # 0-based: the step being taken (`after_step` then gets step + 1)
+    # The GLOBAL batch is every process's `indices` concatenated in rank order (EpochSampler's chunks), the one
+    # process's batch: a method that needs it gathers them (distributed.gather_with_grad), so the others pay no
+    # collective for it.
 
 
 class Method:
@@ -56,6 +71,9 @@ class Method:
         it, not through `modules`, so gradients are averaged over processes. `views[g]` is (count * N, 3, S, S) for
         crop group g, view-major (all first views, then all second views, ...)."""
         raise NotImplementedError
+
+    def begin_step(self, images: StepImages) -> None:
+        """Called before every step's `loss` with the images its views show; nothing by default."""
 
     def after_init(self) -> None:
         """Called once `network` holds weights loaded from elsewhere (train.init), before the first step; a momentum

@@ -33,6 +33,7 @@ from simclr_cli.engine.augment import TwoViews
 from simclr_cli.engine.sampler import EpochSampler
 from simclr_cli.engine.device import Runtime, available_cpus, runtime
 from simclr_cli.engine.errors import ConfigError
+from simclr_cli.engine.methods.base import StepImages
 from simclr_cli.engine.optim import build_optimizer, scaled_lr
 from simclr_cli.engine.views import BatchViews
 
@@ -215,8 +216,12 @@ class _Update:
         self.optimizer, self.scaler = build_optimizer(model, cfg.optim, lr=lr), rt.grad_scaler()
         self.net = torch.compile(model) if cfg.train.compile else model
         self.rt = rt
+        self.images = torch.arange(cfg.train.batch_size)  # the dataset indices the views stand for (PIRL's bank rows)
+        self.steps = 0
 
     def __call__(self, x: torch.Tensor) -> None:
+        self.method.begin_step(StepImages(indices=self.images, epoch=0, step=self.steps))
+        self.steps += 1
         trainer.forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
         self.scaler.step(self.optimizer)
         self.scaler.update()
