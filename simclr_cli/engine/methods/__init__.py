@@ -6,8 +6,9 @@ from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.methods.base import Method
 from simclr_cli.engine.methods.moco import MoCoV1, MoCoV2
 from simclr_cli.engine.methods.simclr import SimCLRMethod
+from simclr_cli.engine.methods.swav import SwAV
 
-METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2)}
+METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2, SwAV)}
 
 
 def check_name(name: str) -> None:
