@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
 
 from multiprocess import run_on_two_processes
+from test_moco import tiny_config as moco_config
 from test_pretrain import CrashAt
 from simclr_cli.cli import app
 from simclr_cli.engine import checkpoint, distributed, methods
@@ -245,17 +246,10 @@ def test_options_of_another_method_are_refused():
 
 
 def tiny_config(folder: Path, **train) -> PretrainConfig:
-    cfg = PretrainConfig()
-    cfg.data.source, cfg.data.workers = str(folder), 0
-    cfg.model.arch, cfg.model.width, cfg.model.proj_dim = "resnet18", 0.25, 16
-    cfg.augment.image_size = 16
-    cfg.train.method = "swav"
-    cfg.train.batch_size, cfg.train.epochs, cfg.train.log_every = 8, 2, 1
-    cfg.train.device, cfg.train.precision = "cpu", "fp32"
-    cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_epochs = "sgd", 0.5, 0
-    cfg.swav.queue_length, cfg.swav.queue_after_epochs = 8, 1  # fills in epoch 2 (steps 4-6), used from step 5
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
+    """test_moco's tiny run (24 images, batch 8, 2 epochs of 3 steps) with SwAV and a queue of one batch that fills in
+    the second epoch (steps 4-6) and is used from step 5."""
+    cfg = moco_config(folder, method="swav", **train)
+    cfg.swav.queue_length, cfg.swav.queue_after_epochs = 8, 1
     return cfg
 
 
