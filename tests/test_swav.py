@@ -29,6 +29,7 @@ from simclr_cli.engine.methods.base import Crops
 from simclr_cli.engine.methods.swav import SwAV, sinkhorn, swapped_prediction
 from simclr_cli.engine.model import ModelConfig
 from simclr_cli.engine.tasks import pretrain
+from simclr_cli.engine.views import BatchViews
 
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
 runner = CliRunner()
@@ -361,6 +362,18 @@ def test_pretrain_method_swav_then_info(tmp_path):
     info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
     assert info.exit_code == 0 and "swav" in info.output, info.output
     assert checkpoint.load_encoder(out / "encoder.safetensors")[1].method == "swav"
+
+
+def test_benchmark_measures_swavs_step_on_its_crops(image_folder, monkeypatch):
+    from test_benchmark import TINY
+    from simclr_cli.engine.tasks import benchmark
+
+    made = []
+    monkeypatch.setattr(benchmark, "BatchViews", lambda *args, **kwargs: made.append(kwargs["crops"]) or BatchViews(*args, **kwargs))
+    result = runner.invoke(app, ["benchmark", str(image_folder), *TINY, "--set", "train.method=swav", "--no-baseline", "--json"])
+    assert result.exit_code == 0, result.output
+    assert made and made[0] == (Crops(count=2, size=16, scale=(0.14, 1.0)), Crops(count=6, size=8, scale=(0.05, 0.14)))
+    assert json.loads(result.stdout[result.stdout.index("{"):])["model_images_per_s"] > 0
 
 
 @pytest.mark.parametrize("args, message", [
