@@ -53,7 +53,7 @@ def tiny_views(images: int, *, seed: int = 3) -> list[torch.Tensor]:
 
 
 def reference_sinkhorn(scores: torch.Tensor, *, epsilon: float, iterations: int) -> torch.Tensor:
-    """Appendix A.1 as loops in float64: Q = exp(scores / epsilon)^T (K x B) divided by its sum, then `iterations`
+    """§3.1 / Algorithm 1 as loops in float64: Q = exp(scores / epsilon)^T (K x B) divided by its sum, then `iterations`
     times every row k divided by K times its sum and every column i by B times its sum; B Q^T is the codes."""
     B, K = scores.shape
     Q = [[math.exp(float(scores[i, k]) / epsilon) for i in range(B)] for k in range(K)]

@@ -3,7 +3,7 @@
 Every image gives crops in groups by size (multi-crop, §3.2: 2 crops of 224 px from 14-100% of the image, 6 of
 96 px from 5-14%). Each crop goes through the encoder f and head g to a unit-length feature z, scored against K
 unit-length prototypes c_k (a bias-free Linear): z^T C. The codes q of the crops of the first group (the large
-ones; the official crops_for_assign) come from the scores by Sinkhorn-Knopp (§3.1, eq. 3-4, Appendix A.1):
+ones; the official crops_for_assign) come from the scores by Sinkhorn-Knopp (§3.1, eq. 3; Algorithm 1):
 Q = exp(z^T C / epsilon)^T, scaled to sum to 1, then `sinkhorn_iterations` times each prototype's row to 1/K and
 each sample's column to 1/B, over the GLOBAL batch (sums all-reduced, as the official `distributed_sinkhorn`).
 The loss is the swapped prediction (eq. 1-2): each code q_s predicted from every other crop t,
@@ -15,9 +15,9 @@ Choices:
   dropped before the update, as the official code does for its first 313 iterations (an ImageNet epoch at 4096).
 - Each crop group goes through f on its own, so BN normalises each size over its own crops (the official
   multi-crop forward); g sees all crops at once.
-- The queue (§4.2, small batches): the features z of the large crops of the last queue_length / B global batches,
-  one queue per large crop, scored against the current prototypes and put before the batch in the Sinkhorn (only
-  the batch's codes are used). Here it holds every process's features in rank order, the same on every rank, so
+- The queue (the paper's small-batch setting): the features z of the large crops of the last queue_length / B
+  global batches, one queue per large crop, scored against the current prototypes and put before the batch in the
+  Sinkhorn (only the batch's codes are used). Here it holds every process's features in rank order, the same on every rank, so
   one checkpoint holds it all; each rank scores an equal share of it, so the Sinkhorn over all ranks sees the
   whole queue once, as one process does (the official code keeps per rank its own features: the same columns).
   It fills from epoch `queue_after_epochs` on and is used once full, as the official epoch_queue_starts.
@@ -41,7 +41,7 @@ from simclr_cli.engine.model import ModelConfig, SimCLR, build_model
 @torch.no_grad()
 def sinkhorn(scores: Tensor, *, epsilon: float, iterations: int, processes: int = 1) -> Tensor:
     """The codes (m, K), rows summing to 1, of the m samples whose scores (m, K) this process holds, computed with
-    every process's samples as one matrix of B = m * processes columns (each holds as many): Appendix A.1."""
+    every process's samples as one matrix of B = m * processes columns (each holds as many): §3.1, Algorithm 1."""
     reduce = distributed.all_reduce_sum if processes > 1 else (lambda x: x)
     scores = scores.float()
     # exp(1 / 0.05) fits float32, but a smaller epsilon would not: the largest score is subtracted first, a constant
