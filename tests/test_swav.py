@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,6 +364,24 @@ def test_pretrain_method_swav_then_info(tmp_path):
     info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
     assert info.exit_code == 0 and "swav" in info.output, info.output
     assert checkpoint.load_encoder(out / "encoder.safetensors")[1].method == "swav"
+
+
+def test_gpus_2_through_the_command_line_logs_the_losses_of_one_process(image_folder, tmp_path):
+    """--gpus 2 --device cpu: torchrun's gloo workers, the multi-crop views of half the batch each, the Sinkhorn over
+    both, the queue (one batch, used from step 2) filled from both in rank order."""
+    from test_cli import _losses
+
+    args = ["pretrain", str(image_folder), "--method", "swav", "--arch", "resnet18", "--width", "0.25", "--image-size",
+            "16", "--batch-size", "8", "--max-steps", "4", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+            "--set", "train.log_every=1", "--set", "swav.queue_length=8", "--set", "swav.queue_after_epochs=0"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = (_losses(tmp_path / run) for run in ("one", "two"))
+    assert len(single) == len(double) == 4
+    assert all(abs(a - b) / abs(a) < 1e-3 for a, b in zip(single, double)), (single, double)
 
 
 def test_benchmark_measures_swavs_step_on_its_crops(image_folder, monkeypatch):
