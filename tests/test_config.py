@@ -17,7 +17,7 @@ from simclr_cli.engine import defaults
 from simclr_cli.engine.configs import TASK_CONFIGS, PretrainConfig
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
-SHIPPED = ["cifar10", "demo", "imagenet", "moco-v1", "moco-v2", "pirl", "simclrv2", "stl10"]
+SHIPPED = ["cifar10", "demo", "imagenet", "moco-v1", "moco-v2", "pirl", "simclrv2", "stl10", "swav"]
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -41,14 +41,14 @@ def test_preset_path_accepts_a_yaml_file(tmp_path):
 def test_unknown_preset_name_lists_the_choices():
     with pytest.raises(ConfigError) as err:
         preset_path("cifar11")
-    assert str(err.value) == "unknown preset 'cifar11'; choose one of: cifar10, demo, imagenet, moco-v1, moco-v2, pirl, simclrv2, stl10, or pass a YAML file"
+    assert str(err.value) == "unknown preset 'cifar11'; choose one of: cifar10, demo, imagenet, moco-v1, moco-v2, pirl, simclrv2, stl10, swav, or pass a YAML file"
 
 
 def test_missing_preset_file_is_an_error(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as err:
         preset_path(str(missing))
-    assert str(err.value) == f"preset file {missing} does not exist; pass a YAML file or one of: cifar10, demo, imagenet, moco-v1, moco-v2, pirl, simclrv2, stl10"
+    assert str(err.value) == f"preset file {missing} does not exist; pass a YAML file or one of: cifar10, demo, imagenet, moco-v1, moco-v2, pirl, simclrv2, stl10, swav"
 
 
 def test_a_folder_given_as_preset_is_an_error(tmp_path):
@@ -165,7 +165,7 @@ def test_unknown_nested_key_names_the_dotted_key():
 
 
 def test_unknown_section_names_it():
-    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train, monitor, moco, pirl$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian'; valid keys: data, model, augment, optim, train, monitor, moco, swav, pirl$"):
         from_dict(PretrainConfig, {"trian": {"epochs": 1}})
 
 

@@ -266,18 +266,39 @@ def test_batch_views_shape_order_and_determinism():
     bv = views.BatchViews(AugmentConfig(image_size=16), seed=5)
     pixels = smooth_pixels(8, 32)
     sizes, indices = torch.tensor([[32, 32]] * 8), torch.arange(100, 108)
-    x = bv(pixels, sizes, indices, epoch=3)
+    (x,) = bv(pixels, sizes, indices, epoch=3)  # the default: one group of two views
     assert x.shape == (16, 3, 16, 16) and x.dtype == torch.float32
-    torch.testing.assert_close(bv(pixels, sizes, indices, epoch=3), x, atol=0, rtol=0)
+    torch.testing.assert_close(bv(pixels, sizes, indices, epoch=3)[0], x, atol=0, rtol=0)
     assert not torch.allclose(x[:8], x[8:])  # view 1 and view 2 differ
-    assert not torch.allclose(bv(pixels, sizes, indices, epoch=4), x)  # a new epoch, new views
+    assert not torch.allclose(bv(pixels, sizes, indices, epoch=4)[0], x)  # a new epoch, new views
     # an image's views do not depend on the rest of the batch
-    torch.testing.assert_close(bv(pixels[2:3], sizes[2:3], indices[2:3], epoch=3), x[[2, 10]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(bv(pixels[2:3], sizes[2:3], indices[2:3], epoch=3)[0], x[[2, 10]], atol=1e-5, rtol=0)
 
 
 def test_batch_views_refuses_a_blur_kernel_larger_than_the_view():
     with pytest.raises(ConfigError, match="blur_kernel"):
         views.BatchViews(AugmentConfig(image_size=8, blur_p=0.5, blur_kernel=17), seed=0)
+
+
+def test_crop_groups_have_their_own_size_and_scale_and_number_their_views_on():
+    """SwAV's multi-crop: a group of large crops, then one of small crops from a smaller share of the image."""
+    cfg = AugmentConfig(image_size=16, crop_scale=(0.14, 1.0))
+    bv = views.BatchViews(cfg, seed=5, crops=(views.Crops(count=2, size=16), views.Crops(count=3, size=8, scale=(0.05, 0.14))))
+    pixels, sizes, indices = smooth_pixels(4, 32), torch.tensor([[32, 32]] * 4), torch.arange(4)
+    large, small = bv(pixels, sizes, indices, epoch=1)
+    assert large.shape == (8, 3, 16, 16) and small.shape == (12, 3, 8, 8)
+    (two,) = views.BatchViews(cfg, seed=5)(pixels, sizes, indices, epoch=1)
+    torch.testing.assert_close(large, two, atol=0, rtol=0)  # the first group is the default pair, views 0 and 1
+    small_cfg = bv.groups[1][0]
+    assert (small_cfg.image_size, small_cfg.crop_scale) == (8, (0.05, 0.14))
+    for k in range(3):  # views 2, 3, 4, each with crops of 5-14% of the image (up to the rounding of the box)
+        params = views.draw(small_cfg, seed=5, epoch=1, indices=indices.numpy(), view=2 + k, sizes=sizes.numpy())
+        area = (params.crops[:, 2] * params.crops[:, 3]).float() / (32 * 32)
+        assert ((area > 0.04) & (area < 0.16)).all(), area
+        torch.testing.assert_close(small[4 * k : 4 * (k + 1)], views.apply(small_cfg, pixels, params), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="blur_kernel 17 is too large for 8 px views"):
+        views.BatchViews(AugmentConfig(image_size=16, blur_p=0.5, blur_kernel=17), seed=0,
+                         crops=(views.Crops(count=2, size=16), views.Crops(count=2, size=8)))
 
 
 def summary_statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
@@ -306,7 +327,7 @@ def test_view_statistics_match_the_pil_pipeline(image_size, blur_p):
     pixels[:, :, :, :32] //= 3  # darker left half: flips change the left-right difference
     batch_views = views.BatchViews(cfg, seed=11)
     sizes = torch.tensor([[64, 64]] * n)
-    ours = torch.stack([batch_views(pixels, sizes, torch.arange(n), epoch=e)[:n] for e in range(repeats)], dim=1)  # (n, R, 3, S, S)
+    ours = torch.stack([batch_views(pixels, sizes, torch.arange(n), epoch=e)[0][:n] for e in range(repeats)], dim=1)  # (n, R, 3, S, S)
     reference = view_transform(cfg)
     torch.manual_seed(0)
     theirs = torch.stack([torch.stack([reference(as_pil(p)) for _ in range(repeats)]) for p in pixels])

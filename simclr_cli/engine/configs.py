@@ -1,7 +1,7 @@
 """The typed config of every task: pretraining's, composed of the sections their blocks own (ModelConfig in model,
 AugmentConfig in augment, OptimConfig in optim, DataConfig in pipeline, TrainConfig in trainer, MonitorConfig in
-monitor) plus the `moco:` section of the MoCo methods and the `pirl:` section of PIRL, and one per evaluation or
-inference command.
+monitor) plus the `moco:` section of the MoCo methods, SwAV's `swav:` and PIRL's `pirl:`, and one per evaluation
+or inference command.
 
 Blocks never import this module: they take their own section. `simclr_cli/config.py` fills these from defaults,
 presets, --set and flags; `defaults` fills their "auto" values.
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from simclr_cli.engine import badfiles
-from simclr_cli.engine.augment import SMALL_IMAGE_MAX_SIZE, AugmentConfig
+from simclr_cli.engine.augment import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SMALL_IMAGE_MAX_SIZE, AugmentConfig
 from simclr_cli.engine.errors import ConfigError, DataError, is_finite_number, is_whole_number
 from simclr_cli.engine.features import LAYERS
 from simclr_cli.engine.images import DEFAULT_MAX_PIXELS
@@ -66,6 +66,80 @@ class MoCoConfig:
                             "each image's own earlier key as a negative; lower moco.K, or leave it unset to size it "
                             "from the data")
         return replace(self, K=K, T=MOCO_PAPER_T[method] if self.T is None else self.T)
+
+
+# --- SwAV's section (engine/methods/swav.py) ------------------------------------------------------------------------
+
+SWAV_METHODS = ("swav",)  # the methods that read the `swav:` section
+SWAV_PAPER_PROTOTYPES = 3000  # §4 (ImageNet)
+SWAV_IMAGES_PER_PROTOTYPE = 10  # below 30,000 images: about one prototype per ten images, at least 10
+SWAV_MIN_PROTOTYPES = 10
+SWAV_SMALL_CROP = 96 / 224  # the small crops' side as a share of the large ones' (§3.2: 96 and 224 px)
+
+
+@dataclass
+class SwAVConfig:
+    """The `swav:` section, read by --method swav; the official code's names (main_swav.py)."""
+
+    nmb_prototypes: int | None = None  # K; None = 3,000, or on fewer than 30,000 images one per ten images (>= 10)
+    epsilon: float = 0.05  # Sinkhorn-Knopp's entropy weight (§3.1)
+    sinkhorn_iterations: int = 3
+    temperature: float = 0.1  # of the softmax over the prototype scores (eq. 2)
+    nmb_crops: tuple[int, ...] = (2, 6)  # crops per group; the first group's get codes (crops_for_assign)
+    size_crops: tuple[int, ...] | None = None  # each group's side; None = augment.image_size, then round(S * 96 / 224) (>= 8)
+    min_scale_crops: tuple[float, ...] = (0.14, 0.05)  # each group's crop area range (replaces augment.crop_scale)
+    max_scale_crops: tuple[float, ...] = (1.0, 0.14)
+    queue_length: int = 0  # past features added to the Sinkhorn (small batches: 3840 at batch 256); 0 = no queue
+    queue_after_epochs: int = 15  # the queue fills from then on (official epoch_queue_starts), used once full
+    freeze_prototypes_epochs: int = 1  # the prototypes get no update in these first epochs
+
+    def validate(self) -> None:
+        if self.nmb_prototypes is not None and (not is_whole_number(self.nmb_prototypes) or self.nmb_prototypes < 1):
+            raise ConfigError(f"swav.nmb_prototypes {self.nmb_prototypes!r} must be a whole number >= 1 (the paper uses 3000), or unset")
+        for name, example in (("epsilon", "0.05"), ("temperature", "0.1")):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value > 0):
+                raise ConfigError(f"swav.{name} {value!r} must be > 0; the paper uses {example}")
+        for name, low in (("sinkhorn_iterations", 1), ("queue_length", 0), ("queue_after_epochs", 0), ("freeze_prototypes_epochs", 0)):
+            value = getattr(self, name)
+            if not is_whole_number(value) or value < low:
+                raise ConfigError(f"swav.{name} {value!r} must be a whole number >= {low}")
+        groups = len(self.nmb_crops)
+        if not (groups and all(is_whole_number(c) and c >= 1 for c in self.nmb_crops) and sum(self.nmb_crops) >= 2):
+            raise ConfigError(f"swav.nmb_crops {list(self.nmb_crops)!r} must be crops per group, each >= 1 and at least 2 in "
+                              "all (the paper: [2, 6])")
+        for name in ("size_crops", "min_scale_crops", "max_scale_crops"):
+            value = getattr(self, name)
+            if value is not None and len(value) != groups:
+                raise ConfigError(f"swav.{name} {list(value)!r} must give one value per crop group, as swav.nmb_crops "
+                                  f"{list(self.nmb_crops)!r} does")
+        if self.size_crops is not None and not all(is_whole_number(s) and MIN_IMAGE_SIZE <= s <= MAX_IMAGE_SIZE for s in self.size_crops):
+            raise ConfigError(f"swav.size_crops {list(self.size_crops)!r} must be sides in pixels from {MIN_IMAGE_SIZE} to "
+                              f"{MAX_IMAGE_SIZE} (the paper: [224, 96]), or unset")
+        for low, high in zip(self.min_scale_crops, self.max_scale_crops):
+            if not (is_finite_number(low) and is_finite_number(high) and 0 < low <= high <= 1):
+                raise ConfigError(f"swav.min_scale_crops {list(self.min_scale_crops)!r} and max_scale_crops "
+                                  f"{list(self.max_scale_crops)!r} must be area shares 0 < min <= max <= 1 (the paper: "
+                                  "[0.14, 0.05] and [1, 0.14])")
+
+    def with_sizes(self, *, image_size: int) -> SwAVConfig:
+        """size_crops filled in: the first group at the image size, the others scaled as 96 is to 224 (§3.2)."""
+        if self.size_crops is not None:
+            return self
+        small = max(MIN_IMAGE_SIZE, round(image_size * SWAV_SMALL_CROP))
+        return replace(self, size_crops=(image_size,) + (small,) * (len(self.nmb_crops) - 1))
+
+    def resolved(self, *, method: str, num_images: int, batch_size: int) -> SwAVConfig:
+        """The number of prototypes filled in for `num_images` images; raises when the queue does not hold whole
+        global batches of `batch_size`."""
+        self.validate()
+        K = self.nmb_prototypes
+        if K is None:
+            K = min(SWAV_PAPER_PROTOTYPES, max(SWAV_MIN_PROTOTYPES, num_images // SWAV_IMAGES_PER_PROTOTYPE))
+        if self.queue_length % batch_size:
+            raise ConfigError(f"swav.queue_length {self.queue_length} is not a multiple of the global batch {batch_size}: "
+                              f"the queue holds whole batches; use e.g. {max(1, self.queue_length // batch_size) * batch_size}")
+        return replace(self, nmb_prototypes=K)
 
 
 # --- PIRL's section (engine/methods/pirl.py) ----------------------------------------------------------------------
@@ -122,6 +196,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)  # read by --method moco-v1 / moco-v2 only
+    swav: SwAVConfig = field(default_factory=SwAVConfig)  # read by --method swav only
     pirl: PIRLConfig = field(default_factory=PIRLConfig)  # read by --method pirl only
 
     def validate(self) -> None:
@@ -150,8 +225,9 @@ class PretrainConfig:
         method = self.train.method
         if self.train.temperature is not None and not self.reads_nt_xent_temperature():
             own = next(section for section, readers in METHOD_SECTIONS.items() if method in readers)
+            tau = "T" if hasattr(getattr(self, own), "T") else "temperature"  # moco.T, swav.temperature
             raise ConfigError(f"train.temperature is NT-Xent's (--method simclr); {method} "
-                              f"reads {own}.T instead (e.g. --set {own}.T=0.2), so leave train.temperature unset")
+                              f"reads {own}.{tau} instead (e.g. --set {own}.{tau}=0.2), so leave train.temperature unset")
         for section, readers in METHOD_SECTIONS.items():
             if method in readers:
                 continue
@@ -165,7 +241,7 @@ class PretrainConfig:
 # Which methods read which section of PretrainConfig (each a dataclass with `validate` and `resolved`), and which
 # a setting in a section the chosen method does not read is refused. The methods without a section read
 # train.temperature.
-METHOD_SECTIONS = {"moco": MOCO_METHODS, "pirl": PIRL_METHODS}
+METHOD_SECTIONS = {"moco": MOCO_METHODS, "swav": SWAV_METHODS, "pirl": PIRL_METHODS}
 
 
 # --- evaluation and inference --------------------------------------------------------------------------------------

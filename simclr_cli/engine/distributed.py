@@ -336,6 +336,16 @@ def all_reduce_mean(x: Tensor, *, group=None) -> Tensor:
     return x / dist.get_world_size(group)
 
 
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """The elementwise sum of x over ranks (detached: SwAV's Sinkhorn sums over the global batch); x itself with one
+    process."""
+    if not _active():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def all_reduce_max(x: Tensor) -> Tensor:
     """The elementwise maximum over ranks (e.g. the first non-finite step any rank saw); x itself with one process."""
     if not _active():

@@ -27,7 +27,7 @@ from simclr_cli.engine.datasets import NAMED_DATASETS, fingerprint, pretrain_dat
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.errors import ConfigError, Stopped
 from simclr_cli.engine.images import ImageFiles, write_file_list
-from simclr_cli.engine.methods.base import Crops, Method, StepImages
+from simclr_cli.engine.methods.base import Method, StepImages
 from simclr_cli.engine.model import parameter_count
 from simclr_cli.engine.metrics import MetricsLog, Pace, Throughput, clock, require_tensorboard
 from simclr_cli.engine.monitor import Monitor
@@ -198,7 +198,7 @@ def fit(cfg, *, world: distributed.World, rt: Runtime, out: Path, resume_run: bo
         progress = runlog.StepLines(progress, images_per_step=batch)
     trainer = Trainer(
         cfg.train, method=method, net=_wrap(method.modules, world=world, rt=rt, compile=cfg.train.compile),
-        views=BatchViews(cfg.augment, seed=cfg.train.seed), optimizer=optimizer, scaler=scaler, schedule=schedule,
+        views=BatchViews(cfg.augment, seed=cfg.train.seed, crops=method.crops()), optimizer=optimizer, scaler=scaler, schedule=schedule,
         rt=rt, world=world, run_dir=run_dir, info=info, metrics=metrics, monitor=monitor, bad=bad,
         num_images=len(images), progress=progress, elapsed_before=elapsed_before,
     )
@@ -271,7 +271,6 @@ def _method(cfg, *, world: distributed.World, rt: Runtime, init: bool) -> Method
     `train.init` when `init` (a resumed run's weights come from its checkpoint), and placed on the device."""
     torch.manual_seed(cfg.train.seed)
     method = methods.build(cfg, processes=world.world_size)
-    _check_views(method.crops(), image_size=cfg.augment.image_size, method=method.name)
     if cfg.train.init and init:
         report = weights.init_encoder(method.network, Path(cfg.train.init).expanduser())
         log.info("initialised from %s (%s): %d tensors%s", report.source, report.layout, report.loaded,
@@ -297,12 +296,6 @@ def _wrap(modules: torch.nn.Module, *, world: distributed.World, rt: Runtime, co
     if compile:
         net = torch.compile(net)  # compiles at the first step
     return net
-
-
-def _check_views(crops: tuple[Crops, ...], *, image_size: int, method: str) -> None:
-    """The batched views make two crops of every image at augment.image_size; a method asking for others needs more."""
-    if crops != (Crops(count=2, size=image_size),):
-        raise ConfigError(f"method {method} asks for views {crops}; the view pipeline makes 2 crops at {image_size} px")
 
 
 def forward_backward(method: Method, net, views: list[torch.Tensor], *, rt: Runtime, optimizer, scaler) -> torch.Tensor:
@@ -393,16 +386,17 @@ class Trainer:
             group["lr"] = lr
         memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
         pixels = batch.pixels.to(self.rt.device, non_blocking=True)  # (N, 3, H, W) uint8: a quarter of float32's bytes
-        x = self.views(pixels, batch.sizes, batch.indices, epoch=epoch)  # (2N, 3, S, S): views 1, then views 2
-        x = x.contiguous(memory_format=memory_format)
+        # one (count * N, 3, S, S) tensor per crop group of the method; SimCLR's one: views 1, then views 2
+        views = [x.contiguous(memory_format=memory_format) for x in self.views(pixels, batch.sizes, batch.indices, epoch=epoch)]
         self.method.begin_step(StepImages(indices=batch.indices, epoch=epoch, step=step))
         before = self.guard.snapshot(self.method.modules)  # skip mode: the forward pass writes BN statistics
-        loss = forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
+        loss = forward_backward(self.method, self.net, views, rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
         if not self.guard.update_ok(loss, self.method.modules.parameters(), step=step,
                                     buffers=self.method.modules.buffers()):
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.restore(self.method.modules, before)
             return loss
+        self.method.before_update(step=step + 1, epoch=epoch)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(step=step + 1)

@@ -13,7 +13,7 @@ resuming mid-epoch redraws exactly the views an uninterrupted run would have see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def crop_boxes(u: np.ndarray, sizes: np.ndarray, *, scale: tuple[float, float], 
 
 
 def draw(cfg: AugmentConfig, *, seed: int, epoch: int, indices: np.ndarray, view: int, sizes: np.ndarray) -> ViewParams:
-    """The random parameters of view `view` (0 or 1) of each image; `sizes` (B, 2) are their (height, width)."""
+    """The random parameters of view `view` (0, 1, ...) of each image; `sizes` (B, 2) are their (height, width)."""
     u = uniforms(seed=seed, epoch=epoch, indices=indices, view=view)  # (B, DRAWS)
     s = cfg.color_strength
     spans = np.array([0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s])  # SimCLR Appendix A's colour distortion at strength s
@@ -270,24 +270,46 @@ def _to(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-class BatchViews:
-    """Two SimCLR views of every image of a batch, on the batch's device (SimCLR §2.1)."""
+@dataclass(frozen=True)
+class Crops:
+    """`count` views of every image, each `size` pixels square, cropped from `scale` of the image's area (None:
+    augment.crop_scale); a group of a method's views (methods.base.Method.crops)."""
 
-    def __init__(self, cfg: AugmentConfig, *, seed: int) -> None:
-        self.cfg = cfg.resolved()
-        self.cfg.validate()
-        if self.cfg.blur_p > 0 and self.cfg.blur_kernel // 2 >= self.cfg.image_size:
-            raise ConfigError(
-                f"augment.blur_kernel {self.cfg.blur_kernel} is too large for {self.cfg.image_size} px views; "
-                f"use an odd kernel below {2 * self.cfg.image_size}, or leave it unset"
-            )
+    count: int
+    size: int
+    scale: tuple[float, float] | None = None
+
+
+class BatchViews:
+    """The views of every image of a batch, on the batch's device: by default two SimCLR views (SimCLR §2.1); a method
+    may ask for other groups of crops (SwAV's multi-crop: 2 large and 6 small).
+
+    Each group is the augment config at its own size and crop scale, everything else (colour, blur in pixels,
+    flip) alike. Views are numbered across the groups (0, 1 for the first group's, 2, ... for the next one's), and
+    that number is what a view's randomness is drawn from."""
+
+    def __init__(self, cfg: AugmentConfig, *, seed: int, crops: tuple[Crops, ...] | None = None) -> None:
+        cfg = cfg.resolved()
+        cfg.validate()
+        self.groups = [(replace(cfg, image_size=group.size, crop_scale=group.scale or cfg.crop_scale), group.count)
+                       for group in crops or (Crops(count=2, size=cfg.image_size),)]
+        for group_cfg, _ in self.groups:
+            group_cfg.validate()
+            if group_cfg.blur_p > 0 and group_cfg.blur_kernel // 2 >= group_cfg.image_size:
+                raise ConfigError(
+                    f"augment.blur_kernel {group_cfg.blur_kernel} is too large for {group_cfg.image_size} px views; "
+                    f"use an odd kernel below {2 * group_cfg.image_size}, or leave it unset"
+                )
         self.seed = seed
 
-    def __call__(self, images: Tensor, sizes: Tensor, indices: Tensor, *, epoch: int) -> Tensor:
-        """(B, 3, H, W) uint8 padded images, their (B, 2) true sizes and dataset indices -> (2B, 3, S, S): views 1, then views 2."""
+    def __call__(self, images: Tensor, sizes: Tensor, indices: Tensor, *, epoch: int) -> list[Tensor]:
+        """(B, 3, H, W) uint8 padded images, their (B, 2) true sizes and dataset indices -> one (count * B, 3, S, S)
+        tensor per group, view-major (all first views, then all second views, ...)."""
         sizes_np, indices_np = sizes.cpu().numpy(), indices.cpu().numpy()
-        views = []
-        for view in (0, 1):
-            params = draw(self.cfg, seed=self.seed, epoch=epoch, indices=indices_np, view=view, sizes=sizes_np)
-            views.append(apply(self.cfg, images, params))
-        return torch.cat(views)
+        out, first = [], 0  # `first`: the number of the group's first view
+        for cfg, count in self.groups:
+            views = [apply(cfg, images, draw(cfg, seed=self.seed, epoch=epoch, indices=indices_np, view=first + k, sizes=sizes_np))
+                     for k in range(count)]
+            out.append(torch.cat(views))
+            first += count
+        return out

@@ -7,8 +7,9 @@ from simclr_cli.engine.methods.base import Method
 from simclr_cli.engine.methods.moco import MoCoV1, MoCoV2
 from simclr_cli.engine.methods.pirl import PIRL
 from simclr_cli.engine.methods.simclr import SimCLRMethod
+from simclr_cli.engine.methods.swav import SwAV
 
-METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2, PIRL)}
+METHODS = {method.name: method for method in (SimCLRMethod, MoCoV1, MoCoV2, SwAV, PIRL)}
 
 
 def check_name(name: str) -> None:

@@ -1,10 +1,11 @@
 """The seam between the trainer and a pretraining method.
 
-A method says five things: which views it needs (`crops`), which modules it trains (`modules`, of which
-`network` is the encoder-and-head that encoder.safetensors publishes), its `loss` on a batch of views, what it
-does `after_step` (a momentum update, a queue push), and what `extra_state` its checkpoint carries beyond the
-modules' own state dicts. The trainer owns everything else: devices, process groups, the optimiser, the schedule,
-checkpoints, signals, logging. A method never touches a device, a file or a process group itself.
+A method says five things: which views it needs (`crops`, groups of views by size and crop scale), which modules
+it trains (`modules`, of which `network` is the encoder-and-head that encoder.safetensors publishes), its `loss` on
+a batch of views, what it does `after_step` (a momentum update, a queue push; `before_update` runs between the
+backward pass and the update), and what `extra_state` its checkpoint carries beyond the modules' own state dicts.
+The trainer owns everything else: devices, process groups, the optimiser, the schedule, checkpoints, signals,
+logging. A method never touches a device, a file or a process group itself.
 
 A method that keeps per-image state (PIRL's memory bank) or draws randomness of its own also reads `begin_step`:
 the trainer tells it, before each `loss`, which images the step's views show (`StepImages`).
@@ -13,21 +14,15 @@ the trainer tells it, before each `loss`, which images the step's views show (`S
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor, nn
 
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.model import SimCLR
+from simclr_cli.engine.views import Crops  # a group of views: count, size and crop scale (the view code makes them)
 
-
-@dataclass(frozen=True)
-class Crops:
-    """`count` views of every image, each `size` pixels square."""
-
-    count: int
-    size: int
+__all__ = ["Crops", "Method"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +73,11 @@ class Method:
     def after_init(self) -> None:
         """Called once `network` holds weights loaded from elsewhere (train.init), before the first step; a momentum
         copy of it starts from them here. Nothing by default."""
+
+    def before_update(self, *, step: int, epoch: int) -> None:
+        """Called between the backward pass and the optimiser update that will be applied (1-based `step`, 0-based
+        `epoch`, the one the data and views are drawn from): the place to drop a gradient (SwAV freezes its
+        prototypes in the first epoch) or to note the epoch for `after_step`. Nothing by default."""
 
     def after_step(self, *, step: int) -> None:
         """Called after every optimiser update that was applied (1-based `step`); nothing by default."""

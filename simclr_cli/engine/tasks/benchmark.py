@@ -35,7 +35,7 @@ from simclr_cli.engine.device import Runtime, available_cpus, runtime
 from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.methods.base import StepImages
 from simclr_cli.engine.optim import build_optimizer, scaled_lr
-from simclr_cli.engine.views import BatchViews
+from simclr_cli.engine.views import BatchViews, Crops
 
 log = logging.getLogger("simclr")
 
@@ -130,12 +130,13 @@ def run(cfg: PretrainConfig, *, steps: int, warmup: int, repeats: int = 1, basel
 
 
 def model_images_per_s(cfg: PretrainConfig, *, rt: Runtime, steps: int, warmup: int) -> float:
-    """The SimCLR step (forward, NT-Xent, backward, update) on fixed random views: no data, no augmentation."""
-    batch, size = cfg.train.batch_size, cfg.augment.image_size
+    """The method's step (forward, loss, backward, update) on fixed random views: no data, no augmentation."""
+    batch = cfg.train.batch_size
     update = _Update(cfg, rt, channels_last=rt.channels_last)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    x = torch.randn(2 * batch, 3, size, size, device=rt.device).contiguous(memory_format=memory_format)  # (2N, 3, S, S)
-    return batch * steps / _timed(lambda: update(x), steps=steps, warmup=warmup, device=rt.device)
+    views = [torch.randn(crops.count * batch, 3, crops.size, crops.size, device=rt.device).contiguous(memory_format=memory_format)
+             for crops in update.method.crops()]  # (count * N, 3, S, S) per crop group; SimCLR's (2N, 3, S, S)
+    return batch * steps / _timed(lambda: update(views), steps=steps, warmup=warmup, device=rt.device)
 
 
 def data_views_per_s(cfg: PretrainConfig, images: Dataset, *, rt: Runtime, steps: int, warmup: int) -> float:
@@ -143,7 +144,8 @@ def data_views_per_s(cfg: PretrainConfig, images: Dataset, *, rt: Runtime, steps
     batch = cfg.train.batch_size
     dataset = pipeline.PixelDataset(images, max_side=cfg.data.decode_side, on_bad_image="skip")
     dataset.cache = pipeline.build_cache(dataset, budget=pipeline.cache_budget(cfg.data.cache_gb), workers=0)
-    views = BatchViews(cfg.augment, seed=cfg.train.seed)
+    crops = method_crops(cfg)
+    views = BatchViews(cfg.augment, seed=cfg.train.seed, crops=crops)
     batches = _endless(dataset, batch, seed=cfg.train.seed, loader=lambda sampler: pipeline.loader(
         dataset, sampler, local_batch_size=batch, workers=0, pin_memory=False))
 
@@ -153,7 +155,13 @@ def data_views_per_s(cfg: PretrainConfig, images: Dataset, *, rt: Runtime, steps
 
     with _one_thread():
         seconds = _timed(step, steps=steps, warmup=warmup, device=rt.device)
-    return 2 * batch * steps / seconds
+    return sum(group.count for group in crops) * batch * steps / seconds
+
+
+def method_crops(cfg: PretrainConfig) -> tuple[Crops, ...]:
+    """The crop groups `cfg`'s method asks for, from its modules built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return methods.build(cfg, processes=1).crops()
 
 
 def pretrain_images_per_s(cfg: PretrainConfig, *, steps: int, warmup: int) -> tuple[float, float, float]:
@@ -187,7 +195,7 @@ def baseline_images_per_s(cfg: PretrainConfig, images: Dataset, *, steps: int, w
 
     def step() -> None:
         _, (view1, view2) = next(batches)
-        update(torch.cat([view1, view2]).to(rt.device, non_blocking=True))  # (2N, 3, S, S)
+        update([torch.cat([view1, view2]).to(rt.device, non_blocking=True)])  # (2N, 3, S, S)
 
     return batch * steps / _timed(step, steps=steps, warmup=warmup, device=rt.device)
 
@@ -219,10 +227,10 @@ class _Update:
         self.images = torch.arange(cfg.train.batch_size)  # the dataset indices the views stand for (PIRL's bank rows)
         self.steps = 0
 
-    def __call__(self, x: torch.Tensor) -> None:
+    def __call__(self, views: list[torch.Tensor]) -> None:
         self.method.begin_step(StepImages(indices=self.images, epoch=0, step=self.steps))
         self.steps += 1
-        trainer.forward_backward(self.method, self.net, [x], rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
+        trainer.forward_backward(self.method, self.net, views, rt=self.rt, optimizer=self.optimizer, scaler=self.scaler)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
