@@ -14,6 +14,7 @@ the trainer tells it, before each `loss`, which images the step's views show (`S
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.model import SimCLR
 from simclr_cli.engine.views import Crops  # a group of views: count, size and crop scale (the view code makes them)
 
-__all__ = ["Crops", "Method"]
+__all__ = ["Crops", "Method", "StepImages"]
 
 
 @dataclass(frozen=True)
