@@ -270,7 +270,7 @@ def test_pretrain_method_pirl_then_info(tmp_path):
                                  "--precision", "fp32", "--workers", "0", "--set", "pirl.negatives=10", "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["pirl"] == {"negatives": 10, "momentum": 0.5, "T": 0.07, "lam": 0.5, "bank_size": 24}
+    assert saved["pirl"] == {"negatives": 10, "momentum": 0.5, "T": 0.2, "lam": 0.5, "bank_size": 24}  # T at 16 px
     assert checkpoint.load_encoder(out / "encoder.safetensors")[1].method == "pirl"
     info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
     assert info.exit_code == 0 and "pirl" in info.output, info.output
@@ -290,6 +290,12 @@ def test_bad_pirl_options_are_one_line_errors(image_folder, tmp_path, args, mess
                                  "16", "--batch-size", "8", "--device", "cpu", "--workers", "0", *args,
                                  "--out", str(tmp_path / "run")])
     assert one_line_error(result).startswith(message) and result.exit_code != 0
+
+
+def test_T_is_the_papers_on_imagenet_sized_views_and_softer_at_64_px_and_below():
+    assert PIRLConfig().with_sizes(image_size=224).T == 0.07
+    assert PIRLConfig().with_sizes(image_size=64).T == PIRLConfig().with_sizes(image_size=16).T == 0.2
+    assert PIRLConfig(T=0.07).with_sizes(image_size=16).T == 0.07  # a value given is kept
 
 
 def test_the_preset_holds_the_papers_recipe_and_runs(image_folder, tmp_path):
