@@ -40,14 +40,16 @@ def preset_names() -> list[str]:
 def preset_path(name_or_file: str) -> Path:
     """A preset given by name (`cifar10`) or as a path to a YAML file."""
     candidate = Path(name_or_file).expanduser()
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         if not candidate.is_file():
             raise ConfigError(f"preset file {candidate} does not exist; pass a YAML file or one of: {', '.join(preset_names())}")
         return candidate
-    for directory in preset_dirs():
+    for directory in preset_dirs():  # a folder named like a preset (./demo/) does not hide the preset
         path = directory / f"{name_or_file}{PRESET_SUFFIX}"
         if path.is_file():
             return path
+    if candidate.is_dir():
+        raise ConfigError(f"preset {candidate} is a folder; pass a YAML file or one of: {', '.join(preset_names())}")
     raise ConfigError(f"unknown preset '{name_or_file}'; choose one of: {', '.join(preset_names())}, or pass a YAML file")
 
 

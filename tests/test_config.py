@@ -52,8 +52,15 @@ def test_missing_preset_file_is_an_error(tmp_path):
 
 
 def test_a_folder_given_as_preset_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; pass a YAML file"):
+    with pytest.raises(ConfigError, match=r"^preset .* is a folder; pass a YAML file or one of: cifar10, demo"):
         preset_path(str(tmp_path))
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`simclr pretrain` (the demo preset) run where a `demo/` folder is, e.g. from the README's runs."""
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert preset_path("demo").resolve() == (PRESETS / "demo.yaml").resolve()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
