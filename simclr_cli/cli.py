@@ -481,7 +481,8 @@ def _cka_cell(value: float) -> str:
 ))
 def compare(
     encoders: Annotated[list[Path], typer.Argument(metavar="ENCODER...", help="Encoder files or run folders (encoder.safetensors, "
-                                                   "finetuned.safetensors, a distilled student...), one row each.")],
+                                                   "finetuned.safetensors, a distilled student...) or external ResNets "
+                                                   "(torchvision:resnet50=FILE), one row each.")],
     data: Annotated[list[str], typer.Option("--data", "-d", help="cifar10 | cifar100 | stl10 | imagenet | digits, a folder with "
                                             "train/ and val/ (or test/), or any folder of images (the probes only: no labels). "
                                             "Repeat it to compare on several.")],
