@@ -10,7 +10,8 @@ baseline row every method must beat.
     python benchmarks/methods.py --out methods.jsonl                  # all methods, seed 0
     python benchmarks/methods.py --methods simclr moco-v2 --seeds 0 1 2 --out methods.jsonl
 
-Finished runs are read back from --out, so an interrupted benchmark resumes where it stopped. Prints a Markdown
+Finished runs are read back from --out, so an interrupted benchmark resumes where it stopped. A pretraining that
+fails (a loss that became non-finite) is a result too: counted in the last column, not averaged. Prints a Markdown
 table of the mean (and min-max over seeds when there are several).
 """
 
@@ -49,7 +50,10 @@ def run_one(method: str, seed: int, work: Path, *, epochs: list[str]) -> dict:
         seconds = 0.0
     else:
         start = time.perf_counter()
-        simclr("pretrain", "--method", method, *epochs, "--out", str(run), "--overwrite", "--seed", str(seed))
+        try:
+            simclr("pretrain", "--method", method, *epochs, "--out", str(run), "--overwrite", "--seed", str(seed))
+        except subprocess.CalledProcessError:  # e.g. a loss that became non-finite: a result, recorded as such
+            return {"method": method, "seed": seed, "failed": True}
         seconds = time.perf_counter() - start
     encoder = str(run / "encoder.safetensors")
     simclr("knn", encoder, *eval_flags, "--out", str(run / "knn"))
@@ -67,14 +71,18 @@ def cell(values: list[float], *, percent: bool = True) -> str:
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
-    lines = ["| method | kNN top-1 | linear top-1 | pretraining time (s) | seeds |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| method | kNN top-1 | linear top-1 | pretraining time (s) | seeds (failed) |",
+             "| --- | --- | --- | --- | --- |"]
     for method in methods:
-        mine = [row for row in rows if row["method"] == method]
+        mine = [row for row in rows if row["method"] == method and not row.get("failed")]
+        failed = sum(1 for row in rows if row["method"] == method and row.get("failed"))
         if not mine:
+            if failed:
+                lines.append(f"| {method} | - | - | - | 0 ({failed}) |")
             continue
         seconds = "-" if method == RANDOM_INIT else cell([row["pretrain_s"] for row in mine], percent=False)
         lines.append(f"| {method} | {cell([r['knn'] for r in mine])} | {cell([r['linear'] for r in mine])} | "
-                     f"{seconds} | {len(mine)} |")
+                     f"{seconds} | {len(mine)}{f' ({failed})' if failed else ''} |")
     return "\n".join(lines)
 
 
