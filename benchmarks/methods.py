@@ -63,11 +63,11 @@ def run_one(method: str, seed: int, work: Path, *, epochs: list[str]) -> dict:
 
 
 def cell(values: list[float], *, percent: bool = True) -> str:
-    scale = 100 if percent else 1
-    mean = f"{scale * statistics.mean(values):.1f}"
+    scale, unit = (100, "%") if percent else (1, "")
+    mean = f"{scale * statistics.mean(values):.1f}{unit}"
     if len(values) > 1:
-        mean += f" ({scale * min(values):.1f}-{scale * max(values):.1f})"
-    return mean + ("%" if percent else "")
+        mean += f" ({scale * min(values):.1f}-{scale * max(values):.1f}{unit})"
+    return mean
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
