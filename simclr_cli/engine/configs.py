@@ -173,8 +173,9 @@ class PIRLConfig:
 
     def with_sizes(self, *, image_size: int) -> PIRLConfig:
         """T filled in for the view size: the paper's 0.07 on ImageNet-sized views; at <= 64 px 0.2, because on the
-        demo's 16 px digits T 0.07 made the loss grow until it was non-finite (at LARS peak lr 0.5 and 0.05, and with
-        SGD) while 0.2 trained to 94.4% kNN / 96.9% linear (README, "Other methods: PIRL")."""
+        demo's 16 px digits T 0.07 made the loss grow until it was non-finite (seed 0, at LARS peak lr 0.5 and 0.05,
+        and with SGD) where 0.2 trained seed 0 (93.0% kNN, 96.1% linear). 0.2 is not enough: seeds 1 and 2 still
+        diverge (README, "Methods side by side")."""
         if self.T is not None:
             return self
         return replace(self, T=PIRL_PAPER_T if image_size > SMALL_IMAGE_MAX_SIZE else PIRL_SMALL_IMAGE_T)
