@@ -36,6 +36,8 @@ OPTIONS = ["--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-
 # two chunks are recorded, the third chunk's rows are in the file but not in any record (written again on resume).
 KILLED_AT_THE_THIRD_RECORD = """
 import os, signal, sys
+import torch
+torch.set_num_threads(1)  # as the suite's own process (conftest): the rows are compared bit for bit with its run
 from simclr_cli.engine import partial
 from simclr_cli.cli import app
 record, calls = partial.PartialRows.record, []
