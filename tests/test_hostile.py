@@ -662,10 +662,11 @@ def test_sigterm_during_embed_keeps_the_rows_so_far_for_resume_and_says_so(good,
     args = ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON[:-1], "4"]
     proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     unfinished = out.parent / ".vecs.npy.partial.npy"
+    settings = out.parent / ".vecs.npy.partial.json"  # written last: from then on the unfinished run can be resumed
     deadline = time.monotonic() + 60
-    while not unfinished.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not settings.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert unfinished.exists(), "the unfinished file never appeared"
+    assert unfinished.exists() and settings.exists(), "the unfinished file never appeared"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
