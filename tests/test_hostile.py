@@ -680,6 +680,32 @@ def test_sigterm_during_embed_keeps_the_rows_so_far_for_resume_and_says_so(good,
     assert files_under(out.parent) == ["vecs.json", "vecs.npy", "vecs.paths.txt"]
 
 
+def test_sigterm_before_the_unfinished_embed_is_whole_says_there_is_nothing_to_resume(good, images, tmp_path, monkeypatch):
+    """The window between the unfinished .npy and its settings (written last): no --resume advice that --resume
+    would then refuse, and nothing of the unfinished run left behind."""
+    import signal
+
+    from simclr_cli.engine import partial
+    from simclr_cli.engine.tasks import embed
+
+    create = partial.PartialRows.create
+
+    def terminated_while_listing(self, *, write_listing, **kwargs):
+        def listing_then_sigterm():
+            write_listing()
+            raise embed._Terminated(signal.SIGTERM)
+
+        create(self, write_listing=listing_then_sigterm, **kwargs)
+
+    monkeypatch.setattr(partial.PartialRows, "create", terminated_while_listing)
+    out = tmp_path / "out" / "vecs.npy"
+    result = runner.invoke(app, ["embed", str(images), "-c", str(good), "-o", str(out), *COMMON])
+    assert result.exit_code != 0
+    assert "embed stopped by SIGTERM before it had rows to keep; run the same command again" in " ".join(result.output.split())
+    assert "--resume" not in result.output
+    assert not [p for p in out.parent.glob(".vecs.npy.partial*") if not p.name.endswith(".lock")]
+
+
 def test_an_image_too_large_for_memory_with_the_pixel_limit_off_is_one_line(good, images, tmp_path, monkeypatch):
     import struct
     import zlib

@@ -245,9 +245,13 @@ def embed_folder(
                                                    overwrite=overwrite or settings["replace"], resumed=resume),
                             device=rt.device)
     except _Terminated as exc:
-        keep = True
+        name = signal.Signals(exc.signum).name
+        keep = partial.exists()  # False when the signal came before the unfinished run was whole (its settings)
+        if not keep:
+            raise Stopped(f"embed stopped by {name} before it had rows to keep; run the same command again",
+                          signal_number=exc.signum) from None
         raise Stopped(
-            f"embed stopped by {signal.Signals(exc.signum).name}: the rows written so far are kept in "
+            f"embed stopped by {name}: the rows written so far are kept in "
             f"{partial.rows_file.name}; run the same command with --resume to continue",
             signal_number=exc.signum,
         ) from None
