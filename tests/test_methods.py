@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from simclr_cli.engine import checkpoint, methods
-from simclr_cli.engine.configs import PretrainConfig
+from simclr_cli.engine.configs import METHOD_SECTIONS, PretrainConfig
 from simclr_cli.engine.device import Runtime
+from simclr_cli.engine.errors import ConfigError
 from simclr_cli.engine.loss import nt_xent
 from simclr_cli.engine.methods.base import Crops
 from simclr_cli.engine.methods.simclr import SimCLRMethod
@@ -107,3 +108,29 @@ def test_auto_workers_are_written_back_too(image_folder, tmp_path):
     pretrain.run(cfg, out=tmp_path / "run")
     workers = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["workers"]
     assert isinstance(workers, int) and workers >= 0
+
+
+# Each method section's settings refused for the methods that do not read it, and NT-Xent's temperature refused for
+# the methods that have their own: one mechanism (configs.METHOD_SECTIONS), every section's cases here.
+@pytest.mark.parametrize(("method", "setting", "value", "message"), [
+    ("simclr", "moco.K", 4096, r"^moco.K applies to --method moco-v1 or moco-v2 only, not simclr"),
+    ("swav", "moco.K", 4096, r"^moco.K applies to --method moco-v1 or moco-v2 only, not swav"),
+    ("pirl", "moco.K", 4096, r"^moco.K applies to --method moco-v1 or moco-v2 only, not pirl"),
+    ("simclr", "swav.queue_length", 3840, r"^swav.queue_length applies to --method swav only, not simclr"),
+    ("moco-v2", "pirl.lam", 0.9, r"^pirl.lam applies to --method pirl only, not moco-v2"),
+    ("moco-v2", "train.temperature", 0.5, r"^train.temperature is NT-Xent's \(--method simclr\); moco-v2 reads moco.T"),
+    ("swav", "train.temperature", 0.5, r"^train.temperature is NT-Xent's \(--method simclr\); swav reads swav.temperature"),
+    ("pirl", "train.temperature", 0.5, r"^train.temperature is NT-Xent's \(--method simclr\); pirl reads pirl.T"),
+])
+def test_options_a_method_does_not_read_are_refused(method, setting, value, message):
+    cfg = PretrainConfig()
+    cfg.train.method = method
+    section, name = setting.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_every_method_section_is_a_pretraining_config_section():
+    assert all(hasattr(PretrainConfig(), section) for section in METHOD_SECTIONS)
+    assert {m for readers in METHOD_SECTIONS.values() for m in readers} <= set(methods.METHODS)

@@ -157,17 +157,6 @@ def test_a_queue_that_cannot_work_is_refused(section, images, batch, error, mess
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
-def test_options_of_another_method_are_refused():
-    cfg = PretrainConfig()
-    cfg.moco.K = 4096
-    with pytest.raises(ConfigError, match=r"^moco.K applies to --method moco-v1 or moco-v2 only, not simclr"):
-        cfg.validate()
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.train.temperature = "moco-v2", 0.5
-    with pytest.raises(ConfigError, match=r"^train.temperature is NT-Xent's \(--method simclr\); moco-v2 reads moco.T"):
-        cfg.validate()
-
-
 # --- through the trainer --------------------------------------------------------------------------------------------
 
 

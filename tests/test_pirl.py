@@ -21,7 +21,7 @@ from test_moco import _two_steps, tiny_config
 from test_pretrain import CrashAt
 from simclr_cli.cli import app
 from simclr_cli.engine import checkpoint, distributed, methods
-from simclr_cli.engine.configs import PIRL_METHODS, PIRLConfig, PretrainConfig
+from simclr_cli.engine.configs import PIRL_METHODS, PIRLConfig
 from simclr_cli.engine.device import Runtime
 from simclr_cli.engine.distributed import World
 from simclr_cli.engine.errors import ConfigError, DataError
@@ -185,21 +185,6 @@ def test_settings_that_cannot_work_are_refused(section, images, error, message):
     with pytest.raises(error) as caught:
         section.resolved(method="pirl", num_images=images, batch_size=8)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
-
-
-def test_pirl_options_are_refused_for_other_methods_and_nt_xents_for_pirl():
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.pirl.lam = "moco-v2", 0.9
-    with pytest.raises(ConfigError, match=r"^pirl.lam applies to --method pirl only, not moco-v2"):
-        cfg.validate()
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.moco.K = "pirl", 4096
-    with pytest.raises(ConfigError, match=r"^moco.K applies to --method moco-v1 or moco-v2 only, not pirl"):
-        cfg.validate()
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.train.temperature = "pirl", 0.5
-    with pytest.raises(ConfigError, match=r"^train.temperature is NT-Xent's \(--method simclr\); pirl reads pirl.T"):
-        cfg.validate()
 
 
 # --- through the trainer --------------------------------------------------------------------------------------------

@@ -230,21 +230,6 @@ def test_bad_settings_are_one_line_errors(section, message):
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
-def test_options_of_another_method_are_refused():
-    cfg = PretrainConfig()
-    cfg.swav.queue_length = 3840
-    with pytest.raises(ConfigError, match=r"^swav.queue_length applies to --method swav only, not simclr"):
-        cfg.validate()
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.moco.K = "swav", 4096
-    with pytest.raises(ConfigError, match=r"^moco.K applies to --method moco-v1 or moco-v2 only, not swav"):
-        cfg.validate()
-    cfg = PretrainConfig()
-    cfg.train.method, cfg.train.temperature = "swav", 0.5
-    with pytest.raises(ConfigError, match=r"^train.temperature is NT-Xent's \(--method simclr\); swav reads swav.temperature"):
-        cfg.validate()
-
-
 # --- through the trainer --------------------------------------------------------------------------------------------
 
 
