@@ -509,6 +509,7 @@ def compare(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for compare.json, compare.csv, compare.png and the cache of "
                                              "scores (rerun with one more ENCODER and only its row is computed).",
                                              show_default="runs/compare")] = None,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Score several encoders on several tasks, each through its own input transform, in one table: kNN and linear
@@ -524,7 +525,11 @@ def compare(
                  "download": download, "batch_size": batch_size, "workers": workers, "seed": seed, "device": device,
                  "precision": precision}
         cfg = config.resolve_task("compare", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
+            return
         done = task.run(cfg, encoders=list(encoders), out=out, progress=RichProgress())
+        if done is None:
+            return
         show_matrix(f"{len(done.rows)} encoders (score, rank within the task; 1 = best)", corner="encoder",
                     columns=["input", *done.columns],
                     rows=[(row.name, ["-" if row.input is None else f"{row.input['image_size']} px",
