@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_images
+from multiprocess import run_on_two_processes, simclr_on_two_processes
 from simclr_cli.cli import app
 from simclr_cli.engine import checkpoint, features, probes
 from simclr_cli.engine.augment import eval_transform
@@ -297,10 +298,6 @@ def test_two_processes_give_the_one_process_table_and_a_failed_row_stays_failed(
     """--gpus 2 --device cpu: every pass split at whole batches and gathered in order, so rank 0 fits every probe on
     the one-process features and the scores are equal bit for bit (both runs on one torch thread); an unreadable
     file is a failed row on both ranks while the others are scored; rank 0 alone prints and writes."""
-    import os
-    import subprocess
-    import sys
-
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     # batches of 4: each rank gets rows of every pass (15 train, 9 val images; 3 and 9 views of each probe image)
@@ -308,10 +305,7 @@ def test_two_processes_give_the_one_process_table_and_a_failed_row_stays_failed(
             *COMMON, "--batch-size", "4"]
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # the suite's one thread (conftest)
-    two = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, check=False, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = simclr_on_two_processes(*args, "--out", str(tmp_path / "two"))
     saved = [json.loads((tmp_path / run / "compare.json").read_text()) for run in ("one", "two")]
     assert [[r["scores"], r["ranks"], r["failed"]] for r in saved[0]["rows"]] == \
         [[r["scores"], r["ranks"], r["failed"]] for r in saved[1]["rows"]]
@@ -354,7 +348,5 @@ def _rank_1_cannot_read_the_second(world, first: str, second: str, data: str, ou
 
 
 def test_a_file_one_process_cannot_read_is_skipped_by_every_process(labelled, encoders, tmp_path):
-    from multiprocess import run_on_two_processes
-
     run_on_two_processes(_rank_1_cannot_read_the_second, str(encoders[0]), str(encoders[1]), str(labelled),
                          str(tmp_path / "cmp"), timeout_s=120)
