@@ -447,6 +447,7 @@ def cka(
     set_: options.Set = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for cka.json and cka.png. Default: "
                                              "<A's folder>/eval/cka-<timestamp>/.")] = None,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Linear CKA (Kornblith et al. 2019) between every stage of encoder A and every stage of encoder B: how similar
@@ -460,7 +461,11 @@ def cka(
             data=data, train=None, val=None, data_root=data_root, download=download, random_init=random_init,
             batch_size=batch_size, workers=workers, seed=seed, device=device, precision=precision)}
         cfg = config.resolve_task("cka", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
+            return
         done = task.run(cfg, a=a, b=b, out=out, progress=RichProgress())
+        if done is None:
+            return
         r = done.result
         show_matrix(f"linear CKA on {r.images} images of {r.data} (rows: A, columns: B)", corner="A \\ B",
                     columns=list(task.STAGES), rows=[(stage, [_cka_cell(v) for v in row]) for stage, row in zip(task.STAGES, r.matrix)])
@@ -504,6 +509,7 @@ def compare(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for compare.json, compare.csv, compare.png and the cache of "
                                              "scores (rerun with one more ENCODER and only its row is computed).",
                                              show_default="runs/compare")] = None,
+    gpus: options.Procs = None,
     verbose: options.Verbose = False,
 ) -> None:
     """Score several encoders on several tasks, each through its own input transform, in one table: kNN and linear
@@ -519,7 +525,11 @@ def compare(
                  "download": download, "batch_size": batch_size, "workers": workers, "seed": seed, "device": device,
                  "precision": precision}
         cfg = config.resolve_task("compare", preset=preset, sets=set_, flags=flags)
+        if _launched(gpus, cfg.device):
+            return
         done = task.run(cfg, encoders=list(encoders), out=out, progress=RichProgress())
+        if done is None:
+            return
         show_matrix(f"{len(done.rows)} encoders (score, rank within the task; 1 = best)", corner="encoder",
                     columns=["input", *done.columns],
                     rows=[(row.name, ["-" if row.input is None else f"{row.input['image_size']} px",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -57,3 +59,13 @@ def run_on_two_processes(worker, *args, timeout_s: float = TIMEOUT_S) -> None:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+
+
+def simclr_on_two_processes(*args: str) -> subprocess.CompletedProcess:
+    """`simclr ARGS --gpus 2` in a subprocess, each worker on one thread (OMP_NUM_THREADS=1) like the suite's own
+    process (conftest), so its numbers compare bit for bit with an in-process run; fails unless it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--gpus", "2"], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -85,6 +85,7 @@ from pathlib import Path  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from conftest import write_images  # noqa: E402
+from multiprocess import simclr_on_two_processes  # noqa: E402
 from simclr_cli.cli import app  # noqa: E402
 from simclr_cli.engine import checkpoint  # noqa: E402
 from simclr_cli.engine.tasks.cka import STAGES  # noqa: E402
@@ -184,3 +185,15 @@ def test_bad_input_is_one_line_and_exit_2(encoder_file, held_out, args, message)
     result = runner.invoke(app, ["cka", str(encoder_file), *args, *COMMON])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_two_processes_give_the_one_process_matrix(encoder_file, held_out, tmp_path):
+    """--gpus 2 --device cpu: each rank encodes a batch-aligned share of the 20 images (8 and 12), the stages are
+    gathered in order, and rank 0's CKA is the one-process matrix, bit for bit (both on one torch thread)."""
+    args = ["cka", str(encoder_file), "--random-init", "--data", str(held_out), *COMMON]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = simclr_on_two_processes(*args, "--out", str(tmp_path / "two"))
+    saved = [json.loads((tmp_path / run / "cka.json").read_text()) for run in ("one", "two")]
+    assert saved[0]["matrix"] == saved[1]["matrix"] and saved[1]["images"] == 20
+    assert two.stdout.count("results: ") == 1  # rank 0 alone reports

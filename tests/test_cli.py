@@ -231,6 +231,10 @@ def test_gpus_without_a_gpu_is_refused_unless_device_cpu(image_folder, tmp_path,
                        "(gloo), or drop --gpus")
     message = one_line_error(runner.invoke(app, ["embed", str(image_folder), "-o", str(tmp_path / "v.npy"), "--gpus", "2"]))
     assert "--gpus 2 but PyTorch sees no GPU" in message
+    # compare and cka go through the same check as the other evaluation commands
+    for command in (["compare", "enc.safetensors", "--data", str(image_folder)], ["cka", "enc.safetensors"]):
+        assert "--gpus 2 but PyTorch sees no GPU" in one_line_error(runner.invoke(app, [*command, "--gpus", "2"]))
+        assert one_line_error(runner.invoke(app, [*command, "--gpus", "-1"])) == "error: --gpus -1 must be >= 1"
 
 
 @pytest.mark.parametrize(

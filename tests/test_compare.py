@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_images
+from multiprocess import run_on_two_processes, simclr_on_two_processes
 from simclr_cli.cli import app
 from simclr_cli.engine import checkpoint, features, probes
 from simclr_cli.engine.augment import eval_transform
@@ -289,3 +290,63 @@ def test_encoders_with_different_inputs_each_see_their_own_transform(labelled, e
     assert "24 px bicubic, mean 0.4/0.4/0.4, std 0.3/0.3/0.3" in result.output
     half = len(sides) // 2  # the first encoder's passes, then the second's
     assert set(sides[:half]) == {(16, 16)} and set(sides[half:]) == {(24, 24)}
+
+
+# --- several processes --------------------------------------------------------------------------------------------
+
+def test_two_processes_give_the_one_process_table_and_a_failed_row_stays_failed(labelled, encoders, tmp_path):
+    """--gpus 2 --device cpu: every pass split at whole batches and gathered in order, so rank 0 fits every probe on
+    the one-process features and the scores are equal bit for bit (both runs on one torch thread); an unreadable
+    file is a failed row on both ranks while the others are scored; rank 0 alone prints and writes."""
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    # batches of 4: each rank gets rows of every pass (15 train, 9 val images; 3 and 9 views of each probe image)
+    args = ["compare", str(encoders[0]), str(broken), "--random-init", "--data", str(labelled),
+            *COMMON, "--batch-size", "4"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = simclr_on_two_processes(*args, "--out", str(tmp_path / "two"))
+    saved = [json.loads((tmp_path / run / "compare.json").read_text()) for run in ("one", "two")]
+    assert [[r["scores"], r["ranks"], r["failed"]] for r in saved[0]["rows"]] == \
+        [[r["scores"], r["ranks"], r["failed"]] for r in saved[1]["rows"]]
+    good, bad, twin = saved[1]["rows"]
+    assert bad["failed"] and all(v is None for v in bad["scores"].values())
+    assert None not in (*good["scores"].values(), *twin["scores"].values())
+    assert saved[0]["spearman"]["matrix"] == saved[1]["spearman"]["matrix"]
+    assert two.stdout.count(f"written: {tmp_path / 'two' / 'compare.json'}") == 1  # rank 0 alone reports
+    assert len(list((tmp_path / "two" / "cache").iterdir())) == 2 * 5  # 2 scored rows x 5 tasks, written once
+
+
+def _rank_1_cannot_read_the_second(world, first: str, second: str, data: str, out: str) -> None:
+    """compare.run on 2 ranks where only rank 1 fails to open `second`: both skip its row; rank 1 writes nothing."""
+    from simclr_cli.engine.configs import CompareConfig
+    from simclr_cli.engine.errors import CheckpointError
+    from simclr_cli.engine.tasks import compare
+
+    if world.rank == 1:
+        real_open = compare.open_encoder
+
+        def flaky(path, **kwargs):
+            if str(path) == second:
+                raise CheckpointError(f"{second}: unreadable on rank 1 only")
+            return real_open(path, **kwargs)
+
+        def no_writes(*args, **kwargs):
+            raise AssertionError("rank 1 wrote a file")
+
+        compare.open_encoder = flaky
+        compare.write_json = compare.atomic_write = compare.plots.plot_compare = no_writes
+    cfg = CompareConfig(data=(data,), tasks=("knn",), device="cpu", precision="fp32", workers=0,
+                        batch_size=4, max_iter=30)
+    done = compare.run(cfg, encoders=[Path(first), Path(second)], out=Path(out))
+    if world.rank == 1:
+        assert done is None
+        return
+    good, skipped = done.rows
+    assert skipped.failed.startswith("another process of --gpus could not read it") and skipped.scores == {}
+    assert good.failed is None and None not in good.scores.values()
+
+
+def test_a_file_one_process_cannot_read_is_skipped_by_every_process(labelled, encoders, tmp_path):
+    run_on_two_processes(_rank_1_cannot_read_the_second, str(encoders[0]), str(encoders[1]), str(labelled),
+                         str(tmp_path / "cmp"), timeout_s=120)

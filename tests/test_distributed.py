@@ -202,6 +202,9 @@ def _gather_rows_worker(world: World) -> None:
         distributed.GATHER_BLOCK_ROWS = original
     with pytest.raises(ValueError, match="expected 6 in all"):
         distributed.gather_rows(torch.zeros(len(distributed.shard(5, world)), 2), 6, world)
+    # Choices all ranks make together: any rank's flag, or rank 0's.
+    assert distributed.any_rank(world.rank == 1) and not distributed.any_rank(False)
+    assert distributed.main_decides(world.rank == 0) and not distributed.main_decides(world.rank == 1)
     # on_every_rank: results stay local; one rank's failure stops every rank.
     assert distributed.on_every_rank(lambda: world.rank * 10, device=torch.device("cpu")) == world.rank * 10
 
@@ -306,6 +309,8 @@ def test_gather_reduce_barrier_are_identities_with_one_process():
     assert distributed.all_reduce_mean(loss) is loss
     distributed.barrier()
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.main_decides(True) and not distributed.main_decides(False)
 
 
 def test_sync_batchnorm_leaves_the_model_alone_with_one_process():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Subset
 
@@ -213,6 +214,26 @@ def _two_rank_worker(world, checkpoint: str, expected_file: str) -> None:
     assert progress.calls == ([("start", 1), ("update", 1), ("stop",)] if world.is_main else [])
     one_image = features.extract(encoder, images(1), layer="projection", batch_size=2, rt=CPU)  # rank 0 has none
     assert torch.equal(one_image, torch.from_numpy(np.load(expected_file.replace(".npy", "_one.npy"))))
+    # The passes with hooks (compare's map, cka's stages) shard and gather the same way, an empty rank included.
+    expected_hooked = load_file(expected_file.replace(".npy", "_hooked.safetensors"))
+    got = _hooked_passes(encoder)
+    assert got.keys() == expected_hooked.keys()
+    assert [name for name in got if not torch.equal(got[name], expected_hooked[name])] == []
+
+
+def _hooked_passes(encoder: features.Encoder) -> dict[str, torch.Tensor]:
+    """extract_with_map and cka's stage_features, on 10 images in batches of 4 and on 1 image (rank 0 gets none)."""
+    from simclr_cli.engine import probes
+    from simclr_cli.engine.tasks.cka import stage_features
+
+    out = {}
+    for count, batch, rows in ((10, 4, [1, 4, 5, 9]), (1, 2, [0])):
+        h, maps = features.extract_with_map(encoder, images(count), rows=torch.tensor(rows), reduce=probes.grid_features,
+                                            batch_size=batch, rt=CPU)
+        out |= {f"h{count}": h, f"map{count}": maps}  # (N, D), (len(rows), 4, D)
+        out |= {f"{name}{count}": x for name, x in stage_features(encoder, images(count), batch_size=batch, workers=0,
+                                                                  rt=CPU).items()}
+    return out
 
 
 def test_two_ranks_extract_exactly_the_one_process_rows(tmp_path):
@@ -221,4 +242,5 @@ def test_two_ranks_extract_exactly_the_one_process_rows(tmp_path):
     np.save(tmp_path / "expected.npy", expected.numpy())
     one_image = features.extract(features.open_encoder(path), images(1), layer="projection", batch_size=2, rt=CPU)
     np.save(tmp_path / "expected_one.npy", one_image.numpy())
+    save_file(_hooked_passes(features.open_encoder(path)), str(tmp_path / "expected_hooked.safetensors"))
     run_on_two_processes(_two_rank_worker, str(path), str(tmp_path / "expected.npy"), timeout_s=120)

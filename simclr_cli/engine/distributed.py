@@ -258,7 +258,7 @@ def gather_rows(x: Tensor, n_total: int, world: World) -> Tensor:
         if x.shape[0] != n_total:
             raise ValueError(f"gather_rows got {x.shape[0]} rows on one process, expected all {n_total}")
         return x
-    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    wire = _wire()
     counts = [torch.zeros(1, dtype=torch.int64, device=wire) for _ in range(world.world_size)]
     dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=wire))
     sizes = [int(c.item()) for c in counts]
@@ -277,6 +277,29 @@ def gather_rows(x: Tensor, n_total: int, world: World) -> Tensor:
             take = max(0, min(rows, size - offset))
             out[start + offset : start + offset + take] = part[:take]
     return out
+
+
+def _wire() -> torch.device:
+    """Where a collective's tensors must be: the current CUDA device for nccl, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: a choice all must make together (a file one process cannot
+    read is skipped by all, or the next collective would wait for a rank that skipped it); `flag` with one process."""
+    if not _active():
+        return flag
+    return bool(all_reduce_max(torch.tensor(int(flag), device=_wire())).item())
+
+
+def main_decides(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank: a choice only rank 0 can make (from files only it reads) that all must follow;
+    `flag` with one process."""
+    if not _active():
+        return flag
+    value = torch.tensor(int(flag), device=_wire())
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -311,9 +311,12 @@ def extract_with_map(
     progress: Progress | None = None,
     description: str = "features",
 ) -> tuple[Tensor, Tensor]:
-    """One pass in one process: h (N, D) of every image, and for the images whose indices `rows` lists (sorted)
-    the last stage's feature map (layer4's output, read by a forward hook) through `reduce` (B, C, H, W) -> (B, ...),
-    stacked in that order, so no full map outlives its batch."""
+    """One pass: h (N, D) of every image, and for the images whose indices `rows` lists (sorted) the last stage's
+    feature map (layer4's output, read by a forward hook) through `reduce` (B, C, H, W) -> (B, ...), stacked in that
+    order, so no full map outlives its batch. Under a process group each rank runs its shard and both are gathered
+    as in `extract`: every rank gets what one process computes. `reduce`'s output shape must not depend on H and W."""
+    world = distributed.current_world()
+    local = local_rows(len(images), batch_size=batch_size)
     wanted = torch.zeros(len(images), dtype=torch.bool)
     wanted[rows] = True
     kept: list[Tensor] = []
@@ -322,13 +325,16 @@ def extract_with_map(
     def hook(_module, _inputs, output: Tensor) -> None:
         batch["map"] = reduce(output).to("cpu", torch.float32, copy=True)
 
-    h = torch.empty(len(images), layer_dim(encoder, "encoder"), dtype=torch.float32)  # (N, D)
+    dim = layer_dim(encoder, "encoder")
+    h = torch.empty(len(local), dim, dtype=torch.float32)  # (rows, D): this rank's shard
     handle = encoder.model.encoder.layer4.register_forward_hook(hook)
     try:
         for start, chunk in iter_features(encoder, images, layer="encoder", batch_size=batch_size, workers=workers,
                                           rt=rt, progress=progress, description=description):
-            h[start : start + len(chunk)] = chunk
+            h[start - local.start : start - local.start + len(chunk)] = chunk
             kept.append(batch["map"][wanted[start : start + len(chunk)]])
     finally:
         handle.remove()
-    return h, torch.cat(kept)
+    # A rank without a batch still sends a block of the right shape: what `reduce` makes of no maps.
+    maps = torch.cat(kept) if kept else reduce(torch.zeros(0, dim, 1, 1)).float()
+    return distributed.gather_rows(h, len(images), world), distributed.gather_rows(maps, len(rows), world)

@@ -288,6 +288,8 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, base * 8, depths[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.out_dim = base * 8 * block.expansion  # 512*width (18/34) or 2048*width (50+)
+        # channels out of the stem (after the max-pool) and each stage: the widths of the maps a hook reads
+        self.stage_dims = {"stem": base, **{f"layer{i}": base * 2 ** (i - 1) * block.expansion for i in range(1, 5)}}
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

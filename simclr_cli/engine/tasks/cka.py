@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import cka, defaults, external, plots, rundir
+from simclr_cli.engine import cka, defaults, distributed, external, plots, rundir
 from simclr_cli.engine.configs import CkaConfig
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import DataError
 from simclr_cli.engine.evaluation import splits_for
-from simclr_cli.engine.features import Encoder, iter_features, open_encoder, weights_of
+from simclr_cli.engine.features import Encoder, iter_features, local_rows, open_encoder, weights_of
 from simclr_cli.engine.files import check_output_folder
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_json
@@ -73,37 +73,43 @@ class Compared:
 
 
 def run(cfg: CkaConfig, *, a: Path | None, b: Path | None, out: Path | None = None,
-        progress: Progress | None = None) -> Compared:
+        progress: Progress | None = None) -> Compared | None:
     """CKA of encoder `a` (default runs/latest's) against `b` (default: `a` itself, or with cfg.random_init its
-    untrained twin) on the held-out images of cfg.data; writes cka.json and cka.png in `out` (default: beside A)."""
+    untrained twin) on the held-out images of cfg.data; writes cka.json and cka.png in `out` (default: beside A).
+    Inside the process group every rank encodes its share of the images; rank 0 computes, writes and returns what
+    to show, the others None."""
     cfg.validate()
-    path_a = rundir.resolve_checkpoint(a)
-    path_b = path_a if b is None else rundir.encoder_file(b)
-    folder = out or rundir.default_eval_dir(external.file_of(path_a), "cka")
-    check_output_folder(folder)  # now, not after the extraction
-    # B's twin draws from the seed the other commands use; A's from the next, so two twins of one file differ.
-    encoder_a = open_encoder(path_a, random_init=cfg.random_init_a, seed=cfg.seed + 1)
-    encoder_b = open_encoder(path_b, random_init=cfg.random_init, seed=cfg.seed)
-    splits = splits_for(cfg, encoder_a)  # by default A's pretraining data
-    images = _subset(splits.val, limit=cfg.max_images, seed=cfg.seed)
-    rt = runtime(device=cfg.device, precision=cfg.precision)
-    cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
-    started = time.perf_counter()
-    common = dict(batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, progress=progress)
-    features_a = stage_features(encoder_a, images, description="CKA: A's stages", **common)
-    features_b = stage_features(encoder_b, images, description="CKA: B's stages", **common)
-    matrix = cka.cka_matrix(features_a, features_b, chunk_rows=cfg.chunk_rows)  # (stages, stages)
-    result = CkaResult(matrix=matrix.tolist(), a=_described(encoder_a, path_a, features_a),
-                       b=_described(encoder_b, path_b, features_b), data=splits.name, images=len(images),
-                       seconds=time.perf_counter() - started)
-    results_file = write_json(folder / CKA_FILE, result.to_dict())
-    return Compared(result=result, results_file=results_file, heatmap=_heatmap(result, folder / HEATMAP_FILE))
+    with distributed.context(device=cfg.device) as world:
+        path_a = rundir.resolve_checkpoint(a)
+        path_b = path_a if b is None else rundir.encoder_file(b)
+        folder = out or rundir.default_eval_dir(external.file_of(path_a), "cka")
+        check_output_folder(folder)  # now, not after the extraction
+        # B's twin draws from the seed the other commands use; A's from the next, so two twins of one file differ.
+        encoder_a = open_encoder(path_a, random_init=cfg.random_init_a, seed=cfg.seed + 1)
+        encoder_b = open_encoder(path_b, random_init=cfg.random_init, seed=cfg.seed)
+        splits = splits_for(cfg, encoder_a)  # by default A's pretraining data
+        images = _subset(splits.val, limit=cfg.max_images, seed=cfg.seed)
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
+        started = time.perf_counter()
+        common = dict(batch_size=cfg.batch_size, workers=cfg.workers, rt=rt, progress=progress)
+        features_a = stage_features(encoder_a, images, description="CKA: A's stages", **common)
+        features_b = stage_features(encoder_b, images, description="CKA: B's stages", **common)
+        if not world.is_main:
+            return None
+        matrix = cka.cka_matrix(features_a, features_b, chunk_rows=cfg.chunk_rows)  # (stages, stages)
+        result = CkaResult(matrix=matrix.tolist(), a=_described(encoder_a, path_a, features_a),
+                           b=_described(encoder_b, path_b, features_b), data=splits.name, images=len(images),
+                           seconds=time.perf_counter() - started)
+        results_file = write_json(folder / CKA_FILE, result.to_dict())
+        return Compared(result=result, results_file=results_file, heatmap=_heatmap(result, folder / HEATMAP_FILE))
 
 
 def stage_features(encoder: Encoder, images: Dataset, *, batch_size: int, workers: int, rt: Runtime,
                    progress: Progress | None = None, description: str = "stages") -> dict[str, Tensor]:
     """Each of STAGES as an (N, C) float32 CPU tensor, row i = image i: one pass, the inner stages read by forward hooks
-    on the shared feature extractor's forward and pooled there, so no full feature map outlives its batch."""
+    on the shared feature extractor's forward and pooled there, so no full feature map outlives its batch. Under a
+    process group each rank encodes its shard and the rows are gathered as in `features.extract`."""
     resnet = encoder.model.encoder
     hooked = {"stem": resnet.maxpool, "layer1": resnet.layer1, "layer2": resnet.layer2, "layer3": resnet.layer3}
     pooled: dict[str, Tensor] = {}
@@ -113,19 +119,20 @@ def stage_features(encoder: Encoder, images: Dataset, *, batch_size: int, worker
             pooled[name] = output.float().mean(dim=(2, 3)).to("cpu", copy=True)  # (B, C, H, W) -> (B, C)
         return hook
 
-    out: dict[str, Tensor] = {}
+    local = local_rows(len(images), batch_size=batch_size)
+    dims = {**resnet.stage_dims, "h": resnet.out_dim}
+    out = {name: torch.empty(len(local), dims[name], dtype=torch.float32) for name in STAGES}  # (rows, C): this rank's
     handles = [module.register_forward_hook(keep(name)) for name, module in hooked.items()]
     try:
         for start, h in iter_features(encoder, images, layer="encoder", batch_size=batch_size, workers=workers, rt=rt,
                                       progress=progress, description=description):
             for name, chunk in {**pooled, "h": h}.items():
-                if name not in out:
-                    out[name] = torch.empty(len(images), chunk.shape[1], dtype=torch.float32)  # (N, C)
-                out[name][start : start + len(chunk)] = chunk
+                out[name][start - local.start : start - local.start + len(chunk)] = chunk
     finally:
         for handle in handles:
             handle.remove()
-    return {name: out[name] for name in STAGES}
+    world = distributed.current_world()
+    return {name: distributed.gather_rows(out[name], len(images), world) for name in STAGES}  # (N, C) each
 
 
 def _subset(images: Dataset, *, limit: int, seed: int) -> Dataset:

@@ -12,12 +12,14 @@ linear-eval's cached protocol (L-BFGS, L2 1e-4 on standardised h); finetune-1pct
 engine/probes.py. Every
 score lands in `<out>/cache/`, keyed by the encoder file's sha256 (with the seed for a random-init twin), the task,
 the data and the protocol's settings, so a second run with one more encoder computes only the new row.
+
+Under a process group (`--gpus N`) each pass is shared out like `features.extract` (contiguous, batch-aligned
+shares, rows gathered in dataset order), so rank 0 fits the probes on exactly the features one process computes.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from simclr_cli.engine import defaults, logistic, neighbours, plots, probes, rundir
+from simclr_cli.engine import defaults, distributed, logistic, neighbours, plots, probes, rundir
 from simclr_cli.engine.configs import LR_SCALING, CompareConfig, FinetuneConfig
 from simclr_cli.engine.datasets import NAMED_DATASETS, labelled_splits
 from simclr_cli.engine.device import Runtime, runtime
@@ -114,33 +116,48 @@ class Comparison:
 
 
 def run(cfg: CompareConfig, *, encoders: list[Path], out: Path | None = None,
-        progress: Progress | None = None) -> Comparison:
+        progress: Progress | None = None) -> Comparison | None:
     """Score every encoder in `encoders` (plus, with cfg.random_init, the untrained twin of the first) on every task
-    and dataset of `cfg`; write compare.json, compare.csv and compare.png in `out` (default runs/compare)."""
+    and dataset of `cfg`; write compare.json, compare.csv and compare.png in `out` (default runs/compare).
+
+    Inside the process group every rank walks the same cells in the same order and joins each extraction (its share
+    of the images, gathered in order); rank 0 alone reads and writes the cache, fits the probes, writes the files and
+    returns what to show, the others None."""
     cfg.validate()
     if not encoders:
         raise DataError("compare needs at least one ENCODER (an encoder file or a run folder)")
     folder = Path(out) if out is not None else DEFAULT_OUT
-    check_output_folder(folder)  # now, not after the extraction
-    started = time.perf_counter()
-    datasets = [_open_data(name, cfg) for name in cfg.data]
-    rt = runtime(device=cfg.device, precision=cfg.precision)
-    cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
-    columns = [(task, data) for data in datasets for task in cfg.tasks]
-    names = [_column_name(task, data, several=len(datasets) > 1) for task, data in columns]
-    specs = [(Path(e), False) for e in encoders] + ([(Path(encoders[0]), True)] if cfg.random_init else [])
-    cache = _Cache(folder / CACHE_DIR)
-    rows = []
-    for spec, random_init in specs:
-        row, encoder = _open_row(spec, random_init=random_init, seed=cfg.seed)
-        rows.append(row)
-        if encoder is None:
-            continue
-        for data in datasets:
-            shared = _Features(encoder, data, cfg=cfg, rt=rt, progress=progress, label=row.name)
-            for (task, column_data), column in zip(columns, names):
-                if column_data is data:
-                    row.scores[column] = _score(task, shared, cache=cache, row=row, column=column, cfg=cfg)
+    with distributed.context(device=cfg.device) as world:
+        check_output_folder(folder)  # now, not after the extraction
+        started = time.perf_counter()
+        datasets = [_open_data(name, cfg) for name in cfg.data]
+        rt = runtime(device=cfg.device, precision=cfg.precision)
+        cfg = replace(cfg, workers=defaults.resolve_workers(cfg.workers, rt.device))
+        columns = [(task, data) for data in datasets for task in cfg.tasks]
+        names = [_column_name(task, data, several=len(datasets) > 1) for task, data in columns]
+        specs = [(Path(e), False) for e in encoders] + ([(Path(encoders[0]), True)] if cfg.random_init else [])
+        cache = _Cache(folder / CACHE_DIR)
+        rows = []
+        for spec, random_init in specs:
+            row, encoder = _open_row(spec, random_init=random_init, seed=cfg.seed)
+            rows.append(row)
+            if encoder is None:
+                continue
+            for data in datasets:
+                shared = _Features(encoder, data, cfg=cfg, rt=rt, progress=progress if world.is_main else None,
+                                   label=row.name)
+                for (task, column_data), column in zip(columns, names):
+                    if column_data is data:
+                        row.scores[column] = _score(task, shared, cache=cache, row=row, column=column, cfg=cfg,
+                                                    main=world.is_main)
+        if not world.is_main:
+            return None
+        return _table(rows, names, columns, datasets, cfg=cfg, folder=folder, started=started)
+
+
+def _table(rows: list[Row], names: list[str], columns: list[tuple[str, Data]], datasets: list[Data], *,
+           cfg: CompareConfig, folder: Path, started: float) -> Comparison:
+    """Ranks, rank correlations and the files, from the scored rows."""
     _unique_names(rows)
     column_ranks = {c: _column_ranks(rows, c) for c in names}
     correlation = [[_correlation(rows, a, b) for b in names] for a in names]
@@ -213,12 +230,17 @@ def _draw(count: int, limit: int, generator: torch.Generator) -> Tensor:
 def _open_row(spec: Path, *, random_init: bool, seed: int) -> tuple[Row, Encoder | None]:
     """The encoder and its row; a file that cannot be read is named in one line and its row marked failed."""
     name = _name(spec) + (" (random init)" if random_init else "")
+    error = None
     try:
         trained = open_encoder(spec)
         encoder = open_encoder(spec, random_init=True, seed=seed) if random_init else trained
     except (CheckpointError, DataError, OSError) as exc:
-        log.warning("%s: cannot be read, its row is marked failed (%s)", spec, one_line(exc))
-        return Row(name=name, file=str(spec), random_init=random_init, failed=one_line(exc)), None
+        error = one_line(exc)
+    # Every process skips the row together, or the others would wait in its extraction for one that skipped it.
+    if distributed.any_rank(error is not None):
+        error = error or "another process of --gpus could not read it (is it on storage every process sees?)"
+        log.warning("%s: cannot be read, its row is marked failed (%s)", spec, error)
+        return Row(name=name, file=str(spec), random_init=random_init, failed=error), None
     info = encoder.info
     described = {"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
                  "interpolation": info.interpolation, "weights": weights_of(encoder)}
@@ -251,69 +273,78 @@ def input_text(described: dict[str, Any]) -> str:
 
 # --- features, shared by the tasks -------------------------------------------------------------------------------
 
+SPLITS = ("train", "test")
+
+
 class _Features:
-    """The features of one (encoder, dataset), each extracted when a task first asks for it."""
+    """The features of one (encoder, dataset): each pass extracted once, when `extract` is first asked for it."""
 
     def __init__(self, encoder: Encoder, data: Data, *, cfg: CompareConfig, rt: Runtime, progress: Progress | None,
                  label: str) -> None:
         self.encoder, self.data, self.cfg, self.rt, self.progress, self.label = encoder, data, cfg, rt, progress, label
         self.transform = transform_for(encoder)
         self.wants_labels = any(t in ("knn", "linear") for t in cfg.tasks) and data.train is not None
+        self._passes: dict[tuple[str, str], Any] = {}
+
+    def extract(self, passes: tuple[str, ...]) -> None:
+        """Run the passes not run yet, in a fixed order: every process calls this for the same passes in the same
+        order, since each pass is a collective under a process group."""
+        for name in passes:
+            for split in SPLITS:
+                if (name, split) not in self._passes:
+                    self._passes[name, split] = getattr(self, f"_{name}_pass")(split)
+
+    def _get(self, name: str, split: str):
+        if (name, split) not in self._passes:  # a task that reads a pass its `reads` does not list: a bug
+            raise RuntimeError(f"the {name} features were read before they were extracted; list {name!r} in the "
+                               "task's `reads`")
+        return self._passes[name, split]
 
     def _common(self, what: str) -> dict[str, Any]:
         return dict(batch_size=self.cfg.batch_size, workers=self.cfg.workers, rt=self.rt, progress=self.progress,
                     description=f"{self.label}: {what}")
 
+    def _probe_images(self, split: str) -> Dataset:
+        return self.data.probe_train if split == "train" else self.data.probe_test
+
     def plain(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
         """(h of the split's images (N, D), h of its probe images (M, D), their colour-grid cells (M, G^2, C))."""
-        return self._plain_train if split == "train" else self._plain_test
+        return self._get("plain", split)
 
-    @functools.cached_property
-    def _plain_train(self):
-        return self._plain_pass(self.data.train, self.data.probe_train, self.data.probe_train_rows, "train")
-
-    @functools.cached_property
-    def _plain_test(self):
-        return self._plain_pass(self.data.val, self.data.probe_test, self.data.probe_test_rows, "held-out")
-
-    def _plain_pass(self, split: Dataset | None, probe: Dataset, rows: Tensor, what: str):
-        images, rows = (split, rows) if self.wants_labels else (probe, torch.arange(len(probe)))
+    def _plain_pass(self, split: str):
+        train = split == "train"
+        images, rows = ((self.data.train, self.data.probe_train_rows) if train else
+                        (self.data.val, self.data.probe_test_rows))
+        if not self.wants_labels:
+            images = self._probe_images(split)
+            rows = torch.arange(len(images))
         h, grid = extract_with_map(self.encoder, images, rows=rows, reduce=probes.grid_features,
-                                   **self._common(f"{what} features"))
+                                   **self._common(f"{'train' if train else 'held-out'} features"))
         return h, h[rows], grid
 
     def rotated(self, split: str) -> Tensor:
         """h of the probe images turned 90, 180 and 270 degrees (3M, D), image-major."""
-        return self._rotated_train if split == "train" else self._rotated_test
+        return self._get("rotated", split)
 
-    @functools.cached_property
-    def _rotated_train(self) -> Tensor:
-        return self._views(probes.rotated_views(self.data.probe_train, self.transform, ROTATED), "train rotations")
-
-    @functools.cached_property
-    def _rotated_test(self) -> Tensor:
-        return self._views(probes.rotated_views(self.data.probe_test, self.transform, ROTATED), "held-out rotations")
+    def _rotated_pass(self, split: str) -> Tensor:
+        views = probes.rotated_views(self._probe_images(split), self.transform, ROTATED)
+        return self._views(views, f"{'train' if split == 'train' else 'held-out'} rotations")
 
     def patches(self, split: str) -> Tensor:
         """h of every probe image's 9 jigsaw patches (M, 9, D)."""
-        return self._patches_train if split == "train" else self._patches_test
+        return self._get("patches", split)
 
-    @functools.cached_property
-    def _patches_train(self) -> Tensor:
-        return self._views(probes.patch_views(self.data.probe_train, self.transform), "train patches").unflatten(0, (-1, 9))
-
-    @functools.cached_property
-    def _patches_test(self) -> Tensor:
-        return self._views(probes.patch_views(self.data.probe_test, self.transform), "held-out patches").unflatten(0, (-1, 9))
+    def _patches_pass(self, split: str) -> Tensor:
+        views = probes.patch_views(self._probe_images(split), self.transform)
+        return self._views(views, f"{'train' if split == 'train' else 'held-out'} patches").unflatten(0, (-1, 9))
 
     def _views(self, views: Dataset, what: str) -> Tensor:
         return extract(self.encoder, views, transform=_as_is, **self._common(what))
 
     def colours(self, split: str) -> Tensor:
-        """The colour-grid targets of the probe images (M, G^2, 3)."""
-        images = self.data.probe_train if split == "train" else self.data.probe_test
+        """The colour-grid targets of the probe images (M, G^2, 3): read from the images, no encoder pass."""
         info = self.encoder.info
-        return probes.colour_targets(images, self.transform, mean=info.mean, std=info.std)
+        return probes.colour_targets(self._probe_images(split), self.transform, mean=info.mean, std=info.std)
 
 
 ROTATED = probes.ROTATIONS[1:]  # the 0-degree rows are the plain pass's
@@ -390,23 +421,44 @@ def _classify(f: _Features, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor
     return {"score": top1, "iterations": fit["iterations"], "train": len(y), "test": len(y_test)}
 
 
-TASKS: dict[str, Callable[[_Features], dict[str, Any]]] = {
-    "knn": _knn, "linear": _linear, "finetune-1pct": _finetune_1pct, "rotation": _rotation, "jigsaw": _jigsaw, "colour-grid": _colour_grid,
+@dataclass(frozen=True)
+class _Task:
+    """A column's protocol: the shared passes it reads (extracted by every process, together) and its scoring."""
+
+    reads: tuple[str, ...]  # of _Features: plain, rotated, patches
+    score: Callable[[_Features], dict[str, Any]]
+    # Trains a copy of the encoder instead of reading shared passes. Every process runs it whole (its training is
+    # not split), so none waits at its next collective for rank 0's training, which may outlast the group's timeout.
+    every_process: bool = False
+
+
+TASKS: dict[str, _Task] = {
+    "knn": _Task(("plain",), _knn), "linear": _Task(("plain",), _linear),
+    "finetune-1pct": _Task((), _finetune_1pct, every_process=True), "rotation": _Task(("plain", "rotated"), _rotation),
+    "jigsaw": _Task(("patches",), _jigsaw), "colour-grid": _Task(("plain",), _colour_grid),
 }
 
 
-def _score(task: str, shared: _Features, *, cache: _Cache, row: Row, column: str, cfg: CompareConfig) -> float | None:
-    """One cell: from the cache, or computed (and cached); None for a labelled task on data without labels."""
+def _score(task: str, shared: _Features, *, cache: _Cache, row: Row, column: str, cfg: CompareConfig,
+           main: bool = True) -> float | None:
+    """One cell: from the cache, or computed (and cached); None for a labelled task on data without labels.
+    Every process calls it for the same cells in the same order; only the main one (`main`) reads the cache, scores
+    (but see _Task.every_process) and writes, and gets the score, the others None."""
     if task in LABELLED_TASKS and shared.data.train is None:
         return None
     # The input transform is part of the key: one external file read at two sizes (`@SIZE`) is two encoders.
     key = {"version": VERSION, "encoder": row.sha256, "random_init_seed": cfg.seed if row.random_init else None,
            "input": row.input, "task": task, "data": shared.data.key, "protocol": _protocols(cfg)[task]}
-    hit = cache.get(key) if row.sha256 is not None else None  # no file hash, no name to cache it under
-    if hit is not None:
-        return hit["score"]
+    hit = cache.get(key) if main and row.sha256 is not None else None  # no file hash, no name to cache it under
+    if distributed.main_decides(hit is not None):  # a cached cell: no process extracts its passes
+        return hit["score"] if main else None
     started = time.perf_counter()
-    result = TASKS[task](shared)
+    shared.extract(TASKS[task].reads)
+    if not (main or TASKS[task].every_process):
+        return None
+    result = TASKS[task].score(shared)
+    if not main:
+        return None
     result["seconds"] = round(time.perf_counter() - started, 3)
     log.info("%s, %s on %s: %s %.4f", row.name, task, shared.data.name, METRICS[task], result["score"])
     if row.sha256 is not None:
