@@ -497,3 +497,31 @@ def test_a_one_layer_head_is_one_linear_map_as_in_moco_v1():
     assert [type(m) for m in model.head.layers.modules() if not isinstance(m, nn.Sequential)] == [nn.Linear]
     h, z = model.eval()(torch.zeros(2, 3, 16, 16))
     torch.testing.assert_close(z, model.head.layers[0].linear(h))
+
+
+# ---------------------------------------------------------------------------- strided convs on 1 x 1 maps
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_a_strided_conv_on_a_1x1_map_gets_the_float64_reference_gradient(precision) -> None:
+    """PIRL's 4 px tiles reach layer4's strided 3x3 conv at 1 x 1; CPU bf16 (oneDNN) gave it a garbage weight
+    gradient there (up to 1e30), which made the demo's loss non-finite. Reference: the centre tap, in float64."""
+    torch.manual_seed(0)
+    conv = ResNet(arch="resnet18", width=0.25, stem="small").layer4[0].conv1  # 64 -> 128 channels, stride 2
+    assert conv.stride == (2, 2)
+    for _ in range(5):  # the bad kernel's output is whatever memory held: several draws, so one lucky one cannot pass
+        x = torch.randn(64, conv.in_channels, 1, 1)
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            y = conv(x.contiguous(memory_format=torch.channels_last))  # (64, 128, 1, 1)
+        dy = torch.randn(y.shape, dtype=torch.float64)
+        (y.double() * dy).sum().backward()
+        centre = conv.weight.detach().double()[:, :, 1, 1]  # (out, in): the only tap a 1 x 1 map meets
+        y_ref = torch.einsum("oi,bi->bo", centre, x.double()[:, :, 0, 0])
+        grad_ref = torch.zeros_like(conv.weight, dtype=torch.float64)
+        grad_ref[:, :, 1, 1] = torch.einsum("bo,bi->oi", dy[:, :, 0, 0], x.double()[:, :, 0, 0])
+        tolerance = 0.02 if precision == torch.bfloat16 else 1e-5
+        assert y.shape == (64, conv.out_channels, 1, 1)
+        assert torch.allclose(y.double()[:, :, 0, 0], y_ref, rtol=tolerance, atol=tolerance * y_ref.abs().max())
+        error = (conv.weight.grad.double() - grad_ref).norm() / grad_ref.norm()
+        assert error < tolerance

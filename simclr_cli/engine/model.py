@@ -108,8 +108,29 @@ def _is_valid_width(width: object) -> bool:
     return math.isfinite(channels) and channels >= 1 and float(channels).is_integer()
 
 
+class StridedConv3x3(nn.Conv2d):
+    """A 3x3 conv with stride > 1 (padding 1) that, in bf16 on the CPU, runs with stride 1 on a 1 x 1 map, where both
+    give the same 1 x 1 output from the same centre tap. PyTorch 2.14's CPU bf16 conv (oneDNN, AVX512-BF16/AMX)
+    returns a garbage weight gradient (|g| up to 1e30, or inf) for the strided conv on a 1 x 1 map: PIRL's 4 px
+    jigsaw tiles of 16 px views reach layer4 at 1 x 1, and the demo's loss became non-finite (pytorch/pytorch#169688
+    reports its kin). Other precisions and devices keep the strided kernel, so their numbers do not move."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if x.shape[-2:] == (1, 1) and x.device.type == "cpu" and _bf16(x):
+            return F.conv2d(x, weight, bias, 1, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+def _bf16(x: Tensor) -> bool:
+    """Whether a conv on x computes in bf16: x is bf16, or autocast to bf16 is on for its device."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+    return x.dtype == torch.bfloat16 or autocast
+
+
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    conv = StridedConv3x3 if stride > 1 else nn.Conv2d
+    return conv(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
