@@ -202,8 +202,39 @@ def test_the_config_names_the_method_the_registry_holds():
 
 @pytest.mark.parametrize("image_size, sizes", [(224, (224, 96)), (96, (96, 41)), (32, (32, 14)), (16, (16, 8))])
 def test_crop_sizes_scale_with_the_image_as_96_to_224(image_size, sizes):
-    assert SwAVConfig().with_sizes(image_size=image_size).size_crops == sizes
-    assert SwAVConfig(size_crops=(20, 10)).with_sizes(image_size=image_size).size_crops == (20, 10)
+    assert SwAVConfig(nmb_crops=(2, 6)).with_sizes(image_size=image_size).size_crops == sizes
+    assert SwAVConfig(nmb_crops=(2, 6), size_crops=(20, 10)).with_sizes(image_size=image_size).size_crops == (20, 10)
+
+
+@pytest.mark.parametrize("image_size, crops, temperature, epsilon", [
+    (224, (2, 6), 0.1, 0.05), (96, (2, 6), 0.1, 0.05), (65, (2, 6), 0.1, 0.05),
+    (64, (2,), 0.5, 0.02), (32, (2,), 0.5, 0.02), (16, (2,), 0.5, 0.02),
+])
+def test_unset_crops_temperature_and_epsilon_are_the_papers_above_64_px_and_the_small_image_ones_at_or_below(
+        image_size, crops, temperature, epsilon):
+    swav = SwAVConfig().with_sizes(image_size=image_size)
+    assert (swav.nmb_crops, swav.temperature, swav.epsilon) == (crops, temperature, epsilon)
+    assert len(swav.size_crops) == len(swav.min_scale_crops) == len(swav.max_scale_crops) == len(crops)
+    given = SwAVConfig(nmb_crops=(2, 4), temperature=0.2, epsilon=0.03).with_sizes(image_size=image_size)
+    assert (given.nmb_crops, given.temperature, given.epsilon) == ((2, 4), 0.2, 0.03)
+
+
+def test_the_large_crops_read_augment_crop_scale_and_the_small_ones_take_the_papers():
+    swav = SwAVConfig(nmb_crops=(2, 6)).with_sizes(image_size=224, crop_scale=(0.14, 1.0))
+    assert (swav.min_scale_crops, swav.max_scale_crops) == ((0.14, 0.05), (1.0, 0.14))
+    assert SwAVConfig().with_sizes(image_size=16, crop_scale=(0.3, 1.0)).min_scale_crops == (0.3,)
+    # Given explicitly, the lists win over augment.crop_scale's default, and agree with a crop_scale that was set.
+    own = SwAVConfig(nmb_crops=(2,), min_scale_crops=(0.5,), max_scale_crops=(0.9,))
+    assert own.with_sizes(image_size=16).min_scale_crops == (0.5,)
+    assert own.with_sizes(image_size=16, crop_scale=(0.5, 0.9)).max_scale_crops == (0.9,)
+
+
+def test_a_large_crop_scale_given_twice_differently_is_a_one_line_error():
+    with pytest.raises(ConfigError) as caught:
+        SwAVConfig(nmb_crops=(2, 6), min_scale_crops=(0.14, 0.05)).with_sizes(image_size=16, crop_scale=(0.3, 1.0))
+    assert str(caught.value) == ("augment.crop_scale [0.3, 1.0] and swav.min_scale_crops [0.14, 0.05] disagree on the "
+                                 "large crops' min scale (0.3 vs 0.14): leave swav.min_scale_crops unset to use "
+                                 "augment.crop_scale, or make its first value 0.3")
 
 
 @pytest.mark.parametrize("images, K", [(1_281_167, 3000), (30_000, 3000), (1797, 179), (24, 10)])
@@ -219,9 +250,11 @@ def test_prototypes_are_the_papers_3000_or_one_per_ten_images_on_small_data(imag
     (SwAVConfig(sinkhorn_iterations=0), "swav.sinkhorn_iterations 0 must be a whole number >= 1"),
     (SwAVConfig(nmb_prototypes=0), "swav.nmb_prototypes 0 must be a whole number >= 1"),
     (SwAVConfig(nmb_crops=(1,), min_scale_crops=(0.1,), max_scale_crops=(1.0,)), "swav.nmb_crops [1] must be crops per group"),
-    (SwAVConfig(size_crops=(32,)), "swav.size_crops [32] must give one value per crop group"),
-    (SwAVConfig(size_crops=(32, 4)), "swav.size_crops [32, 4] must be sides in pixels from 8"),
-    (SwAVConfig(min_scale_crops=(0.14, 0.5)), "swav.min_scale_crops [0.14, 0.5] and max_scale_crops [1.0, 0.14] must be"),
+    (SwAVConfig(nmb_crops=(2, 6), size_crops=(32,)), "swav.size_crops [32] must give one value per crop group"),
+    (SwAVConfig(size_crops=(32, 14)), "swav.size_crops gives one value per crop group: set swav.nmb_crops too"),
+    (SwAVConfig(nmb_crops=(2, 6), size_crops=(32, 4)), "swav.size_crops [32, 4] must be sides in pixels from 8"),
+    (SwAVConfig(nmb_crops=(2, 6), min_scale_crops=(0.14, 0.5), max_scale_crops=(1.0, 0.14)),
+     "swav.min_scale_crops [0.14, 0.5] and max_scale_crops [1.0, 0.14] must be"),
     (SwAVConfig(freeze_prototypes_epochs=-1), "swav.freeze_prototypes_epochs -1 must be a whole number >= 0"),
 ])
 def test_bad_settings_are_one_line_errors(section, message):
@@ -235,9 +268,9 @@ def test_bad_settings_are_one_line_errors(section, message):
 
 def tiny_config(folder: Path, **train) -> PretrainConfig:
     """test_moco's tiny run (24 images, batch 8, 2 epochs of 3 steps) with SwAV and a queue of one batch that fills in
-    the second epoch (steps 4-6) and is used from step 5."""
+    the second epoch (steps 4-6) and is used from step 5; multi-crop, which 16 px views do not get unasked."""
     cfg = moco_config(folder, method="swav", **train)
-    cfg.swav.queue_length, cfg.swav.queue_after_epochs = 8, 1
+    cfg.swav.queue_length, cfg.swav.queue_after_epochs, cfg.swav.nmb_crops = 8, 1, (2, 6)
     return cfg
 
 
@@ -344,7 +377,12 @@ def test_pretrain_method_swav_then_info(tmp_path):
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["swav"]["nmb_prototypes"] == 12 and saved["swav"]["size_crops"] == [16, 8]
+    assert saved["swav"]["nmb_prototypes"] == 12
+    # at 16 px: two crops at augment.crop_scale, temperature 0.5, epsilon 0.02, each written down
+    assert {name: saved["swav"][name] for name in ("nmb_crops", "size_crops", "min_scale_crops", "max_scale_crops",
+                                                   "temperature", "epsilon")} == {
+        "nmb_crops": [2], "size_crops": [16], "min_scale_crops": [0.08], "max_scale_crops": [1.0], "temperature": 0.5,
+        "epsilon": 0.02}
     assert saved["train"]["temperature"] is None
     info = runner.invoke(app, ["info", str(out / "encoder.safetensors")])
     assert info.exit_code == 0 and "swav" in info.output, info.output
@@ -358,7 +396,8 @@ def test_gpus_2_through_the_command_line_logs_the_losses_of_one_process(image_fo
 
     args = ["pretrain", str(image_folder), "--method", "swav", "--arch", "resnet18", "--width", "0.25", "--image-size",
             "16", "--batch-size", "8", "--max-steps", "4", "--device", "cpu", "--precision", "fp32", "--workers", "0",
-            "--set", "train.log_every=1", "--set", "swav.queue_length=8", "--set", "swav.queue_after_epochs=0"]
+            "--set", "train.log_every=1", "--set", "swav.queue_length=8", "--set", "swav.queue_after_epochs=0",
+            "--set", "swav.nmb_crops=[2,6]"]
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     two = subprocess.run([sys.executable, "-m", "simclr_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
@@ -375,9 +414,10 @@ def test_benchmark_measures_swavs_step_on_its_crops(image_folder, monkeypatch):
 
     made = []
     monkeypatch.setattr(benchmark, "BatchViews", lambda *args, **kwargs: made.append(kwargs["crops"]) or BatchViews(*args, **kwargs))
-    result = runner.invoke(app, ["benchmark", str(image_folder), *TINY, "--set", "train.method=swav", "--no-baseline", "--json"])
+    result = runner.invoke(app, ["benchmark", str(image_folder), *TINY, "--set", "train.method=swav",
+                                 "--set", "swav.nmb_crops=[2,6]", "--no-baseline", "--json"])
     assert result.exit_code == 0, result.output
-    assert made and made[0] == (Crops(count=2, size=16, scale=(0.14, 1.0)), Crops(count=6, size=8, scale=(0.05, 0.14)))
+    assert made and made[0] == (Crops(count=2, size=16, scale=(0.08, 1.0)), Crops(count=6, size=8, scale=(0.05, 0.14)))
     assert json.loads(result.stdout[result.stdout.index("{"):])["model_images_per_s"] > 0
 
 
@@ -385,6 +425,9 @@ def test_benchmark_measures_swavs_step_on_its_crops(image_folder, monkeypatch):
     (["--set", "swav.queue_length=16"], "error: swav.queue_length applies to --method swav only, not simclr"),
     (["--method", "swav", "--set", "swav.queue_length=12"], "error: swav.queue_length 12 is not a multiple of the global batch 8"),
     (["--method", "swav", "--set", "swav.epsilon=0"], "error: swav.epsilon 0.0 must be > 0"),
+    (["--method", "swav", "--set", "augment.crop_scale=[0.3,1.0]", "--set", "swav.nmb_crops=[2]",
+      "--set", "swav.min_scale_crops=[0.2]"], "error: augment.crop_scale [0.3, 1.0] and swav.min_scale_crops [0.2] disagree"),
+    (["--method", "swav", "--set", "swav.size_crops=[16,8]"], "error: swav.size_crops gives one value per crop group: set swav.nmb_crops too"),
     (["--method", "swav", "--temperature", "0.1"], "error: train.temperature is NT-Xent's (--method simclr); swav reads swav.temperature"),
 ])
 def test_bad_swav_options_are_one_line_errors(image_folder, tmp_path, args, message):

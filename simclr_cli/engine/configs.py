@@ -75,6 +75,10 @@ SWAV_PAPER_PROTOTYPES = 3000  # §4 (ImageNet)
 SWAV_IMAGES_PER_PROTOTYPE = 10  # below 30,000 images: about one prototype per ten images, at least 10
 SWAV_MIN_PROTOTYPES = 10
 SWAV_SMALL_CROP = 96 / 224  # the small crops' side as a share of the large ones' (§3.2: 96 and 224 px)
+SWAV_PAPER_CROPS, SWAV_SMALL_IMAGE_CROPS = (2, 6), (2,)  # multi-crop (§3.2); at <= 64 px two crops (with_sizes)
+SWAV_SMALL_CROP_SCALE = (0.05, 0.14)  # the small crops' area range (§3.2); the large ones' is augment.crop_scale
+SWAV_PAPER_TEMPERATURE, SWAV_SMALL_IMAGE_TEMPERATURE = 0.1, 0.5  # eq. 2's tau: the paper's, and at <= 64 px
+SWAV_PAPER_EPSILON, SWAV_SMALL_IMAGE_EPSILON = 0.05, 0.02  # Sinkhorn-Knopp's entropy weight: the paper's, and at <= 64 px
 
 
 @dataclass
@@ -82,13 +86,13 @@ class SwAVConfig:
     """The `swav:` section, read by --method swav; the official code's names (main_swav.py)."""
 
     nmb_prototypes: int | None = None  # K; None = 3,000, or on fewer than 30,000 images one per ten images (>= 10)
-    epsilon: float = 0.05  # Sinkhorn-Knopp's entropy weight (§3.1)
+    epsilon: float | None = None  # Sinkhorn-Knopp's entropy weight (§3.1); None = 0.05, 0.02 at <= 64 px (with_sizes)
     sinkhorn_iterations: int = 3
-    temperature: float = 0.1  # of the softmax over the prototype scores (eq. 2)
-    nmb_crops: tuple[int, ...] = (2, 6)  # crops per group; the first group's get codes (crops_for_assign)
+    temperature: float | None = None  # of the softmax over the prototype scores (eq. 2); None = 0.1, 0.5 at <= 64 px
+    nmb_crops: tuple[int, ...] | None = None  # crops per group, the first group's get codes; None = [2, 6], [2] at <= 64 px
     size_crops: tuple[int, ...] | None = None  # each group's side; None = augment.image_size, then round(S * 96 / 224) (>= 8)
-    min_scale_crops: tuple[float, ...] = (0.14, 0.05)  # each group's crop area range (replaces augment.crop_scale)
-    max_scale_crops: tuple[float, ...] = (1.0, 0.14)
+    min_scale_crops: tuple[float, ...] | None = None  # each group's crop area range; None = augment.crop_scale for the
+    max_scale_crops: tuple[float, ...] | None = None  # first group, the paper's 5-14% for the others
     queue_length: int = 0  # past features added to the Sinkhorn (small batches: 3840 at batch 256); 0 = no queue
     queue_after_epochs: int = 15  # the queue fills from then on (official epoch_queue_starts), used once full
     freeze_prototypes_epochs: int = 1  # the prototypes get no update in these first epochs
@@ -98,36 +102,78 @@ class SwAVConfig:
             raise ConfigError(f"swav.nmb_prototypes {self.nmb_prototypes!r} must be a whole number >= 1 (the paper uses 3000), or unset")
         for name, example in (("epsilon", "0.05"), ("temperature", "0.1")):
             value = getattr(self, name)
-            if not (is_finite_number(value) and value > 0):
+            if value is not None and not (is_finite_number(value) and value > 0):
                 raise ConfigError(f"swav.{name} {value!r} must be > 0; the paper uses {example}")
         for name, low in (("sinkhorn_iterations", 1), ("queue_length", 0), ("queue_after_epochs", 0), ("freeze_prototypes_epochs", 0)):
             value = getattr(self, name)
             if not is_whole_number(value) or value < low:
                 raise ConfigError(f"swav.{name} {value!r} must be a whole number >= {low}")
-        groups = len(self.nmb_crops)
-        if not (groups and all(is_whole_number(c) and c >= 1 for c in self.nmb_crops) and sum(self.nmb_crops) >= 2):
+        if self.nmb_crops is not None and not (self.nmb_crops and all(is_whole_number(c) and c >= 1 for c in self.nmb_crops)
+                                               and sum(self.nmb_crops) >= 2):
             raise ConfigError(f"swav.nmb_crops {list(self.nmb_crops)!r} must be crops per group, each >= 1 and at least 2 in "
-                              "all (the paper: [2, 6])")
+                              "all (the paper: [2, 6]), or unset")
+        groups = len(self.nmb_crops if self.nmb_crops is not None else SWAV_PAPER_CROPS)
         for name in ("size_crops", "min_scale_crops", "max_scale_crops"):
             value = getattr(self, name)
+            if value is not None and self.nmb_crops is None:
+                raise ConfigError(f"swav.{name} gives one value per crop group: set swav.nmb_crops too (e.g. "
+                                  f"--set swav.nmb_crops=[2,6]), since unset it follows the image size")
             if value is not None and len(value) != groups:
                 raise ConfigError(f"swav.{name} {list(value)!r} must give one value per crop group, as swav.nmb_crops "
                                   f"{list(self.nmb_crops)!r} does")
         if self.size_crops is not None and not all(is_whole_number(s) and MIN_IMAGE_SIZE <= s <= MAX_IMAGE_SIZE for s in self.size_crops):
             raise ConfigError(f"swav.size_crops {list(self.size_crops)!r} must be sides in pixels from {MIN_IMAGE_SIZE} to "
                               f"{MAX_IMAGE_SIZE} (the paper: [224, 96]), or unset")
+        if self.min_scale_crops is None or self.max_scale_crops is None:
+            return  # the ranges are checked once with_sizes has filled them in
         for low, high in zip(self.min_scale_crops, self.max_scale_crops):
             if not (is_finite_number(low) and is_finite_number(high) and 0 < low <= high <= 1):
                 raise ConfigError(f"swav.min_scale_crops {list(self.min_scale_crops)!r} and max_scale_crops "
                                   f"{list(self.max_scale_crops)!r} must be area shares 0 < min <= max <= 1 (the paper: "
                                   "[0.14, 0.05] and [1, 0.14])")
 
-    def with_sizes(self, *, image_size: int) -> SwAVConfig:
-        """size_crops filled in: the first group at the image size, the others scaled as 96 is to 224 (§3.2)."""
-        if self.size_crops is not None:
-            return self
-        small = max(MIN_IMAGE_SIZE, round(image_size * SWAV_SMALL_CROP))
-        return replace(self, size_crops=(image_size,) + (small,) * (len(self.nmb_crops) - 1))
+    def with_sizes(self, *, image_size: int, crop_scale: tuple[float, float] = AugmentConfig.crop_scale) -> SwAVConfig:
+        """What follows the view size and augment.crop_scale filled in: the crop groups, their sides (the first at the
+        image size, the others as 96 is to 224, §3.2) and area ranges (the first group's is augment.crop_scale, the
+        others' the paper's 5-14%), the temperature and epsilon.
+
+        At <= 64 px (measured on the demo: the digits at 16 px, batch 128, 210 steps; README "Other methods: SwAV")
+        the paper's recipe collapses: every z turns to one direction (mean cosine between images 0.35 -> 0.98 in 50
+        steps), the codes go uniform and the loss sits at log K. Three changes stop it, each needed: two crops, as
+        solo-learn's CIFAR recipe (6 more crops of 8 px from 5-14% of a 16 px digit carry no signal, and predicting
+        the codes from them pushes every prediction to the uniform average); epsilon 0.02, so that the codes of
+        the untrained network are sharp (mean largest code 0.32 where 0.05 gives 0.09) and pull each view towards its
+        partner's prototype; temperature 0.5, so that the prediction's softmax starts flat and its gradient is that
+        pull, not a push of all predictions towards the uniform marginal. With any one of them at the paper's value
+        and the other two changed, the mean cosine rose instead of falling (0.44-0.67 by step 40; with all three it
+        fell to 0.01 and the loss went below log K)."""
+        small_images = image_size <= SMALL_IMAGE_MAX_SIZE
+        crops = self.nmb_crops
+        if crops is None:
+            crops = SWAV_SMALL_IMAGE_CROPS if small_images else SWAV_PAPER_CROPS
+        sizes = self.size_crops
+        if sizes is None:
+            sizes = (image_size,) + (max(MIN_IMAGE_SIZE, round(image_size * SWAV_SMALL_CROP)),) * (len(crops) - 1)
+        crop_scale = tuple(crop_scale)
+        scales = {}  # min_scale_crops, max_scale_crops
+        for end, name in enumerate(("min_scale_crops", "max_scale_crops")):
+            given = getattr(self, name)
+            if given is None:
+                scales[name] = (crop_scale[end],) + (SWAV_SMALL_CROP_SCALE[end],) * (len(crops) - 1)
+                continue
+            # a crop_scale left at its default says nothing; one that was set must not be silently overridden
+            if crop_scale != tuple(AugmentConfig.crop_scale) and given[0] != crop_scale[end]:
+                raise ConfigError(f"augment.crop_scale {list(crop_scale)!r} and swav.{name} {list(given)!r} disagree on the "
+                                  f"large crops' {name[:3]} scale ({crop_scale[end]} vs {given[0]}): leave swav.{name} "
+                                  f"unset to use augment.crop_scale, or make its first value {crop_scale[end]}")
+            scales[name] = tuple(given)
+        temperature, epsilon = self.temperature, self.epsilon
+        if temperature is None:
+            temperature = SWAV_SMALL_IMAGE_TEMPERATURE if small_images else SWAV_PAPER_TEMPERATURE
+        if epsilon is None:
+            epsilon = SWAV_SMALL_IMAGE_EPSILON if small_images else SWAV_PAPER_EPSILON
+        return replace(self, nmb_crops=tuple(crops), size_crops=tuple(sizes), temperature=temperature, epsilon=epsilon,
+                       **scales)
 
     def resolved(self, *, method: str, num_images: int, batch_size: int) -> SwAVConfig:
         """The number of prototypes filled in for `num_images` images; raises when the queue does not hold whole

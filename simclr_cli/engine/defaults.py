@@ -73,7 +73,9 @@ def resolve_sizes(cfg):
         data = replace(data, decode_side=pipeline.decode_side(size))
     if train.temperature is None and cfg.reads_nt_xent_temperature():  # MoCo has its own (moco.T)
         train = replace(train, temperature=default_temperature(size))
-    swav = cfg.swav.with_sizes(image_size=size) if train.method == "swav" else cfg.swav  # its crops follow the size
+    swav = cfg.swav  # its crops, temperature and epsilon follow the size; its large crops' scale, augment.crop_scale
+    if train.method == "swav":
+        swav = swav.with_sizes(image_size=size, crop_scale=augment.crop_scale)
     pirl = cfg.pirl.with_sizes(image_size=size) if train.method == "pirl" else cfg.pirl  # its T follows the size
     return replace(cfg, data=data, augment=augment, train=train, optim=cfg.optim.resolved(image_size=size),
                    model=cfg.model.resolved(image_size=size), swav=swav, pirl=pirl)

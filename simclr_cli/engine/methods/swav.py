@@ -21,6 +21,8 @@ Choices:
   one checkpoint holds it all; each rank scores an equal share of it, so the Sinkhorn over all ranks sees the
   whole queue once, as one process does (the official code keeps per rank its own features: the same columns).
   It fills from epoch `queue_after_epochs` on and is used once full, as the official epoch_queue_starts.
+- At <= 64 px, unset settings resolve to two crops, temperature 0.5 and epsilon 0.02 (configs.SwAVConfig.with_sizes
+  gives the measurements): with the paper's, the demo's 16 px digits collapsed to uniform codes.
 """
 
 from __future__ import annotations
