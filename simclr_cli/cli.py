@@ -147,9 +147,9 @@ def pretrain(
         if resume:
             out = config.resumed_run_folder(out)
         cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
-        procs = gpus or 1
+        procs = 1 if gpus is None else gpus
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
-            raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
+            raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1 (no GPU: --device cpu)")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
             code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
                                             nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
@@ -234,9 +234,9 @@ def _launched(gpus: int | None, device: str | None, *, add: list[str] | None = N
     otherwise False: this process does the work (joining the process group the environment describes)."""
     from simclr_cli.engine.errors import ConfigError
 
-    procs = gpus or 1
+    procs = 1 if gpus is None else gpus
     if procs < 1:
-        raise ConfigError(f"--gpus {procs} must be >= 1")
+        raise ConfigError(f"--gpus {procs} must be >= 1 (no GPU: --device cpu)")
     if procs == 1 or launcher.launched_externally():
         return False
     launcher.check_gpu_count(device or "auto", procs)
@@ -673,7 +673,7 @@ def distill(
                  "precision": precision, "workers": workers, "seed": seed}
         cfg = config.resolve_task("distill", preset=preset, sets=set_, flags=flags)
         named_out = []
-        if out is None and (gpus or 1) > 1 and not launcher.launched_externally():
+        if out is None and (gpus or 0) > 1 and not launcher.launched_externally():
             out = launcher.new_run_dir(prefix="distill-")
             named_out = ["--out", str(out)]  # one folder for all the workers
         if _launched(gpus, cfg.device, add=named_out):

@@ -234,7 +234,12 @@ def test_gpus_without_a_gpu_is_refused_unless_device_cpu(image_folder, tmp_path,
     # compare and cka go through the same check as the other evaluation commands
     for command in (["compare", "enc.safetensors", "--data", str(image_folder)], ["cka", "enc.safetensors"]):
         assert "--gpus 2 but PyTorch sees no GPU" in one_line_error(runner.invoke(app, [*command, "--gpus", "2"]))
-        assert one_line_error(runner.invoke(app, [*command, "--gpus", "-1"])) == "error: --gpus -1 must be >= 1"
+        assert one_line_error(runner.invoke(app, [*command, "--gpus", "-1"])) == "error: --gpus -1 must be >= 1 (no GPU: --device cpu)"
+    # --gpus 0 is refused, not run as one process on whatever device "auto" finds
+    assert one_line_error(runner.invoke(app, ["embed", str(image_folder), "-o", str(tmp_path / "v.npy"), "--gpus", "0"])) \
+        == "error: --gpus 0 must be >= 1 (no GPU: --device cpu)"
+    assert "--gpus and --nodes must be >= 1" in one_line_error(runner.invoke(app, ["pretrain", str(image_folder), "--gpus", "0",
+                                                                                  "--out", str(tmp_path / "run")]))
 
 
 @pytest.mark.parametrize(
