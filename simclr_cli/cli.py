@@ -66,13 +66,13 @@ def pretrain(
     epochs: options.Epochs = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps; the lr schedule is fitted to the shorter run.",
                                                   show_default="all the epochs' steps")] = None,
-    lr: Annotated[float | None, typer.Option(help="BASE learning rate, scaled by --lr-scaling with the global batch. Default: 1.0 x B/256 at <= 64 px (the CIFAR recipe), 0.3 x B/256 above; 0.075 x sqrt(B) with --lr-scaling sqrt (all 4.8 at batch 4096).")] = None,
+    lr: Annotated[float | None, typer.Option(help="BASE learning rate, scaled by --lr-scaling with the global batch. Default: 0.3 x B/256 (SGD at <= 64 px; LARS above, 4.8 at batch 4096); LARS at <= 64 px 1.0 x B/256 (the CIFAR recipe); 0.075 x sqrt(B) with --lr-scaling sqrt.")] = None,
     lr_scaling: Annotated[str | None, typer.Option(help="linear (lr x B/256) | sqrt (lr x sqrt(B), better for small batches).",
                                                    show_default="linear")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="lars (the paper's) | sgd | adamw.", show_default="lars")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="1e-6 in the SimCLR paper, 1e-4 in SimCLRv2.", show_default="1e-6")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="lars (the paper's) | sgd | adamw.", show_default="sgd at <= 64 px, lars above")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="1e-6 in the SimCLR paper, 1e-4 in SimCLRv2.", show_default="5e-4 with sgd at <= 64 px, else 1e-6")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length, capped at 10% of the run.",
-                                                        show_default="10; the demo: 1")] = None,
+                                                        show_default="0 with sgd at <= 64 px, else 10; the demo: 1")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="NT-Xent tau (--method simclr; MoCo's is moco.T, SwAV's swav.temperature, PIRL's pirl.T). Default: 0.5 at <= 64 px (the CIFAR recipe, best at small images and short runs), 0.1 above (ImageNet at batch 4096).")] = None,
     head_layers: Annotated[int | None, typer.Option(help="Projection head depth: 2 (SimCLR v1) or 3 (SimCLRv2); 1 is a linear head (MoCo v1).", show_default="2")] = None,
     proj_dim: Annotated[int | None, typer.Option(help="Output size of the projection head (128 in the paper).", show_default="128")] = None,
@@ -147,9 +147,9 @@ def pretrain(
         if resume:
             out = config.resumed_run_folder(out)
         cfg = config.pretrain_config(data=data, preset=preset, sets=set_, flags=flags, resume_from=out if resume else None)
-        procs = gpus or 1
+        procs = 1 if gpus is None else gpus
         if procs < 1 or nodes < 1 or not 0 <= node_rank < nodes:
-            raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1")
+            raise ConfigError("--gpus and --nodes must be >= 1 and --node-rank in 0..nodes-1 (no GPU: --device cpu)")
         if (procs > 1 or nodes > 1) and not launcher.launched_externally():
             code = launcher.launch_pretrain(cfg, out=out, resume=resume, overwrite=overwrite, verbose=verbose, procs=procs,
                                             nodes=nodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
@@ -234,9 +234,9 @@ def _launched(gpus: int | None, device: str | None, *, add: list[str] | None = N
     otherwise False: this process does the work (joining the process group the environment describes)."""
     from simclr_cli.engine.errors import ConfigError
 
-    procs = gpus or 1
+    procs = 1 if gpus is None else gpus
     if procs < 1:
-        raise ConfigError(f"--gpus {procs} must be >= 1")
+        raise ConfigError(f"--gpus {procs} must be >= 1 (no GPU: --device cpu)")
     if procs == 1 or launcher.launched_externally():
         return False
     launcher.check_gpu_count(device or "auto", procs)
@@ -673,7 +673,7 @@ def distill(
                  "precision": precision, "workers": workers, "seed": seed}
         cfg = config.resolve_task("distill", preset=preset, sets=set_, flags=flags)
         named_out = []
-        if out is None and (gpus or 1) > 1 and not launcher.launched_externally():
+        if out is None and (gpus or 0) > 1 and not launcher.launched_externally():
             out = launcher.new_run_dir(prefix="distill-")
             named_out = ["--out", str(out)]  # one folder for all the workers
         if _launched(gpus, cfg.device, add=named_out):

@@ -336,7 +336,7 @@ def encoder_info(model_cfg: ModelConfig) -> EncoderInfo:
 
 def test_encoder_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
     model = tiny(head_layers=3, proj_dim=32)
-    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1)
     train_steps(model, optimizer)  # weights and BN running stats away from their init
     info = encoder_info(ModelConfig(arch="resnet18", width=0.25, stem="small", head_layers=3, proj_dim=32))
     path = tmp_path / "encoder.safetensors"
@@ -386,7 +386,7 @@ def test_an_encoder_file_from_before_selective_kernels_loads_without_them(tmp_pa
 
 def test_load_encoder_refuses_a_train_state_file(tmp_path):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1)
     path = tmp_path / "step.safetensors"
     save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=1, epoch=0, config={}, elapsed=0.0)
     with pytest.raises(CheckpointError, match=r"is a training-state checkpoint \(what --resume reads\), not an encoder; "):
@@ -452,7 +452,7 @@ def assert_same_next_step(model, optimizer, other, other_opt) -> None:
 
 def test_train_state_round_trip_with_lars(tmp_path):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
+    optimizer = build_optimizer(model, OptimConfig(name="lars").resolved(image_size=224), lr=0.5)
     train_steps(model, optimizer)
     torch.manual_seed(123)
     torch.rand(5)  # an RNG state that is not a fresh seed's
@@ -471,7 +471,7 @@ def test_train_state_round_trip_with_lars(tmp_path):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
-    other_opt = build_optimizer(other, OptimConfig(name="lars"), lr=0.5)
+    other_opt = build_optimizer(other, OptimConfig(name="lars").resolved(image_size=224), lr=0.5)
     meta = load_train_state(path, model=other, optimizer=other_opt, scaler=disabled_scaler())
 
     assert meta == {"step": 2, "epoch": 1, "elapsed": 4.5, "config": config, "scaler": {}}
@@ -485,13 +485,13 @@ def test_train_state_round_trip_with_lars(tmp_path):
 
 def test_train_state_round_trip_with_adamw(tmp_path):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3), lr=1e-3)
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3).resolved(image_size=224), lr=1e-3)
     train_steps(model, optimizer, steps=3)
     path = tmp_path / "state.safetensors"
     save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=3, epoch=0, config={}, elapsed=1.0)
 
     other = tiny()
-    other_opt = build_optimizer(other, OptimConfig(name="adamw", lr=1e-3), lr=1e-3)
+    other_opt = build_optimizer(other, OptimConfig(name="adamw", lr=1e-3).resolved(image_size=224), lr=1e-3)
     load_train_state(path, model=other, optimizer=other_opt, scaler=disabled_scaler())
     assert_same_optimizer_state(model, optimizer, other, other_opt)
     some = next(other.parameters())
@@ -503,7 +503,7 @@ def test_train_state_round_trip_with_adamw(tmp_path):
 
 def test_loading_replaces_existing_optimizer_state(tmp_path):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
+    optimizer = build_optimizer(model, OptimConfig(name="lars").resolved(image_size=224), lr=0.5)
     path = tmp_path / "fresh.safetensors"
     save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=0, epoch=0, config={}, elapsed=0.0)
     train_steps(model, optimizer)
@@ -514,13 +514,13 @@ def test_loading_replaces_existing_optimizer_state(tmp_path):
 
 def test_train_state_into_another_architecture_names_the_keys(tmp_path):
     model = tiny("resnet18")
-    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1)
     path = tmp_path / "r18.safetensors"
     save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=1, epoch=0, config={}, elapsed=0.0)
 
     bigger = tiny("resnet34")
     with pytest.raises(CheckpointError) as err:
-        load_train_state(path, model=bigger, optimizer=build_optimizer(bigger, OptimConfig(), lr=0.1), scaler=disabled_scaler())
+        load_train_state(path, model=bigger, optimizer=build_optimizer(bigger, OptimConfig().resolved(image_size=224), lr=0.1), scaler=disabled_scaler())
     assert str(err.value).startswith(
         f"{path} does not match the model it describes: missing encoder.layer1.2.bn1.bias, "
         "encoder.layer1.2.bn1.num_batches_tracked, encoder.layer1.2.bn1.running_mean (+"
@@ -528,7 +528,7 @@ def test_train_state_into_another_architecture_names_the_keys(tmp_path):
 
     bottleneck = tiny("resnet50")
     with pytest.raises(CheckpointError) as err:
-        load_train_state(path, model=bottleneck, optimizer=build_optimizer(bottleneck, OptimConfig(), lr=0.1), scaler=disabled_scaler())
+        load_train_state(path, model=bottleneck, optimizer=build_optimizer(bottleneck, OptimConfig().resolved(image_size=224), lr=0.1), scaler=disabled_scaler())
     message = str(err.value)
     assert "missing encoder.layer1.0.bn3.bias" in message
     assert "encoder.layer1.0.conv1.weight has shape (16, 16, 3, 3), expected (16, 16, 1, 1)" in message
@@ -541,7 +541,7 @@ def test_train_state_with_optimizer_state_for_an_unknown_parameter(tmp_path):
     tensors["optim/encoder.fc.weight/momentum_buffer"] = torch.zeros(2)
     save(path, tensors, kind="train-state", meta={"step": 1, "epoch": 0})
     with pytest.raises(CheckpointError) as err:
-        load_train_state(path, model=model, optimizer=build_optimizer(model, OptimConfig(), lr=0.1), scaler=disabled_scaler())
+        load_train_state(path, model=model, optimizer=build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1), scaler=disabled_scaler())
     assert str(err.value) == f"{path} has optimiser state for unknown parameter 'encoder.fc.weight'; it belongs to another model"
 
 
@@ -551,7 +551,7 @@ def test_train_state_without_a_valid_position(tmp_path, meta, key):
     path = tmp_path / "state.safetensors"
     save(path, {f"model/{k}": v for k, v in model.state_dict().items()}, kind="train-state", meta=meta)
     with pytest.raises(CheckpointError) as err:
-        load_train_state(path, model=model, optimizer=build_optimizer(model, OptimConfig(), lr=0.1), scaler=disabled_scaler())
+        load_train_state(path, model=model, optimizer=build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1), scaler=disabled_scaler())
     assert str(err.value) == f"{path} has no valid '{key}' in its metadata; the file is damaged"
 
 
@@ -843,7 +843,7 @@ def damage_dtype(t, meta):
 )
 def test_a_refused_train_state_changes_nothing(tmp_path, damage):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.5)
+    optimizer = build_optimizer(model, OptimConfig(name="lars").resolved(image_size=224), lr=0.5)
     train_steps(model, optimizer)
     path = tmp_path / "state.safetensors"
     save_train_state(path, model=model, optimizer=optimizer, scaler=disabled_scaler(), step=2, epoch=0, config={}, elapsed=1.0)
@@ -852,7 +852,7 @@ def test_a_refused_train_state_changes_nothing(tmp_path, damage):
     save(path, loaded.tensors, kind="train-state", meta=loaded.meta)
 
     other = tiny()
-    other_opt = build_optimizer(other, OptimConfig(name="lars"), lr=0.5)
+    other_opt = build_optimizer(other, OptimConfig(name="lars").resolved(image_size=224), lr=0.5)
     torch.manual_seed(3)
     train_steps(other, other_opt)  # weights and momentum of its own, which a failed load must not touch
     before = snapshot(other, other_opt)
@@ -865,7 +865,7 @@ def test_a_refused_train_state_changes_nothing(tmp_path, damage):
 
 def test_a_malformed_scaler_entry_changes_nothing(tmp_path):
     model = tiny()
-    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1)
     path = tmp_path / "state.safetensors"
     save(path, {f"model/{k}": v for k, v in model.state_dict().items()}, kind="train-state",
          meta={"step": 1, "epoch": 0, "scaler": {"scale": "big"}})

@@ -27,14 +27,14 @@ def test_sizes_follow_the_image_size():
     assert cfg.model.stem is None  # a copy: the config given is left as it was
 
 
-@pytest.mark.parametrize("size, temperature, lr", [(32, 0.5, 1.0), (64, 0.5, 1.0), (96, 0.1, 0.3), (224, 0.1, 0.3)])
-def test_temperature_and_base_lr_follow_the_image_size(size, temperature, lr):
-    """The CIFAR recipe at <= 64 px (app. B.9: tau 0.5, LARS 1.0 x B/256), the ImageNet one above (tau 0.1, 0.3 x B/256)."""
+@pytest.mark.parametrize("size, temperature, optimizer", [(32, 0.5, "sgd"), (64, 0.5, "sgd"), (96, 0.1, "lars"), (224, 0.1, "lars")])
+def test_temperature_and_optimizer_follow_the_image_size(size, temperature, optimizer):
+    """At <= 64 px tau 0.5 (app. B.9) and momentum SGD 0.3 x B/256; above, the ImageNet recipe (tau 0.1, LARS 0.3 x B/256)."""
     cfg = PretrainConfig()
     cfg.augment.image_size = size
     resolved = defaults.resolve_sizes(cfg)
-    assert resolved.train.temperature == temperature and resolved.optim.lr == lr
-    assert cfg.train.temperature is None and cfg.optim.lr is None  # a copy: the config given is left as it was
+    assert resolved.train.temperature == temperature and (resolved.optim.name, resolved.optim.lr) == (optimizer, 0.3)
+    assert cfg.train.temperature is None and cfg.optim.lr is None and cfg.optim.name is None  # the config given is left as it was
 
 
 def test_square_root_scaling_gets_its_own_base_rate():

@@ -100,7 +100,7 @@ def _tiny_model() -> nn.Module:
 def _train_step(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, *, loss_fn, steps: int = 2) -> None:
     from simclr_cli.engine.optim import OptimConfig, build_optimizer
 
-    optimizer = build_optimizer(model, OptimConfig(name="lars", weight_decay=1e-4), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig(name="lars", weight_decay=1e-4).resolved(image_size=224), lr=0.1)
     model.train()
     for _ in range(steps):
         # Both views on the batch axis, as one process does (SimCLR §2.2): BN statistics cover all views.

@@ -167,7 +167,7 @@ def train_steps(model, optimizer, batches):
 
 def test_lars_state_dict_round_trip_continues_identically():
     batches = [torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(6)]
-    config = OptimConfig(weight_decay=1e-4)
+    config = OptimConfig(weight_decay=1e-4).resolved(image_size=224)
     uninterrupted = small_model()
     train_steps(uninterrupted, build_optimizer(uninterrupted, config, lr=0.5), batches)
 
@@ -212,7 +212,7 @@ def test_lars_rejects_bad_hyper_parameters_in_a_param_group():
 )
 def test_build_optimizer_groups_every_parameter_once_and_1d_without_decay(name, cls):
     model = small_model()
-    optimizer = build_optimizer(model, OptimConfig(name=name, weight_decay=1e-4), lr=0.2)
+    optimizer = build_optimizer(model, OptimConfig(name=name, weight_decay=1e-4).resolved(image_size=224), lr=0.2)
     assert isinstance(optimizer, cls)
     grouped = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     assert sorted(id(p) for p, _ in grouped) == sorted(id(p) for p in model.parameters())
@@ -228,7 +228,7 @@ def test_build_optimizer_groups_every_parameter_once_and_1d_without_decay(name, 
 def test_build_optimizer_leaves_out_frozen_parameters():
     model = small_model()
     model[0].requires_grad_(False)
-    optimizer = build_optimizer(model, OptimConfig(), lr=0.1)
+    optimizer = build_optimizer(model, OptimConfig().resolved(image_size=224), lr=0.1)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
 
@@ -253,6 +253,31 @@ def test_config_errors_name_field_and_value(field, value):
 
 def test_default_config_is_valid():
     OptimConfig().validate()
+
+
+def resolved_recipe(size: int, **given) -> tuple:
+    cfg = OptimConfig(**given).resolved(image_size=size)
+    return cfg.name, cfg.lr, cfg.weight_decay, cfg.warmup_epochs
+
+
+def test_auto_optimizer_is_sgd_at_small_images_and_the_paper_s_lars_above():
+    assert resolved_recipe(32) == resolved_recipe(64) == ("sgd", 0.3, 5e-4, 0.0)
+    assert resolved_recipe(65) == resolved_recipe(224) == ("lars", 0.3, 1e-6, 10.0)  # §3 "Default setting"
+    # LARS asked for at a small size is the CIFAR recipe (app. B.9), as before
+    assert resolved_recipe(32, name="lars") == ("lars", 1.0, 1e-6, 10.0)
+    assert resolved_recipe(224, name="sgd") == ("sgd", 0.3, 1e-6, 10.0)  # SGD's small-image values stop at 64 px
+    assert resolved_recipe(32, name="adamw") == ("adamw", 1.0, 1e-6, 10.0)
+    # each value given wins, and the others still follow the optimizer and the size
+    assert resolved_recipe(32, weight_decay=1e-4) == ("sgd", 0.3, 1e-4, 0.0)
+    assert resolved_recipe(32, lr=0.1, warmup_epochs=2) == ("sgd", 0.1, 5e-4, 2)
+    assert resolved_recipe(32, lr_scaling="sqrt") == ("sgd", 0.075, 5e-4, 0.0)
+    resolved = OptimConfig().resolved(image_size=32)
+    assert resolved.resolved(image_size=224) == resolved  # resolving twice changes nothing
+
+
+def test_build_optimizer_refuses_a_config_with_auto_values_left():
+    with pytest.raises(ValueError, match="resolved"):
+        build_optimizer(small_model(), OptimConfig(), lr=0.1)
 
 
 def test_scaled_lr_at_4096_matches_the_paper():

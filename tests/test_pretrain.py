@@ -61,7 +61,9 @@ def test_run_writes_config_metrics_checkpoints_and_encoder(image_folder, tmp_pat
     assert result.steps == 6 and result.epochs_done == 2.0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["stem"] == "small" and saved["augment"]["blur_p"] == 0.0  # auto values resolved
-    assert saved["train"]["temperature"] == 0.5 and saved["optim"]["lr"] == 1.0  # the small-image recipe, written out
+    assert saved["train"]["temperature"] == 0.5  # the small-image recipe, written out: tau 0.5 and momentum SGD
+    assert {k: saved["optim"][k] for k in ("name", "lr", "weight_decay", "warmup_epochs")} == {
+        "name": "sgd", "lr": 0.3, "weight_decay": 5e-4, "warmup_epochs": 0.5}  # the warm-up tiny_config gives
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
     assert {"step", "epoch", "loss", "lr", "time"} <= set(lines[0])

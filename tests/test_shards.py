@@ -240,7 +240,8 @@ def test_two_processes_on_shards_log_the_losses_of_one(image_folder, tmp_path):
     shard(image_folder, tmp_path / "shards", "--shard-size", "5")
     source = f"{tmp_path / 'shards'}/shard-{{000000..000004}}.tar"
     args = ["--arch", "resnet18", "--width", "0.25", "--image-size", "16", "--batch-size", "8", "--max-steps", "4",
-            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--set", "train.log_every=1"]
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--set", "train.log_every=1",
+            "--optimizer", "lars"]  # small steps: see test_cli's test_two_processes_log_the_same_losses_as_one
     for name, data in (("folder", str(image_folder)), ("one", source)):
         result = runner.invoke(app, ["pretrain", data, *args, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output

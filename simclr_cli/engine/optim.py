@@ -16,7 +16,13 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
 LINEAR_BASE_LR = 0.3  # x B/256 = 4.8 at batch 4096 (§3)
 SQRT_BASE_LR = 0.075  # x sqrt(B) = 4.8 at batch 4096 (app. B.1)
-SMALL_IMAGE_BASE_LR = 1.0  # x B/256, CIFAR-10 (app. B.9 sweeps 0.5-1.5)
+SMALL_IMAGE_BASE_LR = 1.0  # LARS x B/256, CIFAR-10 (app. B.9 sweeps 0.5-1.5)
+PAPER_WEIGHT_DECAY, PAPER_WARMUP_EPOCHS = 1e-6, 10.0  # §3 "Default setting"
+# SGD at <= 64 px: momentum SGD 0.3 x B/256, weight decay 5e-4, no warm-up. LARS's trust ratio moves every weight
+# tensor by trust_coefficient x lr = 0.1% of its norm per step at batch 256, where this SGD moves the convolutions by
+# 0.5-37% (measured at the first step), so in a short small-image run LARS leaves the convolutions close to their
+# random init; with SGD the default trained the better encoder there (BENCHMARKS.md, "Quality").
+SMALL_IMAGE_SGD = {"lr": 0.3, "weight_decay": 5e-4, "warmup_epochs": 0.0}
 
 
 class LARS(torch.optim.Optimizer):
@@ -93,18 +99,19 @@ def _check_lars_hyper_parameters(group: dict) -> None:
 
 @dataclass
 class OptimConfig:
-    """The optimizer and its schedule; defaults are the SimCLR v1 ImageNet recipe (§3 "Default setting")."""
+    """The optimizer and its schedule; None is "auto", filled in by `resolved`: the SimCLR v1 ImageNet recipe
+    (§3 "Default setting") above 64 px, momentum SGD at <= 64 px."""
 
-    name: str = "lars"  # lars | sgd | adamw
+    name: str | None = None  # lars | sgd | adamw; None: sgd at <= 64 px, lars above
     lr: float | None = None  # BASE lr, scaled by lr_scaling with the global batch; None = `resolved`'s rule
     lr_scaling: str = "linear"  # linear: lr*B/256 ; sqrt: lr*sqrt(B) (app. B.1: 0.075 x sqrt(BatchSize))
     momentum: float = 0.9
-    weight_decay: float = 1e-6  # v1 paper; v2 and the later official code use 1e-4
-    warmup_epochs: float = 10.0  # §3: 10 warm-up epochs, then cosine decay
+    weight_decay: float | None = None  # None: 5e-4 for SGD at <= 64 px, else 1e-6 (v1 paper; v2 and later code: 1e-4)
+    warmup_epochs: float | None = None  # None: 0 for SGD at <= 64 px, else 10 (§3), then cosine decay
     trust_coefficient: float = 0.001  # LARS eta (official code)
 
     def validate(self) -> None:
-        if self.name not in OPTIMIZERS:
+        if self.name is not None and self.name not in OPTIMIZERS:
             raise ConfigError(f"optim.name '{self.name}' is not supported; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"optim.lr {self.lr} must be a positive number; use e.g. 0.3 (linear) or 0.075 (sqrt), or unset")
@@ -114,23 +121,39 @@ class OptimConfig:
             )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum {self.momentum} must be in [0, 1); use e.g. 0.9")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"optim.weight_decay {self.weight_decay} must be >= 0; use e.g. 1e-6 or 1e-4")
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+        if self.warmup_epochs is not None and not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise ConfigError(f"optim.warmup_epochs {self.warmup_epochs} must be >= 0; use e.g. 10, or 0 for none")
         if not (math.isfinite(self.trust_coefficient) and self.trust_coefficient > 0):
             raise ConfigError(f"optim.trust_coefficient {self.trust_coefficient} must be > 0; use e.g. 0.001")
 
 
     def resolved(self, *, image_size: int) -> OptimConfig:
-        """Copy with the base lr filled in when unset: the scaling rule's own base, so every rule peaks at the paper's
-        4.8 at batch 4096 (0.3 x B/256, §3; 0.075 x sqrt(B), app. B.1), and CIFAR's 1.0 x B/256 for images of
-        <= 64 px (app. B.9), which also trained best at small budgets here (BENCHMARKS.md, "Quality")."""
+        """Copy with every unset value filled in from the image size and the optimizer.
+
+        At <= 64 px the optimizer is momentum SGD at 0.3 x B/256, weight decay 5e-4 and no warm-up (SMALL_IMAGE_SGD);
+        above it is the paper's LARS. LARS (or AdamW) at any size gets weight decay 1e-6 and 10 warm-up epochs (§3),
+        and a base lr from the scaling rule, so every rule peaks at the paper's 4.8 at batch 4096 (0.3 x B/256, §3;
+        0.075 x sqrt(B), app. B.1), with CIFAR's 1.0 x B/256 for LARS at <= 64 px (app. B.9)."""
+        small = image_size <= SMALL_IMAGE_MAX_SIZE
+        name = self.name or ("sgd" if small else "lars")
+        small_sgd = small and name == "sgd"
         if self.lr is not None:
-            return self
-        if self.lr_scaling == "sqrt":
-            return replace(self, lr=SQRT_BASE_LR)
-        return replace(self, lr=SMALL_IMAGE_BASE_LR if image_size <= SMALL_IMAGE_MAX_SIZE else LINEAR_BASE_LR)
+            lr = self.lr
+        elif self.lr_scaling == "sqrt":
+            lr = SQRT_BASE_LR
+        elif small_sgd:
+            lr = SMALL_IMAGE_SGD["lr"]
+        else:
+            lr = SMALL_IMAGE_BASE_LR if small else LINEAR_BASE_LR
+        weight_decay = self.weight_decay
+        if weight_decay is None:
+            weight_decay = SMALL_IMAGE_SGD["weight_decay"] if small_sgd else PAPER_WEIGHT_DECAY
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = SMALL_IMAGE_SGD["warmup_epochs"] if small_sgd else PAPER_WARMUP_EPOCHS
+        return replace(self, name=name, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup)
 
 
 def scaled_lr(base_lr: float, global_batch_size: int, scaling: str) -> float:
@@ -150,6 +173,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, lr: float) -> torch.o
     Frozen parameters (requires_grad False) are left out.
     """
     cfg.validate()
+    if cfg.name is None or cfg.weight_decay is None:
+        raise ValueError("build_optimizer needs a resolved OptimConfig (OptimConfig.resolved fills in its auto values)")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
