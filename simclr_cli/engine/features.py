@@ -189,6 +189,22 @@ def local_rows(count: int, *, batch_size: int) -> range:
     return distributed.shard(count, distributed.current_world(), multiple_of=batch_size)
 
 
+class RowShard:
+    """This process's `local_rows` of an (N, D) float32 result, filled batch by batch with what `iter_features`
+    yields (its `start` counts from image 0), then gathered in image order: every rank gets what one process makes."""
+
+    def __init__(self, count: int, dim: int, *, batch_size: int) -> None:
+        self.count = count
+        self.rows = local_rows(count, batch_size=batch_size)
+        self.data = torch.empty(len(self.rows), dim, dtype=torch.float32)  # (rows, D): this rank's shard
+
+    def put(self, start: int, chunk: Tensor) -> None:
+        self.data[start - self.rows.start : start - self.rows.start + len(chunk)] = chunk
+
+    def gathered(self) -> Tensor:
+        return distributed.gather_rows(self.data, self.count, distributed.current_world())  # (N, D)
+
+
 def loader(dataset: Dataset, *, batch_size: int, workers: int, rt: Runtime, collate_fn=None) -> DataLoader:
     """Sequential batches (row order = dataset order) for feature extraction."""
     _check_batch_size(batch_size)
@@ -264,15 +280,13 @@ def extract(
     description: str = "features",
 ) -> Tensor:
     """All features of `images` as one (N, D) float32 CPU tensor; row i is image i (on every rank of a process group)."""
-    world = distributed.current_world()
-    rows = local_rows(len(images), batch_size=batch_size)
-    out = torch.empty(len(rows), layer_dim(encoder, layer), dtype=torch.float32)  # (rows, D): this rank's shard
+    shard = RowShard(len(images), layer_dim(encoder, layer), batch_size=batch_size)
     for start, chunk in iter_features(
         encoder, images, layer=layer, batch_size=batch_size, workers=workers, rt=rt, transform=transform,
         progress=progress, normalize=normalize, description=description,
     ):
-        out[start - rows.start : start - rows.start + len(chunk)] = chunk
-    out = distributed.gather_rows(out, len(images), world)  # (N, D)
+        shard.put(start, chunk)
+    out = shard.gathered()  # (N, D)
     log.debug("extracted %s features (%s) from %d images", layer, tuple(out.shape), len(images))
     return out
 
@@ -315,8 +329,6 @@ def extract_with_map(
     feature map (layer4's output, read by a forward hook) through `reduce` (B, C, H, W) -> (B, ...), stacked in that
     order, so no full map outlives its batch. Under a process group each rank runs its shard and both are gathered
     as in `extract`: every rank gets what one process computes. `reduce`'s output shape must not depend on H and W."""
-    world = distributed.current_world()
-    local = local_rows(len(images), batch_size=batch_size)
     wanted = torch.zeros(len(images), dtype=torch.bool)
     wanted[rows] = True
     kept: list[Tensor] = []
@@ -326,15 +338,15 @@ def extract_with_map(
         batch["map"] = reduce(output).to("cpu", torch.float32, copy=True)
 
     dim = layer_dim(encoder, "encoder")
-    h = torch.empty(len(local), dim, dtype=torch.float32)  # (rows, D): this rank's shard
+    h = RowShard(len(images), dim, batch_size=batch_size)
     handle = encoder.model.encoder.layer4.register_forward_hook(hook)
     try:
         for start, chunk in iter_features(encoder, images, layer="encoder", batch_size=batch_size, workers=workers,
                                           rt=rt, progress=progress, description=description):
-            h[start - local.start : start - local.start + len(chunk)] = chunk
+            h.put(start, chunk)
             kept.append(batch["map"][wanted[start : start + len(chunk)]])
     finally:
         handle.remove()
     # A rank without a batch still sends a block of the right shape: what `reduce` makes of no maps.
     maps = torch.cat(kept) if kept else reduce(torch.zeros(0, dim, 1, 1)).float()
-    return distributed.gather_rows(h, len(images), world), distributed.gather_rows(maps, len(rows), world)
+    return h.gathered(), distributed.gather_rows(maps, len(rows), distributed.current_world())

@@ -26,7 +26,7 @@ from simclr_cli.engine.configs import CkaConfig
 from simclr_cli.engine.device import Runtime, runtime
 from simclr_cli.engine.errors import DataError
 from simclr_cli.engine.evaluation import splits_for
-from simclr_cli.engine.features import Encoder, iter_features, local_rows, open_encoder, weights_of
+from simclr_cli.engine.features import Encoder, RowShard, iter_features, open_encoder, weights_of
 from simclr_cli.engine.files import check_output_folder
 from simclr_cli.engine.report import Progress
 from simclr_cli.engine.results import write_json
@@ -119,20 +119,18 @@ def stage_features(encoder: Encoder, images: Dataset, *, batch_size: int, worker
             pooled[name] = output.float().mean(dim=(2, 3)).to("cpu", copy=True)  # (B, C, H, W) -> (B, C)
         return hook
 
-    local = local_rows(len(images), batch_size=batch_size)
     dims = {**resnet.stage_dims, "h": resnet.out_dim}
-    out = {name: torch.empty(len(local), dims[name], dtype=torch.float32) for name in STAGES}  # (rows, C): this rank's
+    out = {name: RowShard(len(images), dims[name], batch_size=batch_size) for name in STAGES}  # (N, C) each, once gathered
     handles = [module.register_forward_hook(keep(name)) for name, module in hooked.items()]
     try:
         for start, h in iter_features(encoder, images, layer="encoder", batch_size=batch_size, workers=workers, rt=rt,
                                       progress=progress, description=description):
             for name, chunk in {**pooled, "h": h}.items():
-                out[name][start - local.start : start - local.start + len(chunk)] = chunk
+                out[name].put(start, chunk)
     finally:
         for handle in handles:
             handle.remove()
-    world = distributed.current_world()
-    return {name: distributed.gather_rows(out[name], len(images), world) for name in STAGES}  # (N, C) each
+    return {name: out[name].gathered() for name in STAGES}
 
 
 def _subset(images: Dataset, *, limit: int, seed: int) -> Dataset:
